@@ -1,0 +1,44 @@
+-- Baseline: the two tables as production has them (legacy-system.md).
+-- On the production database this is a no-op; on an empty database it
+-- creates them, so that every later migration starts from the same place.
+-- Foreign keys to tables outside this product (process_executions,
+-- machine_components) are not invented here.
+
+BEGIN;
+SET LOCAL lock_timeout = '5s';
+
+CREATE TABLE IF NOT EXISTS public.machines (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    serial_number text NOT NULL,
+    location text NOT NULL,
+    lab_name text NOT NULL,
+    lab_institution text NOT NULL,
+    model text NOT NULL,
+    machine_type text NOT NULL,
+    install_date timestamptz NOT NULL,
+    last_maintenance_date timestamptz NOT NULL,
+    status text NOT NULL DEFAULT 'offline',
+    current_operator_id uuid,
+    admin_id uuid NOT NULL,
+    is_active boolean NOT NULL DEFAULT TRUE,
+    current_process_id uuid,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    is_virtual boolean NOT NULL DEFAULT FALSE,
+    virtual_config jsonb
+);
+
+CREATE TABLE IF NOT EXISTS public.machine_state (
+    machine_id uuid PRIMARY KEY REFERENCES public.machines (id),
+    current_state varchar(50) NOT NULL DEFAULT 'idle',
+    state_since timestamptz NOT NULL DEFAULT now(),
+    process_id uuid,
+    is_failure_mode boolean NOT NULL DEFAULT FALSE,
+    failure_component uuid,
+    failure_description text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
+
+COMMIT;

@@ -1,0 +1,20 @@
+-- Revert the baseline: drop the two tables, but only when they hold no
+-- rows. On a database that had them before machine-sync (production),
+-- reverting the baseline would destroy data, so it is refused.
+
+BEGIN;
+SET LOCAL lock_timeout = '5s';
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM public.machines) OR EXISTS (SELECT FROM public.machine_state) THEN
+        RAISE EXCEPTION 'refusing to drop public.machines and public.machine_state: they hold rows'
+        USING HINT = 'The baseline only created these tables on an empty database; keep it applied.';
+    END IF;
+END
+$$;
+
+DROP TABLE IF EXISTS public.machine_state;
+DROP TABLE IF EXISTS public.machines;
+
+COMMIT;

@@ -1,0 +1,48 @@
+-- The transition mode: how direct writes to machine_state are treated.
+--
+-- Guarantees:
+-- * 'compat' (the default after migrating): a legacy UPDATE or INSERT on
+--   machine_state is carried into machines as if written there.
+-- * 'strict': any direct write to machine_state is refused.
+-- * The mode is one row in one table, changed only through set_mode().
+
+CREATE TABLE IF NOT EXISTS machine_sync.settings (
+    singleton boolean PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+    mode text NOT NULL DEFAULT 'compat' CHECK (mode IN ('compat', 'strict'))
+);
+
+COMMENT ON TABLE machine_sync.settings IS
+'One row: the machine-sync mode. Change it with machine_sync.set_mode().';
+
+INSERT INTO machine_sync.settings (singleton) VALUES (TRUE)
+ON CONFLICT (singleton) DO NOTHING;
+
+-- The current mode: 'compat' or 'strict'.
+CREATE OR REPLACE FUNCTION machine_sync.mode()
+RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = ''
+AS $$
+    SELECT s.mode FROM machine_sync.settings AS s
+$$;
+
+-- Switch the mode; returns the mode now in force.
+CREATE OR REPLACE FUNCTION machine_sync.set_mode(new_mode text)
+RETURNS text
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    wanted text := lower(btrim(new_mode));
+BEGIN
+    IF wanted IS NULL OR wanted NOT IN ('compat', 'strict') THEN
+        RAISE EXCEPTION 'invalid machine-sync mode %: use ''compat'' or ''strict''',
+            coalesce(quote_literal(new_mode), 'NULL')
+        USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE machine_sync.settings SET mode = wanted;
+    RETURN wanted;
+END
+$$;

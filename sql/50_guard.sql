@@ -1,0 +1,155 @@
+-- The guard: direct writes to machine_state, which only the mirror may make.
+--
+-- "Direct" means issued by a client statement (or a function it calls), as
+-- opposed to a trigger: the mirror and the foreign-key cascade run inside
+-- triggers (pg_trigger_depth() > 0) and pass untouched.
+--
+-- Guarantees:
+-- * mode 'compat': a direct UPDATE or INSERT succeeds, reports its row as
+--   before, and lands in machines as if written there (with the caller's own
+--   privileges on machines); both tables agree when the statement ends. A
+--   legacy write that already agrees with machines does not write machines.
+--   An INSERT for a machine whose state row exists replaces that row (the
+--   legacy "create machine, then insert its state" flow keeps working).
+-- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
+-- * A direct DELETE fails while the machine exists (delete the machine).
+-- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
+
+-- Normalizes a direct write into the row the mirror would have written.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_before_direct_write()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+DECLARE
+    prior public.machine_state;
+    prior_status text;
+BEGIN
+    IF machine_sync.mode() = 'strict' THEN
+        RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'
+        USING ERRCODE = 'MS001',
+              HINT = 'UPDATE public.machines SET status = ... WHERE id = ...; machine_state follows in the same transaction.';
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.machine_id IS DISTINCT FROM OLD.machine_id THEN
+            RAISE EXCEPTION 'machine_state.machine_id cannot change (from % to %)',
+                OLD.machine_id, NEW.machine_id
+            USING ERRCODE = 'MS001';
+        END IF;
+        prior := OLD;
+    ELSE
+        SELECT * INTO prior FROM public.machine_state AS s
+        WHERE s.machine_id = NEW.machine_id
+        FOR UPDATE;
+        IF FOUND THEN
+            -- Runs inside this trigger, so the delete guard lets it pass.
+            DELETE FROM public.machine_state AS s WHERE s.machine_id = NEW.machine_id;
+        END IF;
+    END IF;
+    prior_status := machine_sync.canonical_status(prior.current_state);
+
+    NEW.current_state := machine_sync.normalize_status(NEW.current_state);
+    IF prior_status = 'error' AND NEW.current_state <> 'error' THEN
+        NEW.failure_description := NULL;
+        NEW.failure_component := NULL;
+    END IF;
+    NEW.is_failure_mode := (NEW.current_state = 'error');
+    NEW.state_since := CASE
+        WHEN prior_status = NEW.current_state THEN prior.state_since
+        ELSE now()
+    END;
+    NEW.updated_at := now();
+    RETURN NEW;
+END
+$$;
+
+-- Carries a direct write into machines. SECURITY INVOKER on purpose: the
+-- caller's own grants and RLS policies on machines decide whether it may.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_carry_to_machines()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+BEGIN
+    UPDATE public.machines AS m
+    SET
+        status = NEW.current_state,
+        current_process_id = NEW.process_id,
+        failure_description = NEW.failure_description,
+        failure_component = NEW.failure_component
+    WHERE
+        m.id = NEW.machine_id
+        AND (m.status, m.current_process_id, m.failure_description, m.failure_component)
+            IS DISTINCT FROM
+            (NEW.current_state::text, NEW.process_id, NEW.failure_description,
+             NEW.failure_component);
+    -- Nothing updated: fine if machines already agrees (checked with the
+    -- caller's own visibility), an error if the row is hidden or read-only.
+    IF NOT FOUND AND NOT EXISTS (
+        SELECT FROM public.machines AS m
+        WHERE
+            m.id = NEW.machine_id
+            AND m.status = NEW.current_state
+            AND m.current_process_id IS NOT DISTINCT FROM NEW.process_id
+            AND m.failure_description IS NOT DISTINCT FROM NEW.failure_description
+            AND m.failure_component IS NOT DISTINCT FROM NEW.failure_component
+    ) THEN
+        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
+            NEW.machine_id, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Write public.machines directly.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_before_direct_delete()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM public.machines AS m WHERE m.id = OLD.machine_id) THEN
+        RAISE EXCEPTION 'machine_state rows are deleted with their machine: DELETE FROM public.machines WHERE id = %',
+            quote_literal(OLD.machine_id)
+        USING ERRCODE = 'MS001';
+    END IF;
+    RETURN OLD;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_after_truncate()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM public.machines) THEN
+        RAISE EXCEPTION 'TRUNCATE of machine_state alone would leave machines without state: use TRUNCATE public.machines CASCADE'
+        USING ERRCODE = 'MS001';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER machine_state_direct_write
+BEFORE INSERT OR UPDATE ON public.machine_state
+FOR EACH ROW WHEN (pg_trigger_depth() < 1)
+EXECUTE FUNCTION machine_sync.machine_state_before_direct_write();
+
+CREATE OR REPLACE TRIGGER machine_state_carry_to_machines
+AFTER INSERT OR UPDATE ON public.machine_state
+FOR EACH ROW WHEN (pg_trigger_depth() < 1)
+EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
+
+CREATE OR REPLACE TRIGGER machine_state_direct_delete
+BEFORE DELETE ON public.machine_state
+FOR EACH ROW WHEN (pg_trigger_depth() < 1)
+EXECUTE FUNCTION machine_sync.machine_state_before_direct_delete();
+
+CREATE OR REPLACE TRIGGER machine_state_truncate_alone
+AFTER TRUNCATE ON public.machine_state
+FOR EACH STATEMENT EXECUTE FUNCTION machine_sync.machine_state_after_truncate();
