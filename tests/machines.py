@@ -1,0 +1,74 @@
+"""Small helpers the tests share: make machines, read both tables, check agreement."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+MIRRORED = ("current_state", "process_id", "is_failure_mode", "failure_description",
+            "failure_component")
+
+
+def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: Any) -> uuid.UUID:
+    """Insert one machine with production-like required columns; return its id."""
+    row = {
+        "serial_number": f"SN-{uuid.uuid4().hex[:8]}",
+        "location": "Bay 1",
+        "lab_name": "Lab",
+        "lab_institution": "Institute",
+        "model": "S200",
+        "machine_type": "ALD",
+        "install_date": "2024-01-01T00:00:00Z",
+        "last_maintenance_date": "2026-01-01T00:00:00Z",
+        "admin_id": uuid.uuid4(),
+        "status": status,
+        **values,
+    }
+    columns = ", ".join(row)
+    placeholders = ", ".join(["%s"] * len(row))
+    result = conn.execute(
+        f"INSERT INTO machines ({columns}) VALUES ({placeholders}) RETURNING id",  # noqa: S608
+        list(row.values()),
+    ).fetchone()
+    assert result is not None
+    machine_id: uuid.UUID = result[0]
+    return machine_id
+
+
+def machine(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute("SELECT * FROM machines WHERE id = %s", [machine_id]).fetchone()
+
+
+def state(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> dict[str, Any] | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(
+            "SELECT * FROM machine_state WHERE machine_id = %s", [machine_id]
+        ).fetchone()
+
+
+def disagreements(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """Every machine whose state row is missing or differs, computed here
+    independently of machine_sync.drift so the view itself is under test."""
+    return conn.execute(
+        """
+        SELECT coalesce(m.id, s.machine_id), m.status, s.current_state
+        FROM machines AS m
+        FULL JOIN machine_state AS s ON s.machine_id = m.id
+        WHERE m.id IS NULL OR s.machine_id IS NULL
+           OR m.status IS DISTINCT FROM s.current_state
+           OR m.current_process_id IS DISTINCT FROM s.process_id
+           OR (m.status = 'error') IS DISTINCT FROM s.is_failure_mode
+           OR m.failure_description IS DISTINCT FROM s.failure_description
+           OR m.failure_component IS DISTINCT FROM s.failure_component
+        """
+    ).fetchall()
+
+
+def assert_consistent(conn: psycopg.Connection[Any]) -> None:
+    """One agreeing machine_state row per machine, and the drift view agrees."""
+    assert disagreements(conn) == []
+    assert conn.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
