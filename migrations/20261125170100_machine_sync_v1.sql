@@ -81,7 +81,7 @@ REVOKE ALL ON SCHEMA machine_sync FROM public;
 --
 -- Guarantees:
 -- * Every stored status is one of machine_sync.allowed_status.
--- * Input is trimmed and lower-cased, then aliases are resolved, so a legacy
+-- * Input is trimmed of whitespace and lower-cased, then aliases are resolved, so a legacy
 --   writer sending 'IDLE' or 'running' keeps working.
 -- * Anything else is refused with SQLSTATE 23514 naming the allowed values.
 -- * Operators extend the vocabulary with plain INSERTs into these two tables;
@@ -123,11 +123,13 @@ LANGUAGE sql
 STABLE
 SET search_path = ''
 AS $$
+    -- Trim any whitespace (tabs and newlines too), not just spaces.
+    WITH spelled AS (SELECT lower(btrim(raw, E' \t\n\r\f\v')) AS spelling)
     SELECT coalesce(
-        (SELECT a.status FROM machine_sync.allowed_status AS a
-         WHERE a.status = lower(btrim(raw))),
-        (SELECT s.status FROM machine_sync.status_alias AS s
-         WHERE s.alias = lower(btrim(raw)))
+        (SELECT a.status FROM machine_sync.allowed_status AS a, spelled
+         WHERE a.status = spelled.spelling),
+        (SELECT s.status FROM machine_sync.status_alias AS s, spelled
+         WHERE s.alias = spelled.spelling)
     )
 $$;
 

@@ -31,7 +31,10 @@ SUPABASE_LINTS = TESTS / "sql" / "supabase_lints.sql"
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--soak", action="store_true", help="run the long stress tests too")
     parser.addoption(
-        "--pg", action="append", default=None, help="server kinds to use: default, pg15 (repeatable)"
+        "--pg",
+        action="append",
+        default=None,
+        help="server kinds to use: default, pg15 (repeatable)",
     )
 
 
@@ -56,7 +59,9 @@ def _server_kinds(config: pytest.Config) -> list[str]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cluster" in metafunc.fixturenames:
-        metafunc.parametrize("cluster", _server_kinds(metafunc.config), indirect=True, scope="session")
+        metafunc.parametrize(
+            "cluster", _server_kinds(metafunc.config), indirect=True, scope="session"
+        )
 
 
 def migration_files() -> list[Path]:
@@ -83,8 +88,13 @@ class Database:
         kwargs.setdefault("autocommit", True)
         return psycopg.connect(self.dsn, **kwargs)
 
-    def psql(self, *files: Path, check: bool = True, variables: dict[str, str] | None = None,
-             command: str | None = None) -> subprocess.CompletedProcess[str]:
+    def psql(
+        self,
+        *files: Path,
+        check: bool = True,
+        variables: dict[str, str] | None = None,
+        command: str | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run files with psql exactly as the README tells users to."""
         argv = [self.cluster.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn]
         for key, value in (variables or {}).items():

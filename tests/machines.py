@@ -8,8 +8,13 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-MIRRORED = ("current_state", "process_id", "is_failure_mode", "failure_description",
-            "failure_component")
+MIRRORED = (
+    "current_state",
+    "process_id",
+    "is_failure_mode",
+    "failure_description",
+    "failure_component",
+)
 
 
 def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: Any) -> uuid.UUID:
@@ -30,7 +35,7 @@ def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: A
     columns = ", ".join(row)
     placeholders = ", ".join(["%s"] * len(row))
     result = conn.execute(
-        f"INSERT INTO machines ({columns}) VALUES ({placeholders}) RETURNING id",  # noqa: S608
+        f"INSERT INTO machines ({columns}) VALUES ({placeholders}) RETURNING id",
         list(row.values()),
     ).fetchone()
     assert result is not None

@@ -1,0 +1,181 @@
+"""Migrations take an empty database and the legacy production database to the same place."""
+
+from __future__ import annotations
+
+import re
+
+from catalog import data, snapshot
+from conftest import down_file, migration_files, sql_files
+from machines import add_machine, assert_consistent
+
+LEGACY_MACHINE = "00000000-0000-4000-8000-{:012d}"
+
+AUDIT = """
+    SELECT count(*) FILTER (WHERE s.machine_id IS NULL) AS missing,
+           count(*) FILTER (WHERE s.current_state <> m.status
+                            AND lower(s.current_state) = lower(m.status)) AS case_mismatch,
+           count(*) FILTER (WHERE s.current_state = m.status) AS agreeing
+    FROM machines m LEFT JOIN machine_state s ON s.machine_id = m.id
+"""
+
+
+def test_migration_files_follow_the_supabase_convention():
+    files = migration_files()
+    assert len(files) >= 2
+    for path in files:
+        assert re.fullmatch(r"\d{14}_[a-z0-9_]+\.sql", path.name), path.name
+        text = path.read_text()
+        assert re.search(r"^BEGIN;$", text, re.M)
+        assert re.search(r"^COMMIT;$", text, re.M)
+        assert "SET LOCAL lock_timeout" in text
+        assert down_file(path).is_file(), f"{path.name} has no down file"
+
+
+def test_legacy_database_is_migrated_without_losing_anything(legacy_db):
+    with legacy_db.connect() as conn:
+        assert conn.execute(AUDIT).fetchone() == (13, 4, 1)
+        assert conn.execute("SELECT count(*) FROM machine_state").fetchone() == (5,)
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM machines").fetchone() == (18,)
+        assert conn.execute(AUDIT).fetchone() == (0, 0, 18)
+        assert_consistent(conn)
+        # The failure details that only machine_state had survive in both tables.
+        failed = LEGACY_MACHINE.format(5)
+        assert conn.execute(
+            """SELECT m.failure_description, s.failure_description, m.failure_component::text
+               FROM machines m JOIN machine_state s ON s.machine_id = m.id WHERE m.id = %s""",
+            [failed],
+        ).fetchone() == (
+            "Recipe execution error: precursor pressure low",
+            "Recipe execution error: precursor pressure low",
+            "00000000-0000-4000-c000-000000000001",
+        )
+        # state_since of the 'IDLE' rows is kept: only the spelling changed.
+        assert conn.execute(
+            "SELECT state_since::text FROM machine_state WHERE machine_id = %s",
+            [LEGACY_MACHINE.format(1)],
+        ).fetchone() == ("2026-11-01 09:00:00+00",)
+        # The foreign key now cascades, and the legacy policy is untouched.
+        conn.execute("DELETE FROM machines WHERE id = %s", [LEGACY_MACHINE.format(18)])
+        assert conn.execute("SELECT count(*) FROM machine_state").fetchone() == (17,)
+        assert conn.execute(
+            "SELECT polname FROM pg_policy WHERE polrelid = 'machine_state'::regclass"
+        ).fetchall() == [("users see assigned machines",)]
+        # Foreign keys to tables outside the product stay where they were.
+        assert conn.execute(
+            """SELECT count(*) FROM pg_constraint WHERE contype = 'f'
+               AND confrelid IN ('process_executions'::regclass, 'machine_components'::regclass)"""
+        ).fetchone() == (2,)
+
+
+def test_applying_everything_again_changes_nothing(legacy_db):
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        before = (snapshot(conn), data(conn))
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        assert (snapshot(conn), data(conn)) == before
+
+
+def test_fresh_install_legacy_migration_and_sql_definitions_match(cluster, empty_db, legacy_db):
+    empty_db.migrate()
+    legacy_db.migrate()
+    from_sql = cluster.create("supabase")
+    try:
+        from_sql.psql(*sql_files())
+        snapshots = []
+        for database in (empty_db, legacy_db, from_sql):
+            with database.connect() as conn:
+                snapshots.append(snapshot(conn))
+        fresh, legacy, definitions = snapshots
+        for part in fresh:
+            assert fresh[part] == legacy[part], f"fresh and migrated legacy differ in {part}"
+            assert fresh[part] == definitions[part], f"migrations and sql/ differ in {part}"
+        assert len(fresh["functions"]) >= 14
+        assert len(fresh["triggers"]) == 6
+    finally:
+        cluster.drop(from_sql)
+
+
+def test_a_status_outside_the_vocabulary_stops_the_migration_and_names_it(legacy_db):
+    with legacy_db.connect() as conn:
+        conn.execute(
+            "UPDATE machines SET status = 'broken' WHERE id = %s", [LEGACY_MACHINE.format(17)]
+        )
+    result = legacy_db.psql(*migration_files(), check=False)
+    assert result.returncode != 0
+    assert LEGACY_MACHINE.format(17) in result.stderr
+    assert "'broken'" in result.stderr
+    assert "machine_sync.allowed_status" in result.stderr
+    with legacy_db.connect() as conn:  # the failed migration left nothing behind
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+        assert conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'machines'"
+            " AND column_name = 'failure_description'"
+        ).fetchone() == (0,)
+
+
+def test_down_then_up_on_the_legacy_database(legacy_db):
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        migrated = snapshot(conn)
+        rows = conn.execute("SELECT * FROM machine_state ORDER BY machine_id").fetchall()
+    latest = migration_files()[-1]
+    legacy_db.psql(down_file(latest))
+    with legacy_db.connect() as conn:
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+        assert conn.execute(
+            "SELECT to_regprocedure('public.atomic_complete_machine_state(uuid)')"
+        ).fetchone() == (None,)
+        # Reverted to two independent tables, with every row kept.
+        assert conn.execute("SELECT * FROM machine_state ORDER BY machine_id").fetchall() == rows
+        conn.execute("UPDATE machine_state SET current_state = 'IDLE'")
+        conn.execute("UPDATE machines SET status = 'idle'")
+    legacy_db.psql(latest)
+    with legacy_db.connect() as conn:
+        assert snapshot(conn) == migrated
+        assert_consistent(conn)
+
+
+def test_every_down_file_reverts_a_fresh_install_to_empty(empty_db):
+    with empty_db.connect() as conn:
+        before = conn.execute(
+            "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        ).fetchone()
+    empty_db.migrate()
+    for up in reversed(migration_files()):
+        empty_db.psql(down_file(up))
+    with empty_db.connect() as conn:
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+            ).fetchone()
+            == before
+        )
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+    empty_db.migrate()  # and up again
+    with empty_db.connect() as conn:
+        add_machine(conn)
+        assert_consistent(conn)
+
+
+def test_the_baseline_down_refuses_to_drop_tables_with_rows(db):
+    with db.connect() as conn:
+        add_machine(conn)
+    result = db.psql(down_file(migration_files()[0]), check=False)
+    assert result.returncode != 0
+    assert "hold rows" in result.stderr
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM machines").fetchone() == (1,)
+
+
+def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
+    with legacy_db.connect(autocommit=False) as blocker:
+        blocker.execute("LOCK TABLE machines IN ACCESS SHARE MODE")
+        result = legacy_db.psql(*migration_files(), check=False)
+        blocker.rollback()
+    assert result.returncode != 0
+    assert "lock timeout" in result.stderr
+    with legacy_db.connect() as conn:
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)

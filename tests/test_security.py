@@ -1,0 +1,154 @@
+"""Least privilege, Supabase's linter, and security-definer hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+
+import psycopg
+import pytest
+
+from machine_sync import server as pgserver
+
+from conftest import SUPABASE_LINTS, migration_files
+from machines import add_machine, assert_consistent, state
+
+
+def test_supabase_linter_is_clean_after_migrating(db):
+    with db.connect() as conn:
+        assert conn.execute(SUPABASE_LINTS.read_text()).fetchall() == []
+
+
+def test_supabase_linter_catches_what_it_should(db):
+    """Guard against a lint query that can never fail."""
+    with db.connect() as conn:
+        conn.execute(
+            "CREATE FUNCTION public.leaky() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'"
+        )
+        lints = {row[0] for row in conn.execute(SUPABASE_LINTS.read_text())}
+    assert {"0011", "0028", "0029"} <= {lint[:4] for lint in lints}
+
+
+def test_nothing_internal_lives_in_public(conn):
+    public_functions = conn.execute(
+        """SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+           ORDER BY proname"""
+    ).fetchall()
+    assert public_functions == [
+        ("atomic_complete_machine_state",),
+        ("atomic_error_machine_state",),
+        ("atomic_processing_machine_state",),
+        ("atomic_update_machine_state",),
+    ]
+    assert conn.execute(
+        "SELECT count(*) FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+        " AND relkind IN ('r', 'v', 'm') AND relname NOT IN ('machines', 'machine_state')"
+    ).fetchone() == (0,)
+
+
+def test_every_function_pins_search_path_and_public_rpcs_are_invokers(conn):
+    rows = conn.execute(
+        """SELECT p.oid::regprocedure::text, p.prosecdef, p.proconfig
+           FROM pg_proc p WHERE p.pronamespace = 'machine_sync'::regnamespace
+              OR p.proname LIKE 'atomic\\_%'"""
+    ).fetchall()
+    assert rows
+    for name, security_definer, config in rows:
+        assert config == ['search_path=""'], name
+        if name.startswith("atomic_"):
+            assert not security_definer, name
+
+
+@pytest.mark.parametrize(
+    ("role", "allowed"),
+    [
+        ("anon", set()),
+        ("authenticated", set()),
+        ("service_role", {"machine_sync.reconcile()", "machine_sync.set_mode(text)"}),
+    ],
+)
+def test_only_trusted_roles_reconcile_or_switch_mode(conn, role, allowed):
+    executable = {
+        name
+        for (name,) in conn.execute(
+            """SELECT p.oid::regprocedure::text FROM pg_proc p
+               WHERE p.pronamespace = 'machine_sync'::regnamespace
+                 AND has_function_privilege(%s, p.oid, 'EXECUTE')""",
+            [role],
+        )
+    }
+    trusted = {"machine_sync.reconcile()", "machine_sync.set_mode(text)"}
+    assert executable & trusted == allowed
+    # Trigger functions fire without EXECUTE; nobody needs to call them.
+    assert not any("machines_before_write" in name or "mirror" in name for name in executable)
+
+
+@pytest.mark.parametrize(
+    ("role", "privileges"),
+    [
+        ("anon", {"SELECT"}),
+        ("authenticated", {"SELECT"}),
+        ("service_role", {"SELECT", "INSERT", "UPDATE"}),
+    ],
+)
+def test_machine_state_grants_follow_least_privilege(conn, role, privileges):
+    granted = {
+        privilege
+        for privilege in (
+            "SELECT",
+            "INSERT",
+            "UPDATE",
+            "DELETE",
+            "TRUNCATE",
+            "REFERENCES",
+            "TRIGGER",
+        )
+        if conn.execute(
+            "SELECT has_table_privilege(%s, 'public.machine_state', %s)", [role, privilege]
+        ).fetchone()[0]
+    }
+    assert granted == privileges
+
+
+def test_anon_cannot_call_the_legacy_rpcs_but_authenticated_can(conn):
+    check = (
+        "SELECT has_function_privilege(%s, 'public.atomic_complete_machine_state(uuid)', 'EXECUTE')"
+    )
+    assert conn.execute(check, ["anon"]).fetchone() == (False,)
+    assert conn.execute(check, ["authenticated"]).fetchone() == (True,)
+
+
+def test_a_writer_without_machine_state_rights_is_mirrored_under_rls(db):
+    with db.connect() as conn:
+        machine_id = add_machine(conn)
+    with db.connect(autocommit=False) as conn:
+        conn.execute("SET LOCAL ROLE authenticated")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("UPDATE machine_state SET current_state = 'idle'")
+        conn.rollback()
+        conn.execute("SET LOCAL ROLE authenticated")
+        conn.execute("UPDATE machines SET status = 'processing' WHERE id = %s", [machine_id])
+        conn.commit()
+    with db.connect() as conn:
+        assert state(conn, machine_id)["current_state"] == "processing"
+        assert_consistent(conn)
+
+
+def test_migrations_apply_on_a_plain_postgresql_without_supabase_roles():
+    """No anon/authenticated/service_role: the grants fall back to PUBLIC only."""
+    with pgserver.embedded_server() as server:
+        psql = pgserver.find_psql(server)
+        argv = [psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", server.dsn]
+        for path in migration_files() * 2:
+            argv += ["-f", str(path)]
+        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        assert result.returncode == 0, result.stderr
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            assert conn.execute(
+                "SELECT count(*) FROM pg_roles WHERE rolname IN ('anon', 'authenticated')"
+            ).fetchone() == (0,)
+            conn.execute("CREATE ROLE app LOGIN")
+            conn.execute("GRANT SELECT, UPDATE ON machines, machine_state TO app")
+            assert conn.execute(
+                "SELECT has_function_privilege('app', 'machine_sync.reconcile()', 'EXECUTE'),"
+                " has_table_privilege('app', 'machine_state', 'UPDATE')"
+            ).fetchone() == (False, True)
