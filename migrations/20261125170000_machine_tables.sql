@@ -7,6 +7,13 @@
 BEGIN;
 SET LOCAL lock_timeout = '5s';
 
+-- Remember, for the end of this transaction, whether this is a fresh install.
+SELECT set_config(
+    'machine_sync.creating_machines',
+    (to_regclass('public.machines') IS NULL)::text,
+    TRUE
+) AS fresh_install;
+
 CREATE TABLE IF NOT EXISTS public.machines (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
     serial_number text NOT NULL,
@@ -40,5 +47,16 @@ CREATE TABLE IF NOT EXISTS public.machine_state (
 );
 
 ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
+
+-- A table in an exposed schema without RLS is open to every API role
+-- (Supabase lint 0013): a fresh install starts closed. On an existing
+-- database, whether machines has RLS is the application's choice.
+DO $$
+BEGIN
+    IF current_setting('machine_sync.creating_machines') = 'true' THEN
+        ALTER TABLE public.machines ENABLE ROW LEVEL SECURITY;
+    END IF;
+END
+$$;
 
 COMMIT;

@@ -53,9 +53,13 @@ CREATE TABLE IF NOT EXISTS public.machine_state (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Production has Row Level Security on machine_state; a fresh install starts
--- the same way (no policy: only the owner and BYPASSRLS roles read it until
--- the project adds its own policies).
+-- Row Level Security on both: production has it on machine_state, and a
+-- table in an exposed schema without it is open to every API role (Supabase
+-- lint 0013). With no policy only the owner and BYPASSRLS roles
+-- (service_role) see rows until the project adds its own policies. The
+-- migrations enable it on machines only when they create the table: on an
+-- existing database that choice belongs to the application.
+ALTER TABLE public.machines ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
 
 COMMENT ON TABLE public.machine_state IS

@@ -9,7 +9,10 @@
 --   no function needs editing.
 
 CREATE TABLE IF NOT EXISTS machine_sync.allowed_status (
-    status text PRIMARY KEY CHECK (status = lower(btrim(status))),
+    -- machine_state.current_state is varchar(50), so no longer than that.
+    status text PRIMARY KEY CHECK (
+        status = lower(btrim(status)) AND length(status) BETWEEN 1 AND 50
+    ),
     description text NOT NULL
 );
 

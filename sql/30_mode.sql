@@ -35,7 +35,7 @@ SECURITY DEFINER
 SET search_path = ''
 AS $$
 DECLARE
-    wanted text := lower(btrim(new_mode));
+    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v'));
 BEGIN
     IF wanted IS NULL OR wanted NOT IN ('compat', 'strict') THEN
         RAISE EXCEPTION 'invalid machine-sync mode %: use ''compat'' or ''strict''',

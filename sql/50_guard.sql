@@ -1,16 +1,20 @@
--- The guard: direct writes to machine_state, which only the mirror may make.
+-- The guard: writes to machine_state that the mirror did not make.
 --
--- "Direct" means issued by a client statement (or a function it calls), as
--- opposed to a trigger: the mirror and the foreign-key cascade run inside
--- triggers (pg_trigger_depth() > 0) and pass untouched.
+-- The mirror (40_mirror.sql) marks its own writes with the transaction-local
+-- setting machine_sync.mirroring = <machine id>; every other write to a
+-- machine_state row is "direct", whoever issues it: a client, a function, a
+-- trigger of the application's, a foreign-key action. Setting
+-- machine_sync.mirroring by hand is the one explicit, per-machine escape
+-- hatch; what it lets through shows up in machine_sync.drift.
 --
 -- Guarantees:
 -- * mode 'compat': a direct UPDATE or INSERT succeeds, reports its row as
 --   before, and lands in machines as if written there (with the caller's own
 --   privileges on machines); both tables agree when the statement ends. A
---   legacy write that already agrees with machines does not write machines.
---   An INSERT for a machine whose state row exists replaces that row (the
---   legacy "create machine, then insert its state" flow keeps working).
+--   direct write that already agrees with machines does not write machines.
+--   A plain INSERT for a machine whose state row exists replaces that row
+--   (the legacy "create machine, then insert its state" flow keeps working);
+--   an upsert (INSERT ... ON CONFLICT) keeps PostgreSQL's meaning.
 -- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
 -- * A direct DELETE fails while the machine exists (delete the machine).
 -- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
@@ -42,9 +46,16 @@ BEGIN
         SELECT * INTO prior FROM public.machine_state AS s
         WHERE s.machine_id = NEW.machine_id
         FOR UPDATE;
-        IF FOUND THEN
-            -- Runs inside this trigger, so the delete guard lets it pass.
+        -- The mirror created this row with the machine. A plain INSERT
+        -- (legacy code creating the machine's state) replaces it; an upsert
+        -- is left to ON CONFLICT, whose DO UPDATE comes back through this
+        -- guard as an UPDATE. A trigger cannot see ON CONFLICT, hence the
+        -- look at the statement's text: a false match only means the
+        -- INSERT fails with 23505, as it did before machine-sync.
+        IF FOUND AND current_query() !~* '\mon\s+conflict\M' THEN
+            PERFORM set_config('machine_sync.mirroring', NEW.machine_id::text, TRUE);
             DELETE FROM public.machine_state AS s WHERE s.machine_id = NEW.machine_id;
+            PERFORM set_config('machine_sync.mirroring', '', TRUE);
         END IF;
     END IF;
     prior_status := machine_sync.canonical_status(prior.current_state);
@@ -137,17 +148,20 @@ $$;
 
 CREATE OR REPLACE TRIGGER machine_state_direct_write
 BEFORE INSERT OR UPDATE ON public.machine_state
-FOR EACH ROW WHEN (pg_trigger_depth() < 1)
+FOR EACH ROW
+WHEN (current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text)
 EXECUTE FUNCTION machine_sync.machine_state_before_direct_write();
 
 CREATE OR REPLACE TRIGGER machine_state_carry_to_machines
 AFTER INSERT OR UPDATE ON public.machine_state
-FOR EACH ROW WHEN (pg_trigger_depth() < 1)
+FOR EACH ROW
+WHEN (current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text)
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
 
 CREATE OR REPLACE TRIGGER machine_state_direct_delete
 BEFORE DELETE ON public.machine_state
-FOR EACH ROW WHEN (pg_trigger_depth() < 1)
+FOR EACH ROW
+WHEN (current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM old.machine_id::text)
 EXECUTE FUNCTION machine_sync.machine_state_before_direct_delete();
 
 CREATE OR REPLACE TRIGGER machine_state_truncate_alone

@@ -30,6 +30,12 @@ BEGIN
         RAISE EXCEPTION 'p_machine_id must not be null'
         USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    -- An unknown spelling is reported as such (23514, naming the allowed
+    -- values), not as a disagreement.
+    PERFORM machine_sync.normalize_status(p_machine_status)
+    WHERE p_machine_status IS NOT NULL;
+    PERFORM machine_sync.normalize_status(p_machine_state_current_state)
+    WHERE p_machine_state_current_state IS NOT NULL;
     IF machine_sync.canonical_status(p_machine_status)
        IS DISTINCT FROM machine_sync.canonical_status(p_machine_state_current_state)
        AND p_machine_status IS NOT NULL AND p_machine_state_current_state IS NOT NULL THEN

@@ -8,7 +8,8 @@
 --   canonical_status(), normalize_status() and mode(): the legacy RPCs run
 --   with the caller's privileges and use them.
 -- * With Supabase's roles: anon and authenticated cannot write machine_state
---   at all, nor TRUNCATE machines (TRUNCATE ignores RLS); service_role keeps
+--   at all; anon cannot write machines; nobody but the owner and
+--   service_role may TRUNCATE machines (TRUNCATE ignores RLS); service_role keeps
 --   INSERT and UPDATE on machine_state for legacy writers in compat mode;
 --   nobody but the owner may DELETE or TRUNCATE it. The legacy RPCs are
 --   callable by authenticated and service_role, not by anon.
@@ -75,6 +76,8 @@ BEGIN
     REVOKE ALL ON public.machine_state FROM anon, authenticated, service_role;
     GRANT SELECT ON public.machine_state TO anon, authenticated, service_role;
     GRANT INSERT, UPDATE ON public.machine_state TO service_role;
-    REVOKE TRUNCATE ON public.machines FROM anon, authenticated;
+    -- anon is a visitor who has not logged in: it writes no machine.
+    REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.machines FROM anon;
+    REVOKE TRUNCATE ON public.machines FROM authenticated;
 END
 $$;

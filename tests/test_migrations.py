@@ -179,3 +179,43 @@ def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
     assert "lock timeout" in result.stderr
     with legacy_db.connect() as conn:
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+
+
+LEGACY_SHAPE = """
+    SELECT 'grant', c.relname || ' ' || coalesce(r.rolname, 'PUBLIC') || ' ' || a.privilege_type
+    FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+    LEFT JOIN pg_roles r ON r.oid = a.grantee
+    WHERE c.oid IN ('machines'::regclass, 'machine_state'::regclass)
+    UNION ALL
+    SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
+    WHERE conrelid IN ('machines'::regclass, 'machine_state'::regclass)
+    UNION ALL
+    SELECT 'column', attrelid::regclass || '.' || attname || ' ' ||
+           coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+    FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+    WHERE a.attrelid IN ('machines'::regclass, 'machine_state'::regclass)
+      AND a.attnum > 0 AND NOT a.attisdropped
+    UNION ALL
+    SELECT 'trigger', tgname FROM pg_trigger
+    WHERE tgrelid IN ('machines'::regclass, 'machine_state'::regclass) AND NOT tgisinternal
+    ORDER BY 1, 2
+"""
+
+
+def test_down_restores_the_legacy_grants_foreign_key_and_defaults(legacy_db):
+    with legacy_db.connect() as conn:
+        # Make the legacy shape distinctive: a default and grants of its own.
+        conn.execute("ALTER TABLE machines ALTER COLUMN id SET DEFAULT md5('x')::uuid")
+        conn.execute("GRANT ALL ON machine_state TO anon WITH GRANT OPTION")
+        conn.execute("REVOKE TRUNCATE ON machines FROM service_role")
+        before = conn.execute(LEGACY_SHAPE).fetchall()
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        assert conn.execute(LEGACY_SHAPE).fetchall() != before
+    legacy_db.psql(down_file(migration_files()[-1]))
+    with legacy_db.connect() as conn:
+        assert conn.execute(LEGACY_SHAPE).fetchall() == before
+        assert conn.execute("SELECT to_regnamespace('machine_sync_revert')").fetchone() == (None,)
+    legacy_db.migrate()  # and up again, recording afresh
+    with legacy_db.connect() as conn:
+        assert_consistent(conn)

@@ -120,6 +120,12 @@ def test_anon_cannot_call_the_legacy_rpcs_but_authenticated_can(conn):
 def test_a_writer_without_machine_state_rights_is_mirrored_under_rls(db):
     with db.connect() as conn:
         machine_id = add_machine(conn)
+        # A fresh install starts with RLS on machines and no policy; the
+        # application grants its users what they may do.
+        conn.execute(
+            "CREATE POLICY operators ON machines FOR ALL TO authenticated"
+            " USING (true) WITH CHECK (true)"
+        )
     with db.connect(autocommit=False) as conn:
         conn.execute("SET LOCAL ROLE authenticated")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
@@ -152,3 +158,29 @@ def test_migrations_apply_on_a_plain_postgresql_without_supabase_roles():
                 "SELECT has_function_privilege('app', 'machine_sync.reconcile()', 'EXECUTE'),"
                 " has_table_privilege('app', 'machine_state', 'UPDATE')"
             ).fetchone() == (False, True)
+
+
+def test_a_fresh_install_is_closed_to_anonymous_visitors(db):
+    with db.connect() as conn:
+        machine_id = add_machine(conn)
+        assert conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'machines'::regclass"
+        ).fetchone() == (True,)
+        for privilege in ("INSERT", "UPDATE", "DELETE", "TRUNCATE"):
+            assert conn.execute(
+                "SELECT has_table_privilege('anon', 'machines', %s)", [privilege]
+            ).fetchone() == (False,), privilege
+    with db.connect(autocommit=False) as conn:
+        conn.execute("SET LOCAL ROLE anon")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("DELETE FROM machines")
+    with db.connect() as conn:
+        assert state(conn, machine_id) is not None
+
+
+def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db):
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        assert conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = 'machines'::regclass"
+        ).fetchone() == (False,)

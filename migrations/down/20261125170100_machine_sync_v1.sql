@@ -1,7 +1,7 @@
--- Revert machine-sync v1: back to two independently written tables.
--- Data is kept: failure details live on in machine_state, which v1 left
--- complete and agreeing with machines. The foreign key stops cascading, as
--- in the legacy schema.
+-- Revert machine-sync v1: back to two independently written tables, with
+-- the grants, foreign key and id default the tables had before v1 (recorded
+-- by v1 in machine_sync_revert). Data is kept: failure details live on in
+-- machine_state, which v1 left complete and agreeing with machines.
 
 BEGIN;
 SET LOCAL lock_timeout = '5s';
@@ -26,13 +26,57 @@ ALTER TABLE public.machines
 DROP COLUMN IF EXISTS failure_description,
 DROP COLUMN IF EXISTS failure_component;
 
-ALTER TABLE public.machine_state
-DROP CONSTRAINT IF EXISTS machine_state_machine_id_fkey,
-ADD CONSTRAINT machine_state_machine_id_fkey
-FOREIGN KEY (machine_id) REFERENCES public.machines (id);
-
 COMMENT ON TABLE public.machines IS NULL;
 COMMENT ON COLUMN public.machines.status IS NULL;
 COMMENT ON TABLE public.machine_state IS NULL;
+
+DO $$
+DECLARE
+    item record;
+BEGIN
+    IF to_regnamespace('machine_sync_revert') IS NULL THEN
+        RETURN;  -- v1 is not applied: nothing to put back
+    END IF;
+
+    ALTER TABLE public.machine_state
+    DROP CONSTRAINT IF EXISTS machine_state_machine_id_fkey;
+    FOR item IN SELECT * FROM machine_sync_revert.foreign_key LOOP
+        EXECUTE format(
+            'ALTER TABLE public.machine_state ADD CONSTRAINT %I %s',
+            item.constraint_name, item.definition
+        );
+    END LOOP;
+
+    FOR item IN SELECT * FROM machine_sync_revert.column_default LOOP
+        EXECUTE format(
+            'ALTER TABLE public.machines ALTER COLUMN id %s',
+            coalesce('SET DEFAULT ' || item.default_expression, 'DROP DEFAULT')
+        );
+    END LOOP;
+
+    FOR item IN
+        SELECT DISTINCT c.oid::regclass::text AS table_name, a.grantee
+        FROM pg_catalog.pg_class AS c
+        CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+        WHERE
+            c.oid IN ('public.machines'::regclass, 'public.machine_state'::regclass)
+            AND a.grantee <> c.relowner
+    LOOP
+        EXECUTE format(
+            'REVOKE ALL ON %s FROM %s', item.table_name,
+            CASE WHEN item.grantee = 0 THEN 'PUBLIC' ELSE item.grantee::regrole::text END
+        );
+    END LOOP;
+    FOR item IN SELECT * FROM machine_sync_revert.table_grant LOOP
+        EXECUTE format(
+            'GRANT %s ON %s TO %s%s', item.privilege_type, item.table_name,
+            CASE WHEN item.grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(item.grantee) END,
+            CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
+        );
+    END LOOP;
+END
+$$;
+
+DROP SCHEMA IF EXISTS machine_sync_revert CASCADE;
 
 COMMIT;

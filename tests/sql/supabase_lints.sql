@@ -1,9 +1,10 @@
--- Four Supabase database-linter (splinter) security lints, one row per
+-- Five Supabase database-linter (splinter) security lints, one row per
 -- violation: (lint, object, detail). Needs the roles of supabase_roles.sql.
 --
 -- Adapted from supabase/splinter:
 --   lints/0010_security_definer_view.sql
 --   lints/0011_function_search_path_mutable.sql
+--   lints/0013_rls_disabled_in_public.sql
 --   lints/0028_anon_security_definer_function_executable.sql
 --   lints/0029_authenticated_security_definer_function_executable.sql
 -- Splinter reads the exposed schemas from pgrst.db_schemas (default
@@ -121,6 +122,25 @@ violations (lint, object, detail) AS (
             v.view_name
         )
     FROM definer_views AS v
+
+    UNION ALL
+
+    -- splinter 0013_rls_disabled_in_public: tables in an exposed schema
+    -- without Row Level Security are open to every API role.
+    SELECT
+        '0013_rls_disabled_in_public',
+        format('%s.%s', n.nspname, c.relname),
+        format(
+            'Table `%s.%s` is public, but RLS has not been enabled.',
+            n.nspname,
+            c.relname
+        )
+    FROM pg_catalog.pg_class AS c
+    INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
+    WHERE
+        c.relkind = 'r'
+        AND NOT c.relrowsecurity
+        AND n.nspname IN (SELECT e.schema_name FROM exposed AS e)
 
     UNION ALL
 

@@ -1,0 +1,157 @@
+"""Writes that are easy to forget: other triggers, CTEs, foreign-key actions, upserts.
+
+Each of these once left the tables disagreeing or changed what an upsert means
+(found in review); they stay here as regressions.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import psycopg
+import pytest
+
+from machines import add_machine, assert_consistent, machine, state
+
+
+def test_a_later_write_by_another_trigger_is_not_overwritten_by_a_stale_mirror(conn):
+    conn.execute(
+        """CREATE FUNCTION public.auto_maintenance() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               UPDATE machines SET status = 'maintenance' WHERE id = NEW.id;
+               RETURN NULL;
+           END $$"""
+    )
+    # Named to sort before machines_mirror_state, so it fires first.
+    conn.execute(
+        "CREATE TRIGGER a_auto_maintenance AFTER UPDATE ON machines FOR EACH ROW"
+        " WHEN (NEW.status = 'error') EXECUTE FUNCTION public.auto_maintenance()"
+    )
+    machine_id = add_machine(conn)
+    conn.execute("UPDATE machines SET status = 'error' WHERE id = %s", [machine_id])
+    assert machine(conn, machine_id)["status"] == "maintenance"
+    assert state(conn, machine_id)["current_state"] == "maintenance"
+    assert_consistent(conn)
+
+
+def test_one_statement_writing_both_tables_ends_consistent(conn):
+    machine_id = add_machine(conn)
+    conn.execute(
+        """WITH m AS (UPDATE machines SET status = 'processing' WHERE id = %(id)s RETURNING id)
+           UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %(id)s""",
+        {"id": machine_id},
+    )
+    assert_consistent(conn)
+
+
+@pytest.mark.parametrize("mode", ["compat", "strict"])
+def test_a_trigger_of_the_application_writing_machine_state_is_guarded(conn, mode):
+    conn.execute("CREATE TABLE public.events (machine_id uuid, new_state text)")
+    conn.execute(
+        """CREATE FUNCTION public.apply_event() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               UPDATE machine_state SET current_state = NEW.new_state
+               WHERE machine_id = NEW.machine_id;
+               RETURN NULL;
+           END $$"""
+    )
+    conn.execute(
+        "CREATE TRIGGER apply_event AFTER INSERT ON public.events FOR EACH ROW"
+        " EXECUTE FUNCTION public.apply_event()"
+    )
+    machine_id = add_machine(conn)
+    conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+    if mode == "strict":
+        with pytest.raises(psycopg.errors.DatabaseError, match="read-only in strict mode"):
+            conn.execute("INSERT INTO public.events VALUES (%s, 'PROCESSING')", [machine_id])
+        assert machine(conn, machine_id)["status"] == "idle"
+    else:
+        conn.execute("INSERT INTO public.events VALUES (%s, 'PROCESSING')", [machine_id])
+        assert machine(conn, machine_id)["status"] == "processing"
+    assert_consistent(conn)
+
+
+def test_a_trigger_of_the_application_cannot_delete_a_state_row(conn):
+    conn.execute(
+        """CREATE FUNCTION public.forget() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN DELETE FROM machine_state WHERE machine_id = NEW.id; RETURN NULL; END $$"""
+    )
+    conn.execute(
+        "CREATE TRIGGER forget AFTER UPDATE OF location ON machines FOR EACH ROW"
+        " EXECUTE FUNCTION public.forget()"
+    )
+    machine_id = add_machine(conn)
+    with pytest.raises(psycopg.errors.DatabaseError, match="deleted with their machine"):
+        conn.execute("UPDATE machines SET location = 'Bay 2' WHERE id = %s", [machine_id])
+    assert_consistent(conn)
+
+
+def test_a_foreign_key_action_on_machine_state_is_carried_into_machines(conn):
+    conn.execute("CREATE TABLE public.components (id uuid PRIMARY KEY)")
+    component = uuid.uuid4()
+    conn.execute("INSERT INTO public.components VALUES (%s)", [component])
+    conn.execute(
+        "ALTER TABLE machine_state ADD FOREIGN KEY (failure_component)"
+        " REFERENCES public.components (id) ON DELETE SET NULL"
+    )
+    machine_id = add_machine(conn, status="error", failure_component=component)
+    conn.execute("DELETE FROM public.components")
+    assert machine(conn, machine_id)["failure_component"] is None
+    assert_consistent(conn)
+
+
+def test_a_merge_that_deletes_machines(conn):
+    doomed, kept = add_machine(conn, status="offline"), add_machine(conn)
+    conn.execute(
+        """MERGE INTO machines AS m USING (SELECT %s::uuid AS id) AS v ON m.id = v.id
+           WHEN MATCHED THEN DELETE""",
+        [doomed],
+    )
+    assert state(conn, doomed) is None
+    assert state(conn, kept) is not None
+    assert_consistent(conn)
+
+
+def test_upsert_do_nothing_keeps_the_existing_state(conn):
+    machine_id = add_machine(conn, status="processing", current_process_id=uuid.uuid4())
+    before = machine(conn, machine_id)
+    result = conn.execute(
+        "INSERT INTO machine_state (machine_id) VALUES (%s) ON CONFLICT DO NOTHING",
+        [machine_id],
+    )
+    assert result.rowcount == 0  # as PostgreSQL always reported it
+    assert machine(conn, machine_id) == before
+    assert_consistent(conn)
+
+
+def test_partial_upsert_changes_only_the_columns_it_names(conn):
+    # PostgREST's merge-duplicates upsert sets only the columns it was given.
+    process = uuid.uuid4()
+    machine_id = add_machine(conn, status="processing", current_process_id=uuid.uuid4())
+    conn.execute(
+        """INSERT INTO machine_state (machine_id, process_id) VALUES (%s, %s)
+           ON CONFLICT (machine_id) DO UPDATE SET process_id = excluded.process_id""",
+        [machine_id, process],
+    )
+    m = machine(conn, machine_id)
+    assert (m["status"], m["current_process_id"]) == ("processing", process)
+    assert_consistent(conn)
+
+
+def test_upsert_do_update_applies_its_own_set_clause(conn):
+    machine_id = add_machine(conn)
+    conn.execute(
+        """INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'idle')
+           ON CONFLICT (machine_id) DO UPDATE SET current_state = 'maintenance'""",
+        [machine_id],
+    )
+    assert machine(conn, machine_id)["status"] == "maintenance"
+    assert_consistent(conn)
+
+
+def test_mode_and_vocabulary_inputs_are_checked(conn):
+    assert conn.execute("SELECT machine_sync.set_mode(E'strict\\n')").fetchone() == ("strict",)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO machine_sync.allowed_status VALUES (%s, 'too long')", ["x" * 51])
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("INSERT INTO machine_sync.allowed_status VALUES ('Calibrating', 'not lower')")
