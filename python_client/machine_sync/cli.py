@@ -1,0 +1,437 @@
+"""The ``machine-sync`` command line.
+
+Every command that talks to the database takes ``--dsn`` (a libpq connection
+string or ``postgresql://`` URL) or reads ``DATABASE_URL``. Results go to
+stdout (``--json`` where a script would parse them), errors to stderr as one
+line starting with ``machine-sync: error:``.
+
+Exit codes: 0 success; 1 a finding (drift exists, migrations not up to date);
+2 bad input (DSN, machine id, mode, migrations folder); 3 the database cannot
+be reached; 4 the database refused or failed (unknown machine, migration
+refused or failed, missing privilege, lock held by another deployer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+from uuid import UUID
+
+import psycopg
+import typer
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from machine_sync import __version__, bench, demo
+from machine_sync._core import as_uuid
+from machine_sync.client import Client, Machine
+from machine_sync.errors import (
+    DatabaseUnreachable,
+    InvalidArgument,
+    InvalidStatus,
+    MachineSyncError,
+    MigrationsNotFound,
+    one_line,
+)
+from machine_sync.runner import RESTORE_COMMAND, Plan, Runner, Status
+
+__all__ = ["ExitCode", "app"]
+
+
+class ExitCode(IntEnum):
+    """What ``machine-sync`` exits with."""
+
+    OK = 0
+    FINDING = 1  # drift exists / migrations not up to date
+    BAD_INPUT = 2  # also what typer uses for usage errors
+    UNREACHABLE = 3
+    FAILED = 4
+
+
+MODES = ("compat", "strict")
+
+app = typer.Typer(
+    name="machine-sync",
+    help="Keep machine_state equal to machines inside PostgreSQL: migrate, check, repair.",
+    epilog="Exit codes: 0 ok, 1 drift or not up to date, 2 bad input, 3 database "
+    "unreachable, 4 refused or failed.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+migrate_app = typer.Typer(
+    help="Apply, inspect and revert the SQL migrations (one transaction per file).",
+    no_args_is_help=True,
+)
+app.add_typer(migrate_app, name="migrate")
+
+Dsn = Annotated[
+    str | None,
+    typer.Option(
+        "--dsn",
+        envvar="DATABASE_URL",
+        show_envvar=True,
+        help="libpq connection string or postgresql:// URL.",
+    ),
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+MigrationsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--migrations-dir",
+        help="Folder of <timestamp>_<name>.sql files (default: the ones this version ships).",
+    ),
+]
+LockWait = Annotated[
+    float,
+    typer.Option("--lock-wait", min=0, help="Seconds to wait for another runner to finish."),
+]
+Retries = Annotated[
+    int,
+    typer.Option("--retries", min=0, help="Retries of a file that finds a table busy (55P03)."),
+]
+
+
+# -- plumbing ------------------------------------------------------------------
+
+
+def _fail(message: str, code: ExitCode) -> NoReturn:
+    typer.echo(f"machine-sync: error: {one_line(message)}", err=True)
+    raise typer.Exit(int(code))
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Turn the package's errors into one line on stderr and an exit code."""
+    try:
+        yield
+    except DatabaseUnreachable as exc:
+        _fail(str(exc), ExitCode.UNREACHABLE)
+    except (InvalidArgument, InvalidStatus, MigrationsNotFound) as exc:
+        _fail(str(exc), ExitCode.BAD_INPUT)
+    except MachineSyncError as exc:
+        _fail(str(exc), ExitCode.FAILED)
+
+
+def _connect(dsn: str | None, purpose: str) -> psycopg.Connection[Any]:
+    """An autocommit connection, or exit with one line saying why not."""
+    if not dsn:
+        _fail("no database given: pass --dsn or set DATABASE_URL", ExitCode.BAD_INPUT)
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        _fail(f"invalid --dsn/DATABASE_URL: {exc}", ExitCode.BAD_INPUT)
+    # libpq parses any port text and fails later with a resolver message.
+    ports = str(params.get("port") or "").split(",")
+    if not all(port.strip().isdigit() for port in ports if port.strip()):
+        _fail(
+            f"invalid --dsn/DATABASE_URL: port {params['port']!r} is not a number",
+            ExitCode.BAD_INPUT,
+        )
+    # Defaults only: a value in the DSN wins. The name shows in pg_stat_activity
+    # (and in the message a second deployer gets while this one migrates).
+    params.setdefault("connect_timeout", 10)
+    params.setdefault("application_name", f"machine-sync {purpose}")
+    try:
+        return psycopg.connect(make_conninfo("", **params), autocommit=True)
+    except psycopg.Error as exc:
+        _fail(f"cannot connect to the database: {exc}", ExitCode.UNREACHABLE)
+
+
+def _json(value: Any) -> None:
+    def encode(item: Any) -> Any:
+        if isinstance(item, UUID):
+            return str(item)
+        if isinstance(item, datetime):
+            return item.isoformat()
+        raise TypeError(f"cannot encode {type(item).__name__}")
+
+    typer.echo(json.dumps(value, default=encode, indent=2))
+
+
+def _console() -> Console:
+    # Built per call so it writes to the current stdout (tests replace it);
+    # wide when piped, so ids are never cut.
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _cell(value: object) -> Text:
+    # Text, not markup: a failure message may contain [brackets].
+    if value is None:
+        return Text("-")
+    if isinstance(value, datetime):
+        return Text(f"{value:%Y-%m-%d %H:%M:%S%z}")
+    return Text(str(value))
+
+
+def _runner(
+    conn: psycopg.Connection[Any],
+    migrations_dir: Path | None,
+    *,
+    lock_wait: float = 60.0,
+    retries: int = 3,
+) -> Runner:
+    return Runner(conn, migrations_dir, lock_wait=lock_wait, retries=retries, echo=typer.echo)
+
+
+# -- migrate -------------------------------------------------------------------
+
+
+def _print_plan(plan: Plan, *, dry_run: bool) -> None:
+    if plan.adopting:
+        typer.echo("machine-sync is installed but the runner never ran here (psql?): adopting it")
+    if not plan.steps:
+        typer.echo("nothing to apply: every migration is applied")
+    for step in plan.steps:
+        typer.echo(f"{'would ' if dry_run else ''}{step.action} {step.migration.name}")
+
+
+@migrate_app.command("apply")
+def migrate_apply(
+    dsn: Dsn = None,
+    migrations_dir: MigrationsDir = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Re-run every file (they are idempotent): accepts edited files and "
+            "restores hand-edited functions and triggers.",
+        ),
+    ] = False,
+    lock_wait: LockWait = 60.0,
+    retries: Retries = 3,
+) -> None:
+    """Apply the pending migrations in order, each in its own transaction."""
+    with _reported(), _connect(dsn, "migrate") as conn:
+        runner = _runner(conn, migrations_dir, lock_wait=lock_wait, retries=retries)
+        plan = runner.apply(force=force, dry_run=dry_run)
+        if dry_run:
+            _print_plan(plan, dry_run=True)
+
+
+@migrate_app.command("plan")
+def migrate_plan(
+    dsn: Dsn = None,
+    migrations_dir: MigrationsDir = None,
+    force: Annotated[bool, typer.Option("--force", help="Plan a forced apply.")] = False,
+    as_json: AsJson = False,
+) -> None:
+    """Print what `migrate apply` would run (nothing is locked or changed)."""
+    with _reported(), _connect(dsn, "migrate") as conn:
+        plan = _runner(conn, migrations_dir).plan(force=force)
+        if as_json:
+            _json(plan.to_json())
+        else:
+            _print_plan(plan, dry_run=True)
+
+
+def _print_status(status: Status) -> None:
+    table = Table("migration", "state", "applied at", box=None, pad_edge=False)
+    for file in status.files:
+        table.add_row(_cell(file.name), _cell(str(file.state)), _cell(file.applied_at))
+    console = _console()
+    console.print(table)
+    if status.adoptable:
+        console.print(
+            Text(
+                "machine-sync is installed but not recorded (migrated with psql?): "
+                "`machine-sync migrate apply` adopts it"
+            )
+        )
+    if not status.definitions_recorded:
+        console.print(Text("definitions: not recorded yet (the runner has not applied anything)"))
+    elif status.definition_problems:
+        for problem in status.definition_problems:
+            console.print(Text(f"definitions: {problem}"))
+        console.print(Text(f"restore the shipped definitions with: {RESTORE_COMMAND}"))
+    else:
+        console.print(Text("definitions: as the applied migrations create them"))
+    console.print(Text("up to date" if status.up_to_date else "not up to date"))
+
+
+@migrate_app.command("status")
+def migrate_status(
+    dsn: Dsn = None, migrations_dir: MigrationsDir = None, as_json: AsJson = False
+) -> None:
+    """Applied, pending and changed files, and whether functions and triggers are as shipped.
+
+    Exits 1 when anything is pending, changed or not as shipped.
+    """
+    with _reported(), _connect(dsn, "migrate") as conn:
+        status = _runner(conn, migrations_dir).status()
+    if as_json:
+        _json(status.to_json())
+    else:
+        _print_status(status)
+    if not status.up_to_date:
+        raise typer.Exit(int(ExitCode.FINDING))
+
+
+@migrate_app.command("down")
+def migrate_down(
+    dsn: Dsn = None,
+    migrations_dir: MigrationsDir = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="How many to revert.")] = 1,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would run.")] = False,
+    lock_wait: LockWait = 60.0,
+    retries: Retries = 3,
+) -> None:
+    """Revert the last applied migrations with migrations/down/<same name>."""
+    with _reported(), _connect(dsn, "migrate") as conn:
+        runner = _runner(conn, migrations_dir, lock_wait=lock_wait, retries=retries)
+        reverted = runner.down(steps, dry_run=dry_run)
+    if dry_run:
+        for name in reverted:
+            typer.echo(f"would revert {name}")
+
+
+# -- drift, reconcile, mode ------------------------------------------------------
+
+
+@app.command("drift")
+def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
+    """List machines whose machine_state row is missing or disagrees; exit 1 if any (cron, CI)."""
+    with _reported(), _connect(dsn, "drift") as conn:
+        rows = Client(conn).drift()
+    if as_json:
+        _json([dataclasses.asdict(row) for row in rows])
+    elif not rows:
+        typer.echo("no drift: every machine_state row agrees with its machine")
+    else:
+        table = Table(
+            "machine", "problem", "status", "current_state", "process", "state process", box=None
+        )
+        for row in rows:
+            table.add_row(
+                *map(
+                    _cell,
+                    (
+                        row.machine_id,
+                        row.problem,
+                        row.status,
+                        row.current_state,
+                        row.current_process_id,
+                        row.process_id,
+                    ),
+                )
+            )
+        console = _console()
+        console.print(table)
+        console.print(Text(f"{len(rows)} drifted; repair with: machine-sync reconcile"))
+    if rows:
+        raise typer.Exit(int(ExitCode.FINDING))
+
+
+@app.command("reconcile")
+def reconcile(dsn: Dsn = None, as_json: AsJson = False) -> None:
+    """Repair all drift from machines (machine_sync.reconcile())."""
+    with _reported(), _connect(dsn, "reconcile") as conn:
+        repaired = Client(conn).reconcile()
+    if as_json:
+        _json({"repaired": repaired})
+    else:
+        typer.echo(f"repaired {repaired} drifted machine(s)")
+
+
+@app.command("mode")
+def mode(
+    new_mode: Annotated[
+        str | None, typer.Argument(metavar="[compat|strict]", help="Switch to this mode.")
+    ] = None,
+    dsn: Dsn = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show or set the mode: compat (machine_state writes land in machines) or strict (refused)."""
+    if new_mode is not None and new_mode.strip().lower() not in MODES:
+        _fail(f"invalid mode {new_mode!r}: use compat or strict", ExitCode.BAD_INPUT)
+    with _reported(), _connect(dsn, "mode") as conn:
+        client = Client(conn)
+        if new_mode is None:
+            current = client.mode()
+            previous = current
+        else:
+            change = client.set_mode(new_mode)
+            current, previous = change.current, change.previous
+    if as_json:
+        _json({"mode": current, "previous": previous})
+    elif new_mode is None:
+        typer.echo(current)
+    else:
+        typer.echo(f"mode: {current} (was {previous})")
+
+
+# -- status of machines ----------------------------------------------------------
+
+
+def _machine_json(machine: Machine) -> dict[str, Any]:
+    return dataclasses.asdict(machine)
+
+
+@app.command("status")
+def status(
+    machine_id: Annotated[
+        str | None, typer.Argument(metavar="[MACHINE_ID]", help="One machine (a UUID).")
+    ] = None,
+    dsn: Dsn = None,
+    as_json: AsJson = False,
+) -> None:
+    """Status of one machine or all, from machines and its mirrored machine_state row."""
+    with _reported():
+        wanted = None if machine_id is None else as_uuid(machine_id.strip(), "MACHINE_ID")
+        with _connect(dsn, "status") as conn:
+            client = Client(conn)
+            machines = client.list() if wanted is None else [client.get(wanted)]
+    if as_json:
+        _json(_machine_json(machines[0]) if wanted else [_machine_json(m) for m in machines])
+        return
+    table = Table(
+        "machine", "serial", "location", "status", "process", "since", "failure", box=None
+    )
+    for m in machines:
+        table.add_row(
+            *map(
+                _cell,
+                (
+                    m.id,
+                    m.serial_number,
+                    m.location,
+                    m.status,
+                    m.current_process_id,
+                    m.state.state_since if m.state else None,
+                    m.failure_description,
+                ),
+            )
+        )
+    console = _console()
+    console.print(table)
+    if wanted is None:
+        console.print(Text(f"{len(machines)} machine(s)"))
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"machine-sync {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Keep machine_state equal to machines inside PostgreSQL: migrate, check, repair."""
+
+
+demo.register(app)
+bench.register(app)

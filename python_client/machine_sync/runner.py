@@ -1,0 +1,615 @@
+"""The migration runner: apply, revert and inspect machine-sync's SQL migrations.
+
+The files in ``migrations/`` stay plain SQL that psql applies as they are
+(``BEGIN; SET LOCAL lock_timeout ...; ...; COMMIT;``, idempotent). The runner
+adds what psql cannot:
+
+* **History.** Each file runs in its own transaction together with a row in
+  ``machine_sync_migrations.applied`` (name, sha256 of its text), so a file is
+  recorded exactly when it committed. The runner removes the file's own
+  ``BEGIN;`` and ``COMMIT;`` to do so; everything in between runs unchanged.
+  The history lives in its own schema, not in ``machine_sync``: dropping or
+  recreating ``machine_sync`` (a revert, a fresh install) never loses it, and
+  ``machine_sync`` holds exactly what ``sql/`` describes, on a database
+  migrated by the runner and by psql alike.
+* **One deployer at a time.** A session advisory lock, polled until
+  ``lock_wait`` seconds have passed; the loser reports who holds it. Use a
+  direct (session) connection, not PgBouncer in transaction mode, which
+  cannot keep a session lock.
+* **Edited files are refused.** An applied file whose text changed is named
+  and nothing runs, unless ``force``.
+* **Mixing with psql.** A database migrated with psql has machine-sync objects
+  but no history: the runner adopts it by running the files again (they are
+  idempotent) and recording them. A file applied with psql later is pending
+  for the runner, which runs it again and records it the same way.
+* **Definition check.** After ``apply`` and ``down`` the runner records an
+  md5 of every machine-sync function, trigger (with its enabled flag) and
+  view as the applied files create them (``machine_sync_migrations.definition``):
+  it replays those files, which are idempotent, in a transaction that is
+  rolled back, and reads the catalog before the rollback. So the record is
+  what this version ships, never a hand edit. :meth:`Runner.status` compares
+  the catalog with it: a function edited in the SQL editor, a disabled
+  mirror trigger or a dropped trigger is reported with the command that
+  restores the shipped definitions (``machine-sync migrate apply --force``,
+  which runs the files again). Objects created by hand in ``machine_sync``
+  are not reported: the replay cannot tell them from shipped ones.
+* **Busy tables.** Each transaction starts with a short ``lock_timeout`` (a
+  file's own ``SET LOCAL`` wins); a file that hits it (SQLSTATE 55P03) is
+  rolled back and tried again a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import psycopg.errors
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row
+
+from machine_sync._queries import query
+from machine_sync.errors import (
+    ChecksumMismatch,
+    DatabaseUnreachable,
+    InvalidArgument,
+    MachineSyncError,
+    MigrationError,
+    MigrationFailed,
+    MigrationLocked,
+    MigrationsNotFound,
+    describe,
+    translate,
+)
+from machine_sync.resources import migrations_dir
+
+__all__ = [
+    "RESTORE_COMMAND",
+    "DefinitionProblem",
+    "FileState",
+    "FileStatus",
+    "Migration",
+    "Plan",
+    "Runner",
+    "Status",
+    "Step",
+    "discover",
+]
+
+#: What restores hand-edited functions and triggers to the shipped ones.
+RESTORE_COMMAND = "machine-sync migrate apply --force"
+
+_FILE_NAME = re.compile(r"^\d+_[A-Za-z0-9_]+\.sql$")
+# The transaction wrapper every migration has: comments, BEGIN; ... COMMIT;
+# then only comments or blank lines.
+_LEADING = r"(?P<head>(?:\s|--[^\n]*(?:\n|\Z))*)"
+_WRAPPED = re.compile(
+    _LEADING
+    + r"BEGIN(?:\s+(?:WORK|TRANSACTION))?\s*;(?P<body>.*)"
+    + r"\bCOMMIT(?:\s+(?:WORK|TRANSACTION))?\s*;(?:\s|--[^\n]*(?:\n|\Z))*\Z",
+    re.DOTALL | re.IGNORECASE,
+)
+_OPENS = re.compile(_LEADING + r"(BEGIN|START\s+TRANSACTION)\b", re.IGNORECASE)
+
+Echo = Callable[[str], None]
+
+
+def _silent(_line: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One migration file and its revert."""
+
+    name: str  # the file name, e.g. 20261125170100_machine_sync_v1.sql
+    path: Path
+    sha256: str
+
+    @property
+    def down_path(self) -> Path:
+        """``down/<same name>`` next to the file."""
+        return self.path.parent / "down" / self.name
+
+
+def _checksum(text: str) -> str:
+    # Line endings are normalized: a Windows checkout of the same file is
+    # the same migration.
+    return hashlib.sha256(text.replace("\r\n", "\n").encode("utf-8")).hexdigest()
+
+
+def discover(directory: Path) -> list[Migration]:
+    """The migrations in ``directory``, in the order they apply (by name)."""
+    if not directory.is_dir():
+        raise MigrationsNotFound(f"migrations directory {directory} does not exist")
+    found = sorted(p for p in directory.glob("*.sql") if _FILE_NAME.match(p.name))
+    if not found:
+        raise MigrationsNotFound(
+            f"no migrations in {directory} (expected files named <timestamp>_<name>.sql)"
+        )
+    return [Migration(p.name, p, _checksum(p.read_text(encoding="utf-8"))) for p in found]
+
+
+def transaction_body(name: str, text: str) -> str:
+    """The statements of a migration without its own BEGIN; and COMMIT;."""
+    wrapped = _WRAPPED.fullmatch(text)
+    if wrapped is not None:
+        return wrapped.group("head") + wrapped.group("body")
+    if _OPENS.match(text):
+        raise MigrationError(f"{name} opens a transaction but does not end with COMMIT;")
+    return text  # no wrapper of its own: the runner's transaction is the one
+
+
+class FileState(StrEnum):
+    """Where one migration file stands in a database."""
+
+    APPLIED = "applied"
+    PENDING = "pending"
+    CHANGED = "changed"  # applied, but the file's text changed since
+    UNKNOWN = "unknown"  # recorded as applied, but this version has no such file
+
+
+@dataclass(frozen=True)
+class FileStatus:
+    """One file's state, and when it was applied."""
+
+    name: str
+    state: FileState
+    applied_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DefinitionProblem:
+    """A function, trigger or view that is not what the last apply installed."""
+
+    kind: str
+    name: str
+    problem: str  # changed, disabled, missing, unexpected
+
+    def __str__(self) -> str:
+        words = {
+            "changed": "was changed after it was installed",
+            "disabled": "is disabled",
+            "missing": "was dropped",
+            "unexpected": "is not created by the migrations the runner applied "
+            "(a pending file applied with psql?)",
+        }[self.problem]
+        return f"{self.kind} {self.name} {words}"
+
+
+@dataclass(frozen=True)
+class Status:
+    """What :meth:`Runner.status` found."""
+
+    files: list[FileStatus]
+    adoptable: bool  # machine-sync objects exist but the runner never ran here
+    definitions_recorded: bool
+    definition_problems: list[DefinitionProblem] = field(default_factory=list)
+
+    @property
+    def up_to_date(self) -> bool:
+        """No pending or changed file, and the installed definitions are the recorded ones."""
+        return (
+            self.definitions_recorded
+            and not self.definition_problems
+            and all(f.state in (FileState.APPLIED, FileState.UNKNOWN) for f in self.files)
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (``machine-sync migrate status --json``)."""
+        return {
+            "up_to_date": self.up_to_date,
+            "adoptable": self.adoptable,
+            "files": [
+                {
+                    "name": f.name,
+                    "state": str(f.state),
+                    "applied_at": f.applied_at.isoformat() if f.applied_at else None,
+                }
+                for f in self.files
+            ],
+            "definitions": {
+                "recorded": self.definitions_recorded,
+                "problems": [asdict(p) for p in self.definition_problems],
+                "restore_command": RESTORE_COMMAND if self.definition_problems else None,
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Step:
+    """One file :meth:`Runner.apply` will run, and why."""
+
+    migration: Migration
+    action: str  # apply, adopt (psql applied it before), reapply (forced)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What :meth:`Runner.apply` does (or did)."""
+
+    steps: list[Step]
+    adopting: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (``machine-sync migrate plan --json``)."""
+        return {
+            "adopting": self.adopting,
+            "steps": [{"name": s.migration.name, "action": s.action} for s in self.steps],
+        }
+
+
+class Runner:
+    """Applies and reverts the migrations of one folder on one database.
+
+    ``conn`` must be in autocommit mode: the runner opens one transaction per
+    file itself. It is not closed by the runner.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        directory: Path | None = None,
+        *,
+        lock_wait: float = 60.0,
+        lock_timeout: str = "5s",
+        retries: int = 3,
+        retry_delay: float = 1.0,
+        echo: Echo = _silent,
+    ) -> None:
+        if not conn.autocommit:
+            raise InvalidArgument(
+                "the migration runner needs an autocommit connection: it runs each file in "
+                "its own transaction"
+            )
+        if retries < 0 or lock_wait < 0:
+            raise InvalidArgument("retries and lock_wait must not be negative")
+        self._conn = conn
+        self.directory = directory if directory is not None else migrations_dir()
+        self._lock_wait = lock_wait
+        self._lock_timeout = lock_timeout
+        self._retries = retries
+        self._retry_delay = retry_delay
+        self._echo = echo
+
+    # -- reading ------------------------------------------------------------
+
+    def _rows(self, name: str, **params: Any) -> list[dict[str, Any]]:
+        named = query(name)
+        with self._conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(named.text, named.bind(**params) or None)
+            return cur.fetchall() if cur.description is not None else []
+
+    def _has_history(self) -> bool:
+        return bool(self._rows("history_exists")[0]["present"])
+
+    def _applied(self) -> dict[str, dict[str, Any]]:
+        if not self._has_history():
+            return {}
+        return {row["migration"]: row for row in self._rows("applied_migrations")}
+
+    def _installed(self) -> dict[tuple[str, str], dict[str, Any]]:
+        # An empty search_path makes names and digests independent of the
+        # session's path. Set in a transaction (or a savepoint of the
+        # migration's) that is rolled back, so it never leaks into a file.
+        with self._conn.transaction(force_rollback=True):
+            self._exec("pin_search_path")
+            rows = self._rows("installed_definitions")
+        return {(r["kind"], r["object_name"]): r for r in rows}
+
+    def _recorded(self) -> dict[tuple[str, str], str]:
+        return {
+            (r["kind"], r["object_name"]): r["digest"] for r in self._rows("recorded_definitions")
+        }
+
+    def _definition_problems(self) -> list[DefinitionProblem]:
+        recorded = self._recorded()
+        installed = self._installed()
+        problems = []
+        for key in sorted(recorded.keys() | installed.keys()):
+            kind, name = key
+            now = installed.get(key)
+            if now is None:
+                problems.append(DefinitionProblem(kind, name, "missing"))
+            elif key not in recorded:
+                problems.append(DefinitionProblem(kind, name, "unexpected"))
+            elif now["digest"] != recorded[key]:
+                disabled = now["enabled"] is False
+                problems.append(
+                    DefinitionProblem(kind, name, "disabled" if disabled else "changed")
+                )
+        return problems
+
+    def status(self) -> Status:
+        """Applied, pending and changed files; installed definitions against the record."""
+        with self._translated():
+            migrations = discover(self.directory)
+            applied = self._applied()
+            files = []
+            for m in migrations:
+                row = applied.get(m.name)
+                if row is None:
+                    files.append(FileStatus(m.name, FileState.PENDING))
+                else:
+                    state = FileState.APPLIED if row["sha256"] == m.sha256 else FileState.CHANGED
+                    files.append(FileStatus(m.name, state, row["applied_at"]))
+            known = {m.name for m in migrations}
+            files += [
+                FileStatus(name, FileState.UNKNOWN, row["applied_at"])
+                for name, row in applied.items()
+                if name not in known
+            ]
+            recorded = bool(applied)
+            return Status(
+                files=sorted(files, key=lambda f: f.name),
+                adoptable=not recorded and bool(self._rows("machine_sync_present")[0]["present"]),
+                definitions_recorded=recorded,
+                definition_problems=self._definition_problems() if recorded else [],
+            )
+
+    def plan(self, *, force: bool = False) -> Plan:
+        """What :meth:`apply` would run; raises what apply would raise."""
+        with self._translated():
+            return self._plan(discover(self.directory), force=force)
+
+    def _plan(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
+        applied = self._applied()
+        adopting = not applied and bool(self._rows("machine_sync_present")[0]["present"])
+        changed = [
+            m.name
+            for m in migrations
+            if m.name in applied and applied[m.name]["sha256"] != m.sha256
+        ]
+        if changed and not force:
+            raise ChecksumMismatch(
+                f"already applied, but edited since: {', '.join(changed)}. Put the change in a new "
+                f"migration, or re-apply the edited file with `{RESTORE_COMMAND}`",
+                changed,
+            )
+        steps = []
+        for m in migrations:
+            if m.name in applied:
+                if force:
+                    steps.append(Step(m, "reapply"))
+            else:
+                steps.append(Step(m, "adopt" if adopting else "apply"))
+        return Plan(steps, adopting)
+
+    # -- writing ------------------------------------------------------------
+
+    def apply(self, *, force: bool = False, dry_run: bool = False) -> Plan:
+        """Run every pending file in order (every file with ``force``); returns the plan run.
+
+        ``force`` also re-applies edited files and restores changed definitions.
+        ``dry_run`` only plans: nothing is locked, created or run.
+        """
+        with self._translated():
+            migrations = discover(self.directory)
+            if dry_run:
+                return self._plan(migrations, force=force)
+            with self._locked():
+                self._exec("runner_bootstrap")
+                plan = self._plan(migrations, force=force)
+                if plan.adopting:
+                    self._echo(
+                        "machine-sync is installed but the runner never ran here (psql?): "
+                        "adopting it by re-running the idempotent files"
+                    )
+                if not plan.steps:
+                    self._echo("nothing to apply: every migration is applied")
+                for index, step in enumerate(plan.steps, 1):
+                    self._run_file(
+                        step.migration.name,
+                        step.migration.path,
+                        f"[{index}/{len(plan.steps)}] {step.action}",
+                        record=partial(
+                            self._exec,
+                            "record_migration",
+                            migration=step.migration.name,
+                            sha256=step.migration.sha256,
+                        ),
+                    )
+                if plan.steps:
+                    self._record_shipped()
+                problems = self._definition_problems()
+                if problems:
+                    self._echo(
+                        "warning: "
+                        + "; ".join(str(p) for p in problems)
+                        + f". `{RESTORE_COMMAND}` restores the shipped definitions"
+                    )
+                return plan
+
+    def down(self, steps: int = 1, *, dry_run: bool = False) -> list[str]:
+        """Revert the last ``steps`` applied files with ``down/<same name>``; their names."""
+        if steps < 1:
+            raise InvalidArgument(f"steps must be at least 1, got {steps}")
+        with self._translated():
+            discover(self.directory)  # the folder must exist
+            if dry_run:
+                return self._down_targets(steps)
+            with self._locked():
+                targets = self._down_targets(steps)
+                for index, name in enumerate(targets, 1):
+                    self._run_file(
+                        name,
+                        self.directory / "down" / name,
+                        f"[{index}/{len(targets)}] revert",
+                        record=partial(self._exec, "forget_migration", migration=name),
+                    )
+                self._record_shipped()
+                return targets
+
+    def _down_targets(self, steps: int) -> list[str]:
+        applied = sorted(self._applied(), reverse=True)
+        if not applied:
+            raise MigrationError(
+                "nothing to revert: the runner has no record of applied migrations here "
+                "(a psql-migrated database is adopted by `machine-sync migrate apply` first)"
+            )
+        if steps > len(applied):
+            raise MigrationError(
+                f"cannot revert {steps} migrations: only {len(applied)} are applied"
+            )
+        targets = applied[:steps]
+        missing = [n for n in targets if not (self.directory / "down" / n).is_file()]
+        if missing:
+            raise MigrationsNotFound(
+                "no revert file for " + ", ".join(str(self.directory / "down" / n) for n in missing)
+            )
+        return targets
+
+    def _exec(self, name: str, **params: Any) -> None:
+        named = query(name)
+        self._conn.execute(named.text, named.bind(**params) or None)
+
+    def _body(self, migration_name: str, path: Path) -> str:
+        return transaction_body(migration_name, path.read_text(encoding="utf-8"))
+
+    def _run_file(self, name: str, path: Path, label: str, record: Callable[[], None]) -> None:
+        body = self._body(name, path)
+
+        def work() -> None:
+            # The file's statements as they are, sent as one simple query (no
+            # parameters); the file ships with the package, like queries.sql.
+            self._conn.execute(body)
+            if self._conn.info.transaction_status != TransactionStatus.INTRANS:
+                raise MigrationError(
+                    f"{name} ends its transaction before its last line; the runner "
+                    "cannot record it atomically (keep one BEGIN; ... COMMIT; per file)"
+                )
+            record()
+
+        self._echo(f"{label} {name} ...")
+        started = time.monotonic()
+        self._transaction(name, work, commit=True)
+        self._echo(f"  done in {time.monotonic() - started:.2f} s")
+
+    def _record_shipped(self) -> None:
+        """Record the definitions the applied files create, by replaying them."""
+        applied = self._applied()
+        replay = [m for m in discover(self.directory) if m.name in applied]
+        bodies = [self._body(m.name, m.path) for m in replay]
+        shipped: dict[tuple[str, str], dict[str, Any]] = {}
+
+        def capture() -> None:
+            for body in bodies:
+                self._conn.execute(body)
+            shipped.update(self._installed())
+
+        self._echo("recording the shipped definitions (replay, rolled back) ...")
+        self._transaction(
+            "replaying the applied migrations to record their definitions", capture, commit=False
+        )
+
+        def record() -> None:
+            self._exec("clear_definitions")
+            named = query("record_definition")
+            with self._conn.cursor() as cur:
+                cur.executemany(
+                    named.text,
+                    [
+                        named.bind(kind=kind, object_name=name, digest=row["digest"])
+                        for (kind, name), row in sorted(shipped.items())
+                    ],
+                )
+
+        self._transaction("recording the shipped definitions", record, commit=True)
+
+    def _transaction(self, what: str, work: Callable[[], None], *, commit: bool) -> None:
+        """Run ``work`` in one transaction; retry it when a table is busy (55P03)."""
+        for attempt in range(1, self._retries + 2):
+            try:
+                self._conn.execute("BEGIN")
+                self._exec("set_lock_timeout", lock_timeout=self._lock_timeout)
+                work()
+                self._conn.execute("COMMIT" if commit else "ROLLBACK")
+                return
+            except psycopg.errors.LockNotAvailable as exc:
+                self._rollback()
+                if attempt > self._retries:
+                    raise MigrationFailed(
+                        f"{what}: a table it locks stayed busy through {attempt} attempts "
+                        f"({describe(exc)}); it was rolled back each time. Find the long "
+                        "transaction in pg_stat_activity, or try again later",
+                        migration=what,
+                        sqlstate=exc.sqlstate,
+                    ) from exc
+                delay = self._retry_delay * attempt
+                self._echo(
+                    f"  a table is busy ({describe(exc)}); rolled back, retry "
+                    f"{attempt}/{self._retries} in {delay:g} s"
+                )
+                time.sleep(delay)
+            except psycopg.Error as exc:
+                self._rollback()
+                error = translate(exc)
+                if isinstance(error, DatabaseUnreachable):
+                    raise error from exc
+                raise MigrationFailed(
+                    f"{what} failed and was rolled back: {describe(exc)} (SQLSTATE {exc.sqlstate})",
+                    migration=what,
+                    sqlstate=exc.sqlstate,
+                ) from exc
+            except BaseException:
+                self._rollback()
+                raise
+
+    def _rollback(self) -> None:
+        if self._conn.closed:
+            return
+        if self._conn.info.transaction_status != TransactionStatus.IDLE:
+            self._conn.execute("ROLLBACK")
+
+    # -- the lock -----------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        deadline = time.monotonic() + self._lock_wait
+        announced = False
+        while not self._rows("try_migration_lock")[0]["acquired"]:
+            holder = self._holder()
+            if time.monotonic() >= deadline:
+                raise MigrationLocked(
+                    f"another migration runner holds the lock ({holder}); gave up after "
+                    f"{self._lock_wait:g} s. Let it finish, or raise --lock-wait"
+                )
+            if not announced:
+                self._echo(f"waiting for the migration lock held by {holder} ...")
+                announced = True
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        try:
+            yield
+        finally:
+            if not self._conn.closed:
+                self._rollback()
+                self._exec("release_migration_lock")
+
+    def _holder(self) -> str:
+        rows = self._rows("migration_lock_holder")
+        if not rows:
+            return "a session that just released it"
+        row = rows[0]
+        who = row["application_name"] or "unnamed client"
+        since = row["backend_start"]
+        return f"backend pid {row['pid']}, {who}, user {row['user_name']}" + (
+            f", connected since {since:%Y-%m-%d %H:%M:%S %Z}" if since else ""
+        )
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
+        except MachineSyncError:
+            raise
+        except psycopg.Error as exc:
+            raise translate(exc) from exc

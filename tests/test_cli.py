@@ -1,0 +1,269 @@
+"""The machine-sync command line: each command against a real PostgreSQL, and
+one clear line plus the documented exit code for each bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from typer.testing import CliRunner
+
+from machine_sync._queries import query
+from machine_sync.cli import ExitCode, app
+from machine_sync.resources import migrations_dir
+from machine_sync.runner import RESTORE_COMMAND
+
+from machines import add_machine
+
+SHIPPED = sorted(p.name for p in migrations_dir().glob("[0-9]*_*.sql"))
+UNREACHABLE = "host=127.0.0.1 port=1 connect_timeout=2"
+
+
+def run(*args: str, dsn: str | None = None) -> Any:
+    """Invoke the command line in-process, with DATABASE_URL set to ``dsn`` (or unset)."""
+    return CliRunner().invoke(app, list(args), env={"DATABASE_URL": dsn})
+
+
+def assert_one_error_line(result: Any, code: ExitCode, *words: str, progress: bool = False) -> None:
+    """Exit ``code`` and one line on stderr naming ``words``; stdout empty unless progress."""
+    assert result.exit_code == code, (result.stdout, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("machine-sync: error: ")
+    for word in words:
+        assert word in lines[0]
+    if not progress:
+        assert result.stdout == ""
+
+
+def test_help_lists_every_command():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in ("migrate", "drift", "reconcile", "mode", "status", "demo", "bench"):
+        assert command in result.stdout
+    migrate = run("migrate", "--help")
+    for command in ("apply", "status", "plan", "down"):
+        assert command in migrate.stdout
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("machine-sync ")
+
+
+# -- bad input: one line, the right exit code ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "dsn", "code", "words"),
+    [
+        (["drift"], None, ExitCode.BAD_INPUT, ["no database given", "DATABASE_URL"]),
+        (["drift", "--dsn", "garbage"], None, ExitCode.BAD_INPUT, ["invalid --dsn", "garbage"]),
+        (
+            ["status", "--dsn", "postgresql://localhost:notaport/x"],
+            None,
+            ExitCode.BAD_INPUT,
+            ["invalid --dsn", "'notaport' is not a number"],
+        ),
+        (["reconcile"], UNREACHABLE, ExitCode.UNREACHABLE, ["cannot connect", "port 1"]),
+        (["migrate", "status"], UNREACHABLE, ExitCode.UNREACHABLE, ["cannot connect"]),
+        (["mode", "lenient"], UNREACHABLE, ExitCode.BAD_INPUT, ["invalid mode 'lenient'"]),
+        (["status", "nope"], UNREACHABLE, ExitCode.BAD_INPUT, ["MACHINE_ID must be a UUID"]),
+    ],
+    ids=["no-dsn", "garbage-dsn", "bad-url", "unreachable", "unreachable-migrate", "mode", "uuid"],
+)
+def test_bad_input_without_a_database(args, dsn, code, words):
+    assert_one_error_line(run(*args, dsn=dsn), code, *words)
+
+
+def test_errors_that_need_the_database(db, empty_db, tmp_path):
+    missing_db = db.cluster.server.dsn_for("no_such_database")
+    assert_one_error_line(run("drift", dsn=missing_db), ExitCode.UNREACHABLE, "no_such_database")
+    unknown = uuid.uuid4()
+    assert_one_error_line(
+        run("status", str(unknown), dsn=db.dsn), ExitCode.FAILED, str(unknown), "does not exist"
+    )
+    assert_one_error_line(
+        run("migrate", "apply", "--migrations-dir", str(tmp_path / "gone"), dsn=db.dsn),
+        ExitCode.BAD_INPUT,
+        "gone does not exist",
+    )
+    assert_one_error_line(
+        run("drift", dsn=empty_db.dsn), ExitCode.FAILED, "not installed", "migrate apply"
+    )
+    assert_one_error_line(run("migrate", "down", dsn=db.dsn), ExitCode.FAILED, "nothing to revert")
+
+
+def test_usage_errors_exit_2():
+    result = run("migrate", "down", "--steps", "0", dsn=UNREACHABLE)
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert "--steps" in result.stderr
+
+
+# -- migrate ----------------------------------------------------------------------
+
+
+def test_migrate_plan_apply_status_down(empty_db):
+    dsn = empty_db.dsn
+    plan = run("migrate", "plan", "--json", dsn=dsn)
+    assert plan.exit_code == 0
+    assert json.loads(plan.stdout) == {
+        "adopting": False,
+        "steps": [{"name": n, "action": "apply"} for n in SHIPPED],
+    }
+    dry = run("migrate", "apply", "--dry-run", dsn=dsn)
+    assert dry.stdout.splitlines() == [f"would apply {n}" for n in SHIPPED]
+    before = run("migrate", "status", dsn=dsn)
+    assert before.exit_code == ExitCode.FINDING
+    assert "pending" in before.stdout
+    assert "not up to date" in before.stdout
+
+    applied = run("migrate", "apply", dsn=dsn)
+    assert applied.exit_code == 0, applied.stderr
+    for index, name in enumerate(SHIPPED, 1):
+        assert f"[{index}/{len(SHIPPED)}] apply {name} ..." in applied.stdout
+    status = run("migrate", "status", "--json", dsn=dsn)
+    assert status.exit_code == 0
+    report = json.loads(status.stdout)
+    assert report["up_to_date"] is True
+    assert [f["state"] for f in report["files"]] == ["applied"] * len(SHIPPED)
+    assert "up to date" in run("migrate", "status", dsn=dsn).stdout
+
+    assert run("migrate", "down", "--dry-run", dsn=dsn).stdout == f"would revert {SHIPPED[-1]}\n"
+    down = run("migrate", "down", dsn=dsn)
+    assert down.exit_code == 0
+    assert f"revert {SHIPPED[-1]}" in down.stdout
+    assert run("migrate", "status", dsn=dsn).exit_code == ExitCode.FINDING
+
+
+def test_adopting_a_psql_migrated_database(db):
+    result = run("migrate", "apply", dsn=db.dsn)
+    assert result.exit_code == 0
+    assert "adopting" in result.stdout
+    assert [f"adopt {n} ..." in result.stdout for n in SHIPPED] == [True] * len(SHIPPED)
+
+
+def test_edited_file_is_refused_and_named(empty_db, tmp_path):
+    folder = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), folder)
+    assert run("migrate", "apply", "--migrations-dir", str(folder), dsn=empty_db.dsn).exit_code == 0
+    edited = folder / SHIPPED[0]
+    edited.write_text(edited.read_text() + "\n-- edited\n")
+    refused = run("migrate", "apply", "--migrations-dir", str(folder), dsn=empty_db.dsn)
+    assert_one_error_line(refused, ExitCode.FAILED, SHIPPED[0], "edited since", "--force")
+    forced = run("migrate", "apply", "--force", "--migrations-dir", str(folder), dsn=empty_db.dsn)
+    assert forced.exit_code == 0
+    assert f"reapply {SHIPPED[0]}" in forced.stdout
+
+
+def test_status_reports_a_hand_edited_function(db, conn):
+    assert run("migrate", "apply", dsn=db.dsn).exit_code == 0
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text LANGUAGE sql "
+        "SET search_path = '' AS $$ SELECT 'strict'::text $$"
+    )
+    status = run("migrate", "status", dsn=db.dsn)
+    assert status.exit_code == ExitCode.FINDING
+    assert "function machine_sync.mode() was changed" in status.stdout
+    assert f"restore the shipped definitions with: {RESTORE_COMMAND}" in status.stdout
+    assert run("migrate", "apply", "--force", dsn=db.dsn).exit_code == 0
+    assert run("migrate", "status", dsn=db.dsn).exit_code == 0
+
+
+def test_a_second_deployer_fails_cleanly_while_the_lock_is_held(db, conn):
+    with db.connect(application_name="first deployer") as holder:
+        assert holder.execute(query("try_migration_lock").text).fetchone() == (True,)
+        result = run("migrate", "apply", "--lock-wait", "0.1", dsn=db.dsn)
+    assert_one_error_line(
+        result, ExitCode.FAILED, "first deployer", "gave up after 0.1 s", progress=True
+    )
+    assert result.stdout.startswith("waiting for the migration lock held by backend pid")
+
+
+# -- drift, reconcile, mode, status ------------------------------------------------
+
+
+def test_drift_then_reconcile(db, conn):
+    assert run("drift", dsn=db.dsn).stdout.startswith("no drift")
+    machine_id = add_machine(conn, status="idle")
+    conn.execute("SET session_replication_role = replica")
+    conn.execute(
+        "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
+    )
+    conn.execute("SET session_replication_role = origin")
+    found = run("drift", dsn=db.dsn)
+    assert found.exit_code == ExitCode.FINDING
+    assert str(machine_id) in found.stdout
+    assert "status_case" in found.stdout
+    as_json = run("drift", "--json", dsn=db.dsn)
+    assert as_json.exit_code == ExitCode.FINDING
+    [row] = json.loads(as_json.stdout)
+    assert (row["machine_id"], row["problem"]) == (str(machine_id), "status_case")
+    repaired = run("reconcile", "--json", dsn=db.dsn)
+    assert json.loads(repaired.stdout) == {"repaired": 1}
+    assert run("drift", dsn=db.dsn).exit_code == 0
+
+
+def test_mode_show_and_set(db):
+    assert run("mode", dsn=db.dsn).stdout == "compat\n"
+    changed = run("mode", " Strict ", dsn=db.dsn)
+    assert changed.stdout == "mode: strict (was compat)\n"
+    assert json.loads(run("mode", "--json", dsn=db.dsn).stdout) == {
+        "mode": "strict",
+        "previous": "strict",
+    }
+
+
+def test_status_of_all_machines_and_of_one(db, conn):
+    first = add_machine(conn, status="idle", serial_number="SN-ONE")
+    add_machine(conn, status="offline", serial_number="SN-TWO", failure_description="[red]x")
+    table = run("status", dsn=db.dsn)
+    assert table.exit_code == 0
+    assert "SN-ONE" in table.stdout
+    assert "[red]x" in table.stdout  # shown as text, not rich markup
+    assert str(first) in table.stdout  # never cut short
+    assert "2 machine(s)" in table.stdout
+    one = json.loads(run("status", str(first), "--json", dsn=db.dsn).stdout)
+    assert (one["id"], one["status"], one["state"]["current_state"]) == (str(first), "idle", "idle")
+    every = json.loads(run("status", "--json", dsn=db.dsn).stdout)
+    assert [m["serial_number"] for m in every] == ["SN-ONE", "SN-TWO"]
+
+
+# -- the installed console script -----------------------------------------------------
+
+
+def test_console_script_exit_codes(db):
+    script = Path(sys.executable).with_name("machine-sync")
+    assert script.is_file(), "the machine-sync script is installed beside python"
+    ok = subprocess.run(
+        [script, "mode", "--dsn", db.dsn], capture_output=True, text=True, check=False
+    )
+    assert (ok.returncode, ok.stdout) == (0, "compat\n")
+    down = subprocess.run(
+        [script, "drift"],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"DATABASE_URL": UNREACHABLE},
+    )
+    assert down.returncode == ExitCode.UNREACHABLE
+    assert down.stderr.startswith("machine-sync: error: cannot connect to the database")
+    assert len(down.stderr.splitlines()) == 1
+
+
+def test_missing_privilege_is_one_line_not_a_psycopg_traceback(db, conn):
+    role = f"t_reader_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{role}" LOGIN')  # the test servers trust local logins
+    try:
+        result = run("drift", dsn=psycopg.conninfo.make_conninfo(db.dsn, user=role))
+        assert_one_error_line(result, ExitCode.FAILED, "permission denied", "drift")
+    finally:
+        conn.execute(f'DROP ROLE "{role}"')

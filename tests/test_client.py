@@ -1,0 +1,754 @@
+"""The sync client against a real PostgreSQL: every operation, every transition
+rule, races, error translation and the number of round trips."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg_pool import ConnectionPool
+
+from client_support import assert_matches_store, pgbouncer, round_trips, wait_until_blocked
+from machine_sync._queries import parse, queries
+from machine_sync.client import Client
+from machine_sync.errors import (
+    ConcurrentUpdate,
+    DatabaseUnreachable,
+    DirectWriteRefused,
+    InvalidArgument,
+    InvalidStatus,
+    InvalidTransition,
+    MachineBusy,
+    NotCurrentProcess,
+    PermissionDenied,
+    UnknownMachine,
+    translate,
+)
+
+from machines import add_machine, assert_consistent, machine, state
+
+
+@pytest.fixture
+def client(conn: psycopg.Connection[Any]) -> Client:
+    return Client(conn)
+
+
+def snapshot(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> tuple[Any, Any]:
+    return machine(conn, machine_id), state(conn, machine_id)
+
+
+def start(
+    conn: psycopg.Connection[Any], client: Client, status: str = "idle"
+) -> tuple[uuid.UUID, uuid.UUID]:
+    machine_id = add_machine(conn, status=status)
+    process = uuid.uuid4()
+    client.start_process(machine_id, process)
+    return machine_id, process
+
+
+# -- start_process ----------------------------------------------------------
+
+
+def test_start_from_idle_or_offline(conn, client):
+    for initial in ("idle", "offline"):
+        machine_id = add_machine(conn, status=initial)
+        process = uuid.uuid4()
+        result = client.start_process(machine_id, str(process))  # a str id works too
+        assert (result.status, result.current_process_id) == ("processing", process)
+        assert result.state is not None
+        assert (result.state.current_state, result.state.process_id) == ("processing", process)
+        assert result.state.is_failure_mode is False
+        assert_matches_store(conn, result)
+    assert_consistent(conn)
+
+
+def test_start_on_processing_machine_is_busy_and_names_the_run(conn, client):
+    machine_id, running = start(conn, client)
+    before = snapshot(conn, machine_id)
+    intruder = uuid.uuid4()
+    with pytest.raises(MachineBusy) as caught:
+        client.start_process(machine_id, intruder)
+    err = caught.value
+    assert (err.status, err.process_id, err.machine_id) == ("processing", running, machine_id)
+    assert str(running) in str(err)
+    assert str(intruder) in str(err)
+    assert snapshot(conn, machine_id) == before
+
+
+def test_start_refused_from_error_or_maintenance(conn, client):
+    for initial in ("error", "maintenance"):
+        machine_id = add_machine(conn, status=initial)
+        with pytest.raises(InvalidTransition) as caught:
+            client.start_process(machine_id, uuid.uuid4())
+        assert not isinstance(caught.value, MachineBusy)
+        assert caught.value.status == initial
+        assert f"it is {initial}" in str(caught.value)
+        assert "idle or offline" in str(caught.value)
+        assert machine(conn, machine_id)["status"] == initial
+
+
+# -- complete_process / stop_process ----------------------------------------
+
+
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_complete_or_stop_the_current_run(conn, client, operation):
+    machine_id, process = start(conn, client)
+    result = getattr(client, operation)(machine_id, process)
+    assert (result.status, result.current_process_id) == ("idle", None)
+    assert result.state is not None
+    assert (result.state.current_state, result.state.process_id) == ("idle", None)
+    assert_matches_store(conn, result)
+    assert_consistent(conn)
+
+
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_complete_or_stop_of_another_run_is_refused(conn, client, operation):
+    machine_id, current = start(conn, client)
+    stale_run = uuid.uuid4()
+    before = snapshot(conn, machine_id)
+    with pytest.raises(NotCurrentProcess) as caught:
+        getattr(client, operation)(machine_id, stale_run)
+    assert (caught.value.status, caught.value.process_id) == ("processing", current)
+    assert str(stale_run) in str(caught.value)
+    assert snapshot(conn, machine_id) == before
+
+
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_complete_or_stop_needs_a_running_process(conn, client, operation):
+    for initial in ("idle", "offline", "error", "maintenance"):
+        machine_id = add_machine(conn, status=initial)
+        with pytest.raises(NotCurrentProcess) as caught:
+            getattr(client, operation)(machine_id, uuid.uuid4())
+        assert caught.value.status == initial
+        assert "no current process" in str(caught.value)
+
+
+def test_late_completion_of_an_old_run_does_not_end_the_new_one(conn, client):
+    machine_id, first = start(conn, client)
+    client.stop_process(machine_id, first)
+    second = uuid.uuid4()
+    client.start_process(machine_id, second)
+    with pytest.raises(NotCurrentProcess):
+        client.complete_process(machine_id, first)
+    assert machine(conn, machine_id)["current_process_id"] == second
+
+
+# -- fail_process -----------------------------------------------------------
+
+
+def test_fail_from_any_status(conn, client):
+    for initial in ("idle", "offline", "maintenance", "error"):
+        machine_id = add_machine(conn, status=initial)
+        component = uuid.uuid4()
+        result = client.fail_process(machine_id, "Recipe execution error: valve", component)
+        assert (result.status, result.current_process_id) == ("error", None)
+        assert (result.failure_description, result.failure_component) == (
+            "Recipe execution error: valve",
+            component,
+        )
+        assert result.state is not None
+        assert result.state.is_failure_mode is True
+        assert result.state.failure_description == "Recipe execution error: valve"
+        assert_matches_store(conn, result)
+    running, _process = start(conn, client)
+    assert client.fail_process(running, "stalled").current_process_id is None
+    assert_consistent(conn)
+
+
+def test_fail_of_the_current_run(conn, client):
+    machine_id, process = start(conn, client)
+    result = client.fail_process(machine_id, "pump stalled", process_id=process)
+    assert (result.status, result.current_process_id, result.failure_component) == (
+        "error",
+        None,
+        None,
+    )
+    assert_matches_store(conn, result)
+
+
+def test_fail_of_another_run_is_refused(conn, client):
+    machine_id, process = start(conn, client)
+    with pytest.raises(NotCurrentProcess) as caught:
+        client.fail_process(machine_id, "late error", process_id=uuid.uuid4())
+    assert caught.value.process_id == process
+    assert machine(conn, machine_id)["status"] == "processing"
+
+
+def test_failing_again_keeps_state_since_and_replaces_the_message(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    first = client.fail_process(machine_id, "first")
+    second = client.fail_process(machine_id, "second")
+    assert first.state is not None
+    assert second.state is not None
+    assert second.state.state_since == first.state.state_since
+    assert second.failure_description == "second"
+    assert_matches_store(conn, second)
+
+
+# -- set_status -------------------------------------------------------------
+
+
+def test_set_status_normalizes_and_clears_the_process(conn, client):
+    machine_id, _process = start(conn, client)
+    result = client.set_status(machine_id, "  MAINTENANCE ")
+    assert (result.status, result.current_process_id) == ("maintenance", None)
+    assert_matches_store(conn, result)
+    assert_consistent(conn)
+
+
+def test_leaving_error_clears_the_failure(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    client.fail_process(machine_id, "broken", uuid.uuid4())
+    result = client.set_status(machine_id, "idle")
+    assert (result.failure_description, result.failure_component) == (None, None)
+    assert result.state is not None
+    assert (result.state.is_failure_mode, result.state.failure_description) == (False, None)
+    assert_matches_store(conn, result)
+
+
+def test_same_status_keeps_state_since(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    first = client.set_status(machine_id, "offline")
+    again = client.set_status(machine_id, "offline")
+    assert first.state is not None
+    assert again.state is not None
+    assert again.state.state_since == first.state.state_since
+    assert_matches_store(conn, again)
+
+
+def test_set_status_refuses_statuses_that_need_more(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    for status, advice in (
+        ("processing", "start_process"),
+        ("running", "start_process"),
+        ("Error", "fail_process"),
+    ):
+        with pytest.raises(InvalidTransition) as caught:
+            client.set_status(machine_id, status)
+        assert advice in str(caught.value)
+        assert machine(conn, machine_id)["status"] == "idle"
+
+
+def test_unknown_status_is_invalid_and_names_the_allowed_ones(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    with pytest.raises(InvalidStatus) as caught:
+        client.set_status(machine_id, "exploded")
+    assert caught.value.sqlstate == "23514"
+    assert "'exploded'" in str(caught.value)
+    assert "idle, maintenance, offline" in str(caught.value)
+    assert isinstance(caught.value.__cause__, psycopg.errors.CheckViolation)
+    assert machine(conn, machine_id)["status"] == "idle"
+
+
+def test_operator_added_status_can_be_set(conn, client):
+    conn.execute("INSERT INTO machine_sync.allowed_status VALUES ('calibrating', 'Calibrating.')")
+    machine_id = add_machine(conn, status="idle")
+    result = client.set_status(machine_id, "Calibrating")
+    assert result.status == "calibrating"
+    with pytest.raises(InvalidTransition):
+        client.start_process(machine_id, uuid.uuid4())
+
+
+# -- unknown machines and bad arguments --------------------------------------
+
+
+UNKNOWN_MACHINE_CALLS = [
+    lambda c, m: c.start_process(m, uuid.uuid4()),
+    lambda c, m: c.complete_process(m, uuid.uuid4()),
+    lambda c, m: c.stop_process(m, uuid.uuid4()),
+    lambda c, m: c.fail_process(m, "x"),
+    lambda c, m: c.set_status(m, "idle"),
+    lambda c, m: c.get(m),
+]
+
+
+def test_unknown_machine(client):
+    for call in UNKNOWN_MACHINE_CALLS:
+        missing = uuid.uuid4()
+        with pytest.raises(UnknownMachine) as caught:
+            call(client, missing)
+        assert caught.value.machine_id == missing
+        assert str(missing) in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda c: c.start_process("not-a-uuid", uuid.uuid4()), "machine_id must be a UUID"),
+        (lambda c: c.start_process(uuid.uuid4(), 42), "process_id must be a UUID"),
+        (lambda c: c.fail_process(uuid.uuid4(), "  "), "non-empty message"),
+        (lambda c: c.fail_process(uuid.uuid4(), "x", "pump"), "component must be a UUID"),
+        (lambda c: c.set_status(uuid.uuid4(), None), "status must be a string"),
+    ],
+    ids=["machine", "process", "message", "component", "status"],
+)
+def test_bad_arguments(call, words):
+    # Refused before any I/O: the pool is never even opened.
+    with pytest.raises(InvalidArgument) as caught:
+        call(Client(ConnectionPool("", open=False)))
+    assert words in str(caught.value)
+
+
+def test_client_refuses_an_async_connection():
+    with pytest.raises(TypeError, match="AsyncClient"):
+        Client(object())  # type: ignore[arg-type]
+
+
+def test_query_file_placeholders():
+    [named] = parse(
+        "-- name: example\n-- What it does.\n"
+        "SELECT ':no', \"x:no\", $$:no$$, $q$:no$q$, 1::int, :yes, 5 % 2 -- :no\n"
+    ).values()
+    assert named.description == "What it does."
+    assert named.params == {"yes"}
+    assert "%(yes)s" in named.text
+    assert "5 %% 2" in named.text  # psycopg reads % as a placeholder when given parameters
+    assert named.text.count("%(") == 1
+    with pytest.raises(TypeError, match=r"takes \['yes'\], got \['typo'\]"):
+        named.bind(typo=1)
+    [plain] = parse("-- name: plain\nSELECT '100%'").values()
+    assert plain.text == "SELECT '100%'"  # sent without parameters: left alone
+
+
+def test_every_shipped_query_parses():
+    for name, named in queries().items():
+        assert named.description, name
+        assert named.text.strip(), name
+
+
+# -- the mirrored values come from the same statement ------------------------
+
+
+def test_state_since_follows_the_stored_row_even_with_legacy_spelling(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    long_ago = machine(conn, machine_id)["updated_at"] - timedelta(days=3)
+    # Bypass the triggers to leave the kind of row production had: 'IDLE'.
+    conn.execute("SET session_replication_role = replica")
+    conn.execute(
+        "UPDATE machine_state SET current_state = 'IDLE', state_since = %s WHERE machine_id = %s",
+        [long_ago, machine_id],
+    )
+    conn.execute("SET session_replication_role = origin")
+    result = client.set_status(machine_id, "idle")
+    assert result.state is not None
+    assert result.state.state_since == long_ago
+    assert_matches_store(conn, result)
+    assert_consistent(conn)
+
+
+def test_missing_state_row_is_recreated_and_reported(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    conn.execute("SET session_replication_role = replica")
+    conn.execute("DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
+    conn.execute("SET session_replication_role = origin")
+    assert client.get(machine_id).state is None
+    result = client.set_status(machine_id, "idle")
+    assert_matches_store(conn, result)
+    assert_consistent(conn)
+
+
+# -- reads and administration -----------------------------------------------
+
+
+def test_get_and_list_read_both_tables(conn, client):
+    first = add_machine(conn, status="idle", serial_number="SN-B")
+    second = add_machine(conn, status="offline", serial_number="SN-A")
+    process = uuid.uuid4()
+    written = client.start_process(first, process)
+    got = client.get(first)
+    assert got == written
+    listed = client.list()
+    assert [m.id for m in listed] == [second, first]  # by serial number
+    assert listed[1] == written
+    assert listed[0].state is not None
+    assert listed[0].state.current_state == "offline"
+
+
+def test_drift_reconcile_and_mode(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    assert client.drift() == []
+    conn.execute("SET session_replication_role = replica")
+    conn.execute(
+        "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
+    )
+    conn.execute("SET session_replication_role = origin")
+    [row] = client.drift()
+    assert (row.machine_id, row.problem, row.status, row.current_state) == (
+        machine_id,
+        "status_case",
+        "idle",
+        "IDLE",
+    )
+    assert client.reconcile() == 1
+    assert client.drift() == []
+    assert client.mode() == "compat"
+    change = client.set_mode(" STRICT ")
+    assert (change.previous, change.current) == ("compat", "strict")
+    assert client.mode() == "strict"
+    with pytest.raises(InvalidArgument, match="'compat' or 'strict'") as caught:
+        client.set_mode("lenient")
+    assert caught.value.sqlstate == "22023"
+
+
+def test_direct_write_refusal_is_translated(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    client.set_mode("strict")
+    with pytest.raises(psycopg.Error) as raw:
+        conn.execute(
+            "UPDATE machine_state SET current_state = 'error' WHERE machine_id = %s", [machine_id]
+        )
+    translated = translate(raw.value)
+    assert isinstance(translated, DirectWriteRefused)
+    assert translated.sqlstate == "MS001"
+    assert "write public.machines instead" in str(translated)
+
+
+def test_missing_privilege_is_permission_denied(db, conn):
+    role = f"t_nobody_{uuid.uuid4().hex[:8]}"
+    conn.execute(f'CREATE ROLE "{role}"')
+    machine_id = add_machine(conn, status="idle")
+    try:
+        with db.connect() as other:
+            other.execute(f'SET ROLE "{role}"')  # test setup only: the client sets nothing
+            with pytest.raises(PermissionDenied) as caught:
+                Client(other).set_status(machine_id, "offline")
+        assert "permission denied" in str(caught.value)
+    finally:
+        conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_service_role_gets_exact_results(db, conn):
+    """Supabase's service_role (BYPASSRLS) sees machine_state, so results are exact."""
+    machine_id = add_machine(conn, status="idle")
+    with db.connect() as service:
+        service.execute("SET ROLE service_role")
+        client = Client(service)
+        first = client.set_status(machine_id, "offline")
+        again = client.set_status(machine_id, "offline")
+    assert first.state is not None
+    assert again.state is not None
+    assert again.state.state_since == first.state.state_since
+    assert_matches_store(conn, again)
+
+
+# -- connections, pools, transactions ---------------------------------------
+
+
+def test_closed_connection_is_unreachable(db):
+    conn = db.connect()
+    conn.close()
+    with pytest.raises(DatabaseUnreachable, match="cannot reach the database"):
+        Client(conn).list()
+
+
+def test_pool_without_server_is_unreachable():
+    # Port 1 on localhost: nothing listens, the refusal is immediate.
+    with (
+        ConnectionPool("host=127.0.0.1 port=1 connect_timeout=1", min_size=1, timeout=0.3) as pool,
+        pytest.raises(DatabaseUnreachable),
+    ):
+        Client(pool).list()
+
+
+def test_pool(db, conn):
+    for autocommit in (True, False):
+        machine_id = add_machine(conn, status="idle")
+        kwargs = {"autocommit": autocommit}
+        with ConnectionPool(db.dsn, min_size=1, max_size=2, kwargs=kwargs) as pool:
+            client = Client(pool)
+            process = uuid.uuid4()
+            client.start_process(machine_id, process)
+            with pytest.raises(MachineBusy):
+                client.start_process(machine_id, uuid.uuid4())
+            assert client.get(machine_id).current_process_id == process
+        assert machine(conn, machine_id)["current_process_id"] == process  # committed
+
+
+def test_joins_the_callers_transaction(db, conn):
+    machine_id = add_machine(conn, status="idle")
+    with db.connect(autocommit=False) as tx:
+        client = Client(tx)
+        client.start_process(machine_id, uuid.uuid4())
+        assert client.get(machine_id).status == "processing"
+        tx.rollback()
+        assert client.get(machine_id).status == "idle"
+    assert machine(conn, machine_id)["status"] == "idle"
+
+
+def test_prepared_statements(db, conn):
+    machine_id = add_machine(conn, status="idle")
+    with db.connect(prepare_threshold=0) as prepared:
+        client = Client(prepared)
+        for _ in range(2):
+            process = uuid.uuid4()
+            client.start_process(machine_id, process)
+            client.complete_process(machine_id, process)
+        client.get(machine_id)
+        names = prepared.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE NOT from_sql"
+        ).fetchone()
+    assert names is not None
+    assert names[0] >= 2  # transition and get_machine ran as prepared statements
+    assert_consistent(conn)
+
+
+def test_through_pgbouncer_in_transaction_mode(db, conn):
+    """Two clients share one server connection: nothing may rely on session state."""
+    machine_id = add_machine(conn, status="idle")
+    with pgbouncer(db.dsn) as through:
+        # PgBouncer before 1.21 cannot carry prepared statements in this mode.
+        options = {"autocommit": True, "prepare_threshold": None}
+        with psycopg.connect(through, **options) as a, psycopg.connect(through, **options) as b:
+            first, second = Client(a), Client(b)
+            for _ in range(3):
+                process = uuid.uuid4()
+                started = first.start_process(machine_id, process)
+                with pytest.raises(MachineBusy):
+                    second.start_process(machine_id, uuid.uuid4())
+                failed = second.fail_process(machine_id, "x", process_id=process)
+                assert started.current_process_id == process
+                assert_matches_store(conn, failed)
+                assert first.set_status(machine_id, "idle").status == "idle"
+            assert second.get(machine_id).status == "idle"
+            assert len(first.list()) == 1
+    assert_consistent(conn)
+
+
+# -- round trips ------------------------------------------------------------
+
+
+OPERATIONS = {
+    "start_process": lambda c, m, p: c.start_process(m, p),
+    "complete_process": lambda c, m, p: c.complete_process(m, p),
+    "start_again": lambda c, m, p: c.start_process(m, p),
+    "stop_process": lambda c, m, p: c.stop_process(m, p),
+    "fail_process": lambda c, m, p: c.fail_process(m, "boom"),
+    "set_status": lambda c, m, p: c.set_status(m, "idle"),
+    "get": lambda c, m, p: c.get(m),
+    "list": lambda c, m, p: c.list(),
+}
+
+
+def test_each_operation_is_one_round_trip(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    process = uuid.uuid4()
+    counted = {}
+    for name, call in OPERATIONS.items():
+        with round_trips(conn) as trips:
+            call(client, machine_id, process)
+        counted[name] = trips.count
+    assert counted == dict.fromkeys(OPERATIONS, 1)
+
+
+def test_refusal_is_one_round_trip_too(conn, client):
+    machine_id, _process = start(conn, client)
+    with round_trips(conn) as trips, pytest.raises(MachineBusy):
+        client.start_process(machine_id, uuid.uuid4())
+    assert trips.count == 1
+
+
+def test_pool_round_trips(db, conn):
+    """One per call with an autocommit pool; psycopg adds BEGIN and COMMIT otherwise."""
+    machine_id = add_machine(conn, status="idle")
+    for autocommit, expected in ((True, 1), (False, 3)):
+        with ConnectionPool(
+            db.dsn, min_size=1, max_size=1, kwargs={"autocommit": autocommit}
+        ) as pool:
+            client = Client(pool)
+            with pool.connection() as pooled:
+                pass
+            with round_trips(pooled) as trips:
+                client.set_status(machine_id, "offline")
+            assert trips.count == expected, (autocommit, trips.statements)
+
+
+def test_one_top_level_statement_per_operation(db, conn, client):
+    """Cross-check with pg_stat_statements: one statement, nested trigger work aside."""
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        conn.execute("SELECT pg_stat_statements_reset()")
+    except psycopg.Error as exc:  # a server given by DSN may not preload it
+        pytest.skip(f"pg_stat_statements unavailable: {exc}")
+    machine_id = add_machine(conn, status="idle")
+    with db.connect() as measured:
+        measured_client = Client(measured)
+        pid = measured.info.backend_pid
+        process = uuid.uuid4()
+        conn.execute("SELECT pg_stat_statements_reset()")
+        measured_client.start_process(machine_id, process)
+        measured_client.complete_process(machine_id, process)
+        measured_client.fail_process(machine_id, "boom")
+        measured_client.set_status(machine_id, "idle")
+    assert pid
+    calls = conn.execute(
+        """
+        SELECT sum(calls)::int FROM pg_stat_statements
+        WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+          AND toplevel AND query NOT LIKE '%%pg_stat_statements%%'
+          AND query NOT LIKE 'INSERT INTO machines%%'
+        """
+    ).fetchone()
+    assert calls == (4,)
+
+
+# -- races ------------------------------------------------------------------
+
+
+def test_simultaneous_starts_from_threads_have_one_winner(db, conn):
+    machine_id = add_machine(conn, status="idle")
+    contenders = 8
+    barrier = threading.Barrier(contenders)
+    outcomes: dict[uuid.UUID, Any] = {}
+
+    def press_start(process: uuid.UUID) -> None:
+        with db.connect() as own:
+            client = Client(own)
+            barrier.wait()
+            try:
+                outcomes[process] = client.start_process(machine_id, process)
+            except MachineBusy as busy:
+                outcomes[process] = busy
+
+    threads = [
+        threading.Thread(target=press_start, args=(uuid.uuid4(),)) for _ in range(contenders)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [p for p, o in outcomes.items() if not isinstance(o, MachineBusy)]
+    assert len(winners) == 1
+    assert len(outcomes) == contenders
+    for process, outcome in outcomes.items():
+        if process != winners[0]:
+            assert outcome.process_id == winners[0]
+            assert str(winners[0]) in str(outcome)
+    assert machine(conn, machine_id)["current_process_id"] == winners[0]
+    assert_consistent(conn)
+
+
+@pytest.mark.parametrize("first_commits", [True, False])
+def test_loser_waits_for_the_winner_and_sees_its_commit(db, conn, first_commits):
+    machine_id = add_machine(conn, status="idle")
+    first, second = uuid.uuid4(), uuid.uuid4()
+    outcome: list[Any] = []
+    with db.connect(autocommit=False) as winner_conn, db.connect() as loser_conn:
+        Client(winner_conn).start_process(machine_id, first)  # row locked, not committed
+
+        def loser() -> None:
+            try:
+                outcome.append(Client(loser_conn).start_process(machine_id, second))
+            except MachineBusy as busy:
+                outcome.append(busy)
+
+        thread = threading.Thread(target=loser)
+        thread.start()
+        wait_until_blocked(conn, loser_conn.info.backend_pid)
+        if first_commits:
+            winner_conn.commit()
+        else:
+            winner_conn.rollback()
+        thread.join()
+    [result] = outcome
+    if first_commits:
+        assert isinstance(result, MachineBusy)
+        assert result.process_id == first
+    else:
+        assert not isinstance(result, MachineBusy)
+        assert result.current_process_id == second
+    assert_consistent(conn)
+
+
+def test_overtaken_write_that_keeps_the_status_is_resent_and_exact(db, conn):
+    """The `stale` path: the result's state_since is the winner's, as stored."""
+    machine_id = add_machine(conn, status="idle")
+    outcome: list[Any] = []
+    with db.connect(autocommit=False) as first_conn, db.connect() as second_conn:
+        first = Client(first_conn).fail_process(machine_id, "first")
+
+        def second() -> None:
+            with round_trips(second_conn) as trips:
+                outcome.append(Client(second_conn).fail_process(machine_id, "second"))
+            outcome.append(trips)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        wait_until_blocked(conn, second_conn.info.backend_pid)
+        first_conn.commit()
+        thread.join()
+    result, trips = outcome
+    assert trips.count == 2  # sent again once, after the first answer said `stale`
+    assert result.failure_description == "second"
+    assert first.state is not None
+    assert result.state.state_since == first.state.state_since
+    assert_matches_store(conn, result)
+
+
+def test_overtaken_write_that_changes_the_status_is_written_at_once(db, conn):
+    """A writer committed while this one waited; the status changes, so no resend."""
+    machine_id = add_machine(conn, status="idle")
+    outcome: list[Any] = []
+    with db.connect(autocommit=False) as first_conn, db.connect() as second_conn:
+        Client(first_conn).fail_process(machine_id, "first")
+
+        def second() -> None:
+            with round_trips(second_conn) as trips:
+                outcome.append(Client(second_conn).set_status(machine_id, "maintenance"))
+            outcome.append(trips)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        wait_until_blocked(conn, second_conn.info.backend_pid)
+        first_conn.commit()
+        thread.join()
+    result, trips = outcome
+    assert trips.count == 1
+    assert (result.status, result.failure_description) == ("maintenance", None)  # error left
+    assert_matches_store(conn, result)
+    assert_consistent(conn)
+
+
+def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
+    """Rollout hazard, pinned: a legacy machine_state write (compat) locks the state
+    row, then machines; a machines writer locks them the other way round. PostgreSQL
+    aborts one (40P01, after deadlock_timeout); nothing is half-applied."""
+    machine_id = add_machine(conn, status="idle")
+    legacy: list[Any] = []
+
+    def legacy_write() -> None:
+        with db.connect() as old:
+            try:
+                old.execute(
+                    "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+                    [machine_id],
+                )
+                legacy.append("written")
+            except psycopg.Error as exc:
+                legacy.append(translate(exc))
+
+    with db.connect(autocommit=False) as new:
+        # What the transition statement does first: lock the machine's row.
+        new.execute("SELECT FROM machines WHERE id = %s FOR NO KEY UPDATE", [machine_id])
+        thread = threading.Thread(target=legacy_write)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while conn.execute(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE machine_state%%'"
+        ).fetchone() == (0,):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        Client(new).set_status(machine_id, "offline")  # needs the state row: a cycle
+        new.commit()
+        thread.join()
+    [victim] = legacy
+    assert isinstance(victim, ConcurrentUpdate)
+    assert victim.sqlstate == "40P01"
+    assert "retry" in str(victim)
+    assert machine(conn, machine_id)["status"] == "offline"
+    assert_consistent(conn)

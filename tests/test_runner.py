@@ -1,0 +1,486 @@
+"""The migration runner against a real PostgreSQL: history, adoption of psql
+installs, checksum refusal, definition check, down/up, the deployers' lock and
+busy tables."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from machine_sync.errors import (
+    ChecksumMismatch,
+    InvalidArgument,
+    MigrationError,
+    MigrationFailed,
+    MigrationLocked,
+    MigrationsNotFound,
+)
+from machine_sync.resources import migrations_dir
+from machine_sync.runner import RESTORE_COMMAND, FileState, Runner, transaction_body
+
+from catalog import data, snapshot
+from machines import add_machine, assert_consistent
+
+SHIPPED = sorted(p.name for p in migrations_dir().glob("[0-9]*_*.sql"))
+
+
+def runner(conn: psycopg.Connection[Any], directory: Path | None = None, **options: Any) -> Runner:
+    options.setdefault("lock_wait", 5)
+    return Runner(conn, directory, **options)
+
+
+def history(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    return conn.execute(
+        "SELECT migration, sha256 FROM machine_sync_migrations.applied ORDER BY migration"
+    ).fetchall()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_migrations(tmp_path: Path) -> Path:
+    target = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), target)
+    return target
+
+
+def write_migrations(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A migrations folder of our own, for behaviour the shipped files cannot show."""
+    folder = tmp_path / "custom"
+    (folder / "down").mkdir(parents=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+# -- apply, record, adopt ---------------------------------------------------
+
+
+def test_apply_on_an_empty_database_records_every_file(empty_db):
+    lines: list[str] = []
+    with empty_db.connect() as conn:
+        plan = runner(conn, echo=lines.append).apply()
+        assert [s.migration.name for s in plan.steps] == SHIPPED
+        assert {s.action for s in plan.steps} == {"apply"}
+        assert history(conn) == [(n, sha256(migrations_dir() / n)) for n in SHIPPED]
+        assert any(line.startswith(f"[1/{len(SHIPPED)}] apply {SHIPPED[0]}") for line in lines)
+        assert sum("done in" in line for line in lines) == len(SHIPPED)
+        status = runner(conn).status()
+        assert status.up_to_date
+        assert [f.state for f in status.files] == [FileState.APPLIED] * len(SHIPPED)
+        again: list[str] = []
+        assert runner(conn, echo=again.append).apply().steps == []
+        assert again == ["nothing to apply: every migration is applied"]
+        assert_consistent(conn)
+
+
+SCHEMAS = "SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%'"
+
+
+def test_runner_and_psql_install_the_same_catalog(db, empty_db):
+    with empty_db.connect() as by_runner:
+        runner(by_runner).apply()
+        installed = snapshot(by_runner)
+        runner_schemas = set(by_runner.execute(SCHEMAS).fetchall())
+    with db.connect() as by_psql:
+        assert installed == snapshot(by_psql)
+        psql_schemas = set(by_psql.execute(SCHEMAS).fetchall())
+    # The runner's bookkeeping lives beside machine_sync, not in it.
+    assert runner_schemas - psql_schemas == {("machine_sync_migrations",)}
+    assert psql_schemas <= runner_schemas
+
+
+def test_adopts_a_database_migrated_with_psql(db, conn):
+    add_machine(conn, status="processing", current_process_id=uuid.uuid4())
+    before = data(conn)
+    status = runner(conn).status()
+    assert status.adoptable
+    assert not status.up_to_date
+    assert not status.definitions_recorded
+    lines: list[str] = []
+    plan = runner(conn, echo=lines.append).apply()
+    assert plan.adopting
+    assert [s.action for s in plan.steps] == ["adopt"] * len(SHIPPED)
+    assert "adopting" in lines[0]
+    assert [name for name, _ in history(conn)] == SHIPPED
+    assert data(conn) == before
+    assert runner(conn).status().up_to_date
+
+
+def test_adoption_restores_a_function_edited_before(db, conn):
+    shipped = conn.execute(
+        "SELECT pg_get_functiondef('machine_sync.reconcile()'::regprocedure)"
+    ).fetchone()
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION machine_sync.reconcile() RETURNS integer "
+        "LANGUAGE sql AS 'SELECT 0'"
+    )
+    runner(conn).apply()
+    restored = conn.execute(
+        "SELECT pg_get_functiondef('machine_sync.reconcile()'::regprocedure)"
+    ).fetchone()
+    assert restored == shipped
+
+
+def test_psql_and_the_runner_can_be_mixed(empty_db, tmp_path):
+    full = copy_migrations(tmp_path)
+    first_only = tmp_path / "first"
+    (first_only / "down").mkdir(parents=True)
+    shutil.copy(full / SHIPPED[0], first_only / SHIPPED[0])
+    with empty_db.connect() as conn:
+        runner(conn, first_only).apply()
+        empty_db.psql(*(full / name for name in SHIPPED[1:]))  # a colleague used psql
+        plan = runner(conn, full).apply()
+        assert [(s.migration.name, s.action) for s in plan.steps] == [
+            (name, "apply") for name in SHIPPED[1:]
+        ]
+        assert [name for name, _ in history(conn)] == SHIPPED
+        assert runner(conn, full).status().up_to_date
+
+
+def test_the_legacy_database_is_migrated_by_the_runner(legacy_db):
+    with legacy_db.connect() as conn:
+        machines_before = conn.execute("SELECT count(*) FROM machines").fetchone()
+        runner(conn).apply()
+        assert conn.execute("SELECT count(*) FROM machines").fetchone() == machines_before
+        assert_consistent(conn)
+
+
+def test_a_migration_the_data_refuses_is_named_with_its_hint(legacy_db):
+    broken = "00000000-0000-4000-8000-000000000017"
+    with legacy_db.connect() as conn:
+        conn.execute("UPDATE machines SET status = 'broken' WHERE id = %s", [broken])
+        with pytest.raises(MigrationFailed) as caught:
+            runner(conn).apply()
+        message = str(caught.value)
+        assert caught.value.migration == SHIPPED[-1]
+        assert caught.value.sqlstate == "23514"
+        assert broken in message
+        assert "'broken'" in message
+        assert "hint: INSERT the status into machine_sync.allowed_status" in message
+        assert [name for name, _ in history(conn)] == SHIPPED[:-1]
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+
+
+def test_dry_run_changes_nothing(empty_db):
+    with empty_db.connect() as conn:
+        plan = runner(conn).apply(dry_run=True)
+        assert [s.migration.name for s in plan.steps] == SHIPPED
+        assert conn.execute(
+            "SELECT to_regnamespace('machine_sync_migrations'), to_regclass('public.machines')"
+        ).fetchone() == (None, None)
+
+
+# -- edited files and edited definitions ------------------------------------
+
+
+def test_an_edited_applied_file_is_refused_by_name(empty_db, tmp_path):
+    folder = copy_migrations(tmp_path)
+    with empty_db.connect() as conn:
+        runner(conn, folder).apply()
+        recorded = history(conn)
+        edited = folder / SHIPPED[-1]
+        edited.write_text(edited.read_text() + "\n-- a late fix\n")
+        for attempt in (lambda: runner(conn, folder).apply(), lambda: runner(conn, folder).plan()):
+            with pytest.raises(ChecksumMismatch) as caught:
+                attempt()
+            assert caught.value.names == [SHIPPED[-1]]
+            assert SHIPPED[-1] in str(caught.value)
+            assert RESTORE_COMMAND in str(caught.value)
+        assert history(conn) == recorded
+        status = runner(conn, folder).status()
+        assert [f.state for f in status.files][-1] == FileState.CHANGED
+        assert not status.up_to_date
+        plan = runner(conn, folder).apply(force=True)
+        assert [s.action for s in plan.steps] == ["reapply"] * len(SHIPPED)
+        assert dict(history(conn))[SHIPPED[-1]] == sha256(edited)
+        assert runner(conn, folder).status().up_to_date
+
+
+def test_line_endings_do_not_count_as_an_edit(empty_db, tmp_path):
+    folder = copy_migrations(tmp_path)
+    with empty_db.connect() as conn:
+        runner(conn, folder).apply()
+        for name in SHIPPED:
+            path = folder / name
+            path.write_bytes(path.read_bytes().replace(b"\n", b"\r\n"))
+        assert runner(conn, folder).status().up_to_date
+
+
+def test_hand_edited_definitions_are_reported_and_restored(db, conn):
+    runner(conn).apply()
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION machine_sync.reconcile() RETURNS integer "
+        "LANGUAGE sql SET search_path = '' AS 'SELECT 0'"
+    )
+    conn.execute("ALTER TABLE machines DISABLE TRIGGER machines_mirror_state")
+    conn.execute("DROP TRIGGER machine_state_truncate_alone ON machine_state")
+    status = runner(conn).status()
+    problems = {(p.kind, p.name, p.problem) for p in status.definition_problems}
+    assert problems == {
+        ("function", "machine_sync.reconcile()", "changed"),
+        ("trigger", "machines_mirror_state on public.machines", "disabled"),
+        ("trigger", "machine_state_truncate_alone on public.machine_state", "missing"),
+    }
+    assert not status.up_to_date
+    assert status.to_json()["definitions"]["restore_command"] == RESTORE_COMMAND
+    lines: list[str] = []
+    runner(conn, echo=lines.append).apply()  # nothing pending: nothing restored, only said
+    assert lines[-1].startswith("warning: function machine_sync.reconcile() was changed")
+    assert RESTORE_COMMAND in lines[-1]
+    runner(conn).apply(force=True)
+    assert runner(conn).status().up_to_date
+    assert conn.execute(
+        "SELECT tgenabled FROM pg_trigger WHERE tgname = 'machines_mirror_state'"
+    ).fetchone() == ("O",)
+    assert_consistent(conn)
+
+
+def test_a_later_migration_does_not_pass_off_a_hand_edit_as_shipped(db, conn, tmp_path):
+    folder = copy_migrations(tmp_path)
+    runner(conn, folder).apply()
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION machine_sync.reconcile() RETURNS integer "
+        "LANGUAGE sql SET search_path = '' AS 'SELECT 0'"
+    )
+    (folder / "29990101000000_comment.sql").write_text(
+        "BEGIN;\nCOMMENT ON TABLE public.machines IS 'machines';\nCOMMIT;\n"
+    )
+    runner(conn, folder).apply()
+    assert [(p.name, p.problem) for p in runner(conn, folder).status().definition_problems] == [
+        ("machine_sync.reconcile()", "changed")
+    ]
+
+
+def test_definition_names_do_not_depend_on_search_path(db, conn):
+    runner(conn).apply()
+    conn.execute("SET search_path = machine_sync")
+    assert runner(conn).status().up_to_date
+
+
+# -- down ---------------------------------------------------------------------
+
+
+def test_down_then_up_keeps_data_and_catalog(db, conn):
+    runner(conn).apply()
+    machine_id = add_machine(conn, status="idle")
+    catalog_before = snapshot(conn)
+    lines: list[str] = []
+    assert runner(conn, echo=lines.append).down() == [SHIPPED[-1]]
+    assert lines[0] == f"[1/1] revert {SHIPPED[-1]} ..."
+    assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+    assert [name for name, _ in history(conn)] == SHIPPED[:-1]
+    status = runner(conn).status()
+    assert [f.state for f in status.files] == [FileState.APPLIED, FileState.PENDING]
+    assert status.definition_problems == []
+    runner(conn).apply()
+    assert snapshot(conn) == catalog_before
+    assert conn.execute("SELECT status FROM machines WHERE id = %s", [machine_id]).fetchone() == (
+        "idle",
+    )
+    assert_consistent(conn)
+
+
+def test_down_everything_on_an_empty_install(empty_db):
+    with empty_db.connect() as conn:
+        runner(conn).apply()
+        assert runner(conn).down(steps=len(SHIPPED)) == SHIPPED[::-1]
+        assert history(conn) == []
+        assert conn.execute("SELECT to_regclass('public.machines')").fetchone() == (None,)
+
+
+def test_down_stops_at_a_revert_that_refuses(db, conn):
+    runner(conn).apply()
+    add_machine(conn, status="idle")
+    with pytest.raises(MigrationFailed) as caught:
+        runner(conn).down(steps=2)
+    assert caught.value.migration == SHIPPED[0]
+    assert "hold rows" in str(caught.value)
+    assert [name for name, _ in history(conn)] == SHIPPED[:1]  # the v1 revert committed
+
+
+def test_down_dry_run(db, conn):
+    runner(conn).apply()
+    assert runner(conn).down(dry_run=True) == [SHIPPED[-1]]
+    assert [name for name, _ in history(conn)] == SHIPPED
+
+
+def test_down_refusals(db, conn, tmp_path):
+    with pytest.raises(MigrationError, match="nothing to revert"):
+        runner(conn).down()
+    folder = copy_migrations(tmp_path)
+    runner(conn, folder).apply()
+    with pytest.raises(InvalidArgument, match="at least 1"):
+        runner(conn, folder).down(steps=0)
+    with pytest.raises(MigrationError, match="only 2 are applied"):
+        runner(conn, folder).down(steps=3)
+    (folder / "down" / SHIPPED[-1]).unlink()
+    with pytest.raises(MigrationsNotFound, match=f"no revert file for .*{SHIPPED[-1]}"):
+        runner(conn, folder).down()
+
+
+# -- failures -----------------------------------------------------------------
+
+
+def test_a_failing_file_is_rolled_back_and_named(empty_db, tmp_path):
+    folder = write_migrations(
+        tmp_path,
+        {
+            "1_good.sql": "BEGIN;\nCREATE TABLE good (id int);\nCOMMIT;\n",
+            "2_bad.sql": "BEGIN;\nCREATE TABLE bad (id int);\nSELECT 1 / 0;\nCOMMIT;\n",
+        },
+    )
+    with empty_db.connect() as conn:
+        with pytest.raises(MigrationFailed) as caught:
+            runner(conn, folder).apply()
+        assert caught.value.migration == "2_bad.sql"
+        assert "2_bad.sql failed and was rolled back: division by zero" in str(caught.value)
+        assert caught.value.sqlstate == "22012"
+        assert [name for name, _ in history(conn)] == ["1_good.sql"]
+        assert conn.execute("SELECT to_regclass('bad')").fetchone() == (None,)
+
+
+def test_file_shapes(empty_db, tmp_path):
+    folder = write_migrations(
+        tmp_path,
+        {
+            "1_plain.sql": "-- no transaction of its own\nCREATE TABLE plain (id int);\n",
+            "2_midway.sql": "CREATE TABLE early (id int);\nCOMMIT;\nCREATE TABLE late (id int);\n",
+        },
+    )
+    with empty_db.connect() as conn:
+        with pytest.raises(MigrationError, match=r"2_midway\.sql ends its transaction"):
+            runner(conn, folder).apply()
+        assert [name for name, _ in history(conn)] == ["1_plain.sql"]
+    (folder / "3_open.sql").write_text("BEGIN;\nCREATE TABLE x (id int);\n")
+    with pytest.raises(MigrationError, match=r"3_open\.sql opens a transaction"):
+        transaction_body("3_open.sql", (folder / "3_open.sql").read_text())
+
+
+def test_transaction_body_keeps_everything_between_begin_and_commit():
+    text = (
+        "-- header\n\nbegin;\nSET LOCAL lock_timeout = '5s';\n"
+        "DO $$ BEGIN END $$;\nCOMMIT;\n-- end\n"
+    )
+    assert (
+        transaction_body("x.sql", text)
+        == "-- header\n\n\nSET LOCAL lock_timeout = '5s';\nDO $$ BEGIN END $$;\n"
+    )
+    plain = "DO $$ BEGIN PERFORM 1; END $$;\n"
+    assert transaction_body("y.sql", plain) == plain
+
+
+def test_missing_or_empty_migrations_folder(conn, tmp_path):
+    with pytest.raises(MigrationsNotFound, match="does not exist"):
+        runner(conn, tmp_path / "nowhere").status()
+    with pytest.raises(MigrationsNotFound, match="no migrations in"):
+        runner(conn, tmp_path).apply()
+
+
+def test_runner_needs_autocommit(db):
+    with db.connect(autocommit=False) as conn, pytest.raises(InvalidArgument, match="autocommit"):
+        Runner(conn)
+
+
+# -- concurrency: the deployers' lock and busy tables ------------------------
+
+
+GATED = {
+    "1_gated.sql": (
+        "BEGIN;\nLOCK TABLE gate IN ACCESS EXCLUSIVE MODE;\nINSERT INTO runs VALUES (1);\nCOMMIT;\n"
+    )
+}
+
+
+def test_two_runners_at_once_one_waits_or_fails_never_both(empty_db, tmp_path):
+    folder = write_migrations(tmp_path, GATED)
+    with empty_db.connect() as setup:
+        setup.execute("CREATE TABLE gate (); CREATE TABLE runs (n int)")
+    outcomes: dict[str, Any] = {}
+    waiting_lines: list[str] = []
+
+    def deploy(name: str, **options: Any) -> None:
+        with empty_db.connect(application_name=f"deployer {name}") as conn:
+            try:
+                outcomes[name] = runner(conn, folder, **options).apply()
+            except MigrationLocked as exc:
+                outcomes[name] = exc
+
+    with empty_db.connect(autocommit=False) as holder:
+        holder.execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")  # first deployer stalls
+        first = threading.Thread(target=deploy, args=("first",), kwargs={"lock_timeout": "30s"})
+        first.start()
+        deadline = time.monotonic() + 10
+        while holder.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        ).fetchone() != (1,):
+            assert time.monotonic() < deadline, "the first runner never took the lock"
+            time.sleep(0.01)
+        deploy("impatient", lock_wait=0.2)
+        patient = threading.Thread(
+            target=deploy, args=("patient",), kwargs={"lock_wait": 30, "echo": waiting_lines.append}
+        )
+        patient.start()
+        while not waiting_lines:
+            assert time.monotonic() < deadline, "the second runner never waited"
+            time.sleep(0.01)
+        holder.rollback()  # let the first deployer finish
+        first.join()
+        patient.join()
+    assert isinstance(outcomes["impatient"], MigrationLocked)
+    assert "deployer first" in str(outcomes["impatient"])
+    assert "gave up after 0.2 s" in str(outcomes["impatient"])
+    assert [s.migration.name for s in outcomes["first"].steps] == ["1_gated.sql"]
+    assert outcomes["patient"].steps == []  # found it applied once the lock was free
+    assert "waiting for the migration lock held by backend pid" in waiting_lines[0]
+    with empty_db.connect() as check:
+        assert check.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+BUSY = {
+    "1_busy.sql": (
+        "BEGIN;\nSET LOCAL lock_timeout = '50ms';\nLOCK TABLE gate IN SHARE MODE;\n"
+        "INSERT INTO runs VALUES (1);\nCOMMIT;\n"
+    )
+}
+
+
+def test_a_busy_table_is_retried_then_applied(empty_db, tmp_path):
+    folder = write_migrations(tmp_path, BUSY)
+    with empty_db.connect() as conn, empty_db.connect(autocommit=False) as holder:
+        conn.execute("CREATE TABLE gate (); CREATE TABLE runs (n int)")
+        holder.execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+        lines: list[str] = []
+
+        def echo(line: str) -> None:
+            lines.append(line)
+            if "a table is busy" in line:
+                holder.rollback()  # the long transaction ends during the back-off
+
+        runner(conn, folder, retries=2, retry_delay=0.01, echo=echo).apply()
+        assert any("a table is busy" in line and "retry 1/2" in line for line in lines), lines
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+        assert [name for name, _ in history(conn)] == ["1_busy.sql"]
+
+
+def test_a_table_that_stays_busy_gives_up_cleanly(empty_db, tmp_path):
+    folder = write_migrations(tmp_path, BUSY)
+    with empty_db.connect() as conn, empty_db.connect(autocommit=False) as holder:
+        conn.execute("CREATE TABLE gate (); CREATE TABLE runs (n int)")
+        holder.execute("LOCK TABLE gate IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(MigrationFailed) as caught:
+            runner(conn, folder, retries=1, retry_delay=0.01).apply()
+        assert caught.value.sqlstate == "55P03"
+        assert "stayed busy through 2 attempts" in str(caught.value)
+        assert caught.value.migration == "1_busy.sql"
+        assert history(conn) == []
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (0,)
