@@ -128,6 +128,20 @@ def test_complete_or_stop_needs_a_running_process(conn, client, operation):
         assert "no current process" in str(caught.value)
 
 
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_complete_or_stop_without_a_process_id_ends_the_current_run(conn, client, operation):
+    machine_id, _process = start(conn, client)
+    result = getattr(client, operation)(machine_id)
+    assert (result.status, result.current_process_id) == ("idle", None)
+    assert_matches_store(conn, result)
+    assert_consistent(conn)
+    with pytest.raises(InvalidTransition) as caught:
+        getattr(client, operation)(machine_id)
+    assert not isinstance(caught.value, NotCurrentProcess)
+    assert caught.value.status == "idle"
+    assert "only a processing machine" in str(caught.value)
+
+
 def test_late_completion_of_an_old_run_does_not_end_the_new_one(conn, client):
     machine_id, first = start(conn, client)
     client.stop_process(machine_id, first)

@@ -149,15 +149,15 @@ def start(machine_id: UUID | str, process_id: UUID | str) -> Request:
     return _transition("start", machine_id, status="processing", process_id=process)
 
 
-def complete(machine_id: UUID | str, process_id: UUID | str) -> Request:
+def complete(machine_id: UUID | str, process_id: UUID | str | None) -> Request:
     """Request for :meth:`Client.complete_process`."""
-    process = as_uuid(process_id, "process_id")
+    process = _optional_uuid(process_id, "process_id")
     return _transition("complete", machine_id, status="idle", process_id=process)
 
 
-def stop(machine_id: UUID | str, process_id: UUID | str) -> Request:
+def stop(machine_id: UUID | str, process_id: UUID | str | None) -> Request:
     """Request for :meth:`Client.stop_process`."""
-    process = as_uuid(process_id, "process_id")
+    process = _optional_uuid(process_id, "process_id")
     return _transition("stop", machine_id, status="idle", process_id=process)
 
 
@@ -316,6 +316,12 @@ def _refusal(request: Request, row: Row) -> InvalidTransition:
             InvalidTransition,
             f"set_status cannot set machine {machine_id} to {requested!r}: use {instead}, "
             "which records the process or the failure too",
+        )
+    if request.process_id is None:
+        return details(
+            InvalidTransition,
+            f"cannot {operation} the process of machine {machine_id}: {now}, and only a "
+            "processing machine has a process to end",
         )
     return details(
         NotCurrentProcess,

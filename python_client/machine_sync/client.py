@@ -129,12 +129,17 @@ class Client:
         """
         return self._transition(_core.start(machine_id, process_id))
 
-    def complete_process(self, machine_id: UUID | str, process_id: UUID | str) -> Machine:
+    def complete_process(
+        self, machine_id: UUID | str, process_id: UUID | str | None = None
+    ) -> Machine:
         """Mark run ``process_id`` finished: the machine goes back to idle.
 
         Refused with :class:`~machine_sync.errors.NotCurrentProcess` unless the
         machine is processing exactly ``process_id``, so a late completion of an
-        old run never ends the run that replaced it.
+        old run never ends the run that replaced it. Without ``process_id`` it
+        ends whatever run is current (refused with
+        :class:`~machine_sync.errors.InvalidTransition` unless processing):
+        pass the id whenever the caller knows it.
         """
         return self._transition(_core.complete(machine_id, process_id))
 
@@ -155,7 +160,7 @@ class Client:
         """
         return self._transition(_core.fail(machine_id, message, component, process_id))
 
-    def stop_process(self, machine_id: UUID | str, process_id: UUID | str) -> Machine:
+    def stop_process(self, machine_id: UUID | str, process_id: UUID | str | None = None) -> Machine:
         """Abort run ``process_id``: the machine goes back to idle.
 
         Same rule as :meth:`complete_process`: only the machine's current run.
@@ -235,7 +240,9 @@ class AsyncClient:
         """See :meth:`Client.start_process`."""
         return await self._transition(_core.start(machine_id, process_id))
 
-    async def complete_process(self, machine_id: UUID | str, process_id: UUID | str) -> Machine:
+    async def complete_process(
+        self, machine_id: UUID | str, process_id: UUID | str | None = None
+    ) -> Machine:
         """See :meth:`Client.complete_process`."""
         return await self._transition(_core.complete(machine_id, process_id))
 
@@ -250,7 +257,9 @@ class AsyncClient:
         """See :meth:`Client.fail_process`."""
         return await self._transition(_core.fail(machine_id, message, component, process_id))
 
-    async def stop_process(self, machine_id: UUID | str, process_id: UUID | str) -> Machine:
+    async def stop_process(
+        self, machine_id: UUID | str, process_id: UUID | str | None = None
+    ) -> Machine:
         """See :meth:`Client.stop_process`."""
         return await self._transition(_core.stop(machine_id, process_id))
 

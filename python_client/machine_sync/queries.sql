@@ -86,7 +86,7 @@ decision AS MATERIALIZED (
             WHEN
                 r.op IN ('complete', 'stop')
                 AND t.status = 'processing'
-                AND t.current_process_id = r.process_id
+                AND (r.process_id IS NULL OR t.current_process_id = r.process_id)
                 THEN 'allowed'
             WHEN
                 r.op = 'fail'
