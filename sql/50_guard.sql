@@ -1,20 +1,22 @@
 -- The guard: writes to machine_state that the mirror did not make.
 --
 -- The mirror (40_mirror.sql) marks its own writes with the transaction-local
--- setting machine_sync.mirroring = <machine id>; every other write to a
--- machine_state row is "direct", whoever issues it: a client, a function, a
--- trigger of the application's, a foreign-key action. Setting
--- machine_sync.mirroring by hand is the one explicit, per-machine escape
--- hatch; what it lets through shows up in machine_sync.drift.
+-- setting machine_sync.mirroring = <machine id>, honoured only inside a
+-- trigger (a client cannot set its way past the guard). Every other write
+-- to a machine_state row is "direct", whoever issues it: a client, a
+-- function, a trigger of the application's, a foreign-key action.
 --
 -- Guarantees:
 -- * mode 'compat': a direct UPDATE or INSERT succeeds, reports its row as
 --   before, and lands in machines as if written there (with the caller's own
 --   privileges on machines); both tables agree when the statement ends. A
 --   direct write that already agrees with machines does not write machines.
---   A plain INSERT for a machine whose state row exists replaces that row
---   (the legacy "create machine, then insert its state" flow keeps working);
---   an upsert (INSERT ... ON CONFLICT) keeps PostgreSQL's meaning.
+--   INSERT keeps PostgreSQL's meaning: the machine's row exists from the
+--   moment the machine does, so a plain INSERT of it fails (23505) and an
+--   upsert (INSERT ... ON CONFLICT) updates it.
+-- * In compat, a direct write takes machines' lock before any machine_state
+--   row (when it is its transaction's first write), so legacy writers and
+--   machines writers lock rows in one order and cannot deadlock.
 -- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
 -- * A direct DELETE fails while the machine exists (delete the machine).
 -- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
@@ -43,20 +45,11 @@ BEGIN
         END IF;
         prior := OLD;
     ELSE
-        SELECT * INTO prior FROM public.machine_state AS s
-        WHERE s.machine_id = NEW.machine_id
-        FOR UPDATE;
-        -- The mirror created this row with the machine. A plain INSERT
-        -- (legacy code creating the machine's state) replaces it; an upsert
-        -- is left to ON CONFLICT, whose DO UPDATE comes back through this
-        -- guard as an UPDATE. A trigger cannot see ON CONFLICT, hence the
-        -- look at the statement's text: a false match only means the
-        -- INSERT fails with 23505, as it did before machine-sync.
-        IF FOUND AND current_query() !~* '\mon\s+conflict\M' THEN
-            PERFORM set_config('machine_sync.mirroring', NEW.machine_id::text, TRUE);
-            DELETE FROM public.machine_state AS s WHERE s.machine_id = NEW.machine_id;
-            PERFORM set_config('machine_sync.mirroring', '', TRUE);
-        END IF;
+        -- An INSERT makes a new row. For a machine whose state row exists
+        -- (the mirror made it with the machine) it fails with 23505 as it
+        -- always did, or, with ON CONFLICT, takes the UPDATE path above:
+        -- replacing the row instead would change what an upsert means.
+        prior := NULL;
     END IF;
     prior_status := machine_sync.canonical_status(prior.current_state);
 
@@ -146,22 +139,58 @@ BEGIN
 END
 $$;
 
+-- Lock order. A direct write locks its machine_state row before any of our
+-- code runs, then (carry) the machines row; every machines writer locks the
+-- two the other way round, so racing writers could deadlock. In compat, the
+-- first write of a transaction therefore takes machines' lock for the whole
+-- statement first. Later writes of a transaction skip it: that transaction
+-- already holds what it wrote in machines, and upgrading its own lock could
+-- deadlock with another such transaction.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_lock_order()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = ''
+AS $$
+BEGIN
+    IF txid_current_if_assigned() IS NULL AND machine_sync.mode() = 'compat' THEN
+        LOCK TABLE public.machines IN SHARE ROW EXCLUSIVE MODE;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER machine_state_lock_order
+BEFORE INSERT OR UPDATE ON public.machine_state
+FOR EACH STATEMENT
+WHEN (pg_trigger_depth() < 1)
+EXECUTE FUNCTION machine_sync.machine_state_lock_order();
+
 CREATE OR REPLACE TRIGGER machine_state_direct_write
 BEFORE INSERT OR UPDATE ON public.machine_state
 FOR EACH ROW
-WHEN (current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text)
+WHEN (
+    pg_trigger_depth() < 1
+    OR current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text
+)
 EXECUTE FUNCTION machine_sync.machine_state_before_direct_write();
 
 CREATE OR REPLACE TRIGGER machine_state_carry_to_machines
 AFTER INSERT OR UPDATE ON public.machine_state
 FOR EACH ROW
-WHEN (current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text)
+WHEN (
+    pg_trigger_depth() < 1
+    OR current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text
+)
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
 
 CREATE OR REPLACE TRIGGER machine_state_direct_delete
 BEFORE DELETE ON public.machine_state
 FOR EACH ROW
-WHEN (current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM old.machine_id::text)
+WHEN (
+    pg_trigger_depth() < 1
+    OR current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM old.machine_id::text
+)
 EXECUTE FUNCTION machine_sync.machine_state_before_direct_delete();
 
 CREATE OR REPLACE TRIGGER machine_state_truncate_alone

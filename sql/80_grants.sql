@@ -79,5 +79,7 @@ BEGIN
     -- anon is a visitor who has not logged in: it writes no machine.
     REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.machines FROM anon;
     REVOKE TRUNCATE ON public.machines FROM authenticated;
+    -- A trigger runs as whoever writes next: only the owner attaches one.
+    REVOKE TRIGGER, REFERENCES ON public.machines FROM anon, authenticated, service_role;
 END
 $$;

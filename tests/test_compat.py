@@ -105,14 +105,16 @@ def test_legacy_state_write_that_agrees_does_not_write_machines(conn):
     )
 
 
-def test_legacy_insert_of_an_existing_state_row_replaces_it(conn):
-    # Legacy "create machine, then insert its state": the mirror made the row already.
+def test_a_plain_insert_of_an_existing_state_row_fails_as_it_always_did(conn):
+    # The mirror creates the row with the machine; replacing it on INSERT would
+    # change what upserts mean, so a plain INSERT conflicts, as in PostgreSQL.
     machine_id = add_machine(conn, status="offline")
-    result = conn.execute(
-        "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'Idle')", [machine_id]
-    )
-    assert result.rowcount == 1
-    assert machine(conn, machine_id)["status"] == "idle"
+    with pytest.raises(psycopg.errors.UniqueViolation, match="machine_state_pkey"):
+        conn.execute(
+            "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'Idle')",
+            [machine_id],
+        )
+    assert machine(conn, machine_id)["status"] == "offline"
     assert_consistent(conn)
 
 
