@@ -146,6 +146,11 @@ $$;
 -- statement first. Later writes of a transaction skip it: that transaction
 -- already holds what it wrote in machines, and upgrading its own lock could
 -- deadlock with another such transaction.
+-- While it holds that lock, every machines writer waits for it; so that a
+-- legacy write stuck behind some other lock cannot stall them for long, its
+-- lock waits are capped at one second (lock_timeout, for the rest of its
+-- transaction; a lower setting of the caller's stands). It then fails with
+-- 55P03 and can be retried; nothing is half-applied.
 CREATE OR REPLACE FUNCTION machine_sync.machine_state_lock_order()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -154,6 +159,9 @@ SET search_path = ''
 AS $$
 BEGIN
     IF txid_current_if_assigned() IS NULL AND machine_sync.mode() = 'compat' THEN
+        IF current_setting('lock_timeout')::interval NOT BETWEEN '1 ms' AND '1 s' THEN
+            PERFORM set_config('lock_timeout', '1s', TRUE);
+        END IF;
         LOCK TABLE public.machines IN SHARE ROW EXCLUSIVE MODE;
     END IF;
     RETURN NULL;

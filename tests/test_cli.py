@@ -267,3 +267,10 @@ def test_missing_privilege_is_one_line_not_a_psycopg_traceback(db, conn):
         assert_one_error_line(result, ExitCode.FAILED, "permission denied", "drift")
     finally:
         conn.execute(f'DROP ROLE "{role}"')
+
+
+@pytest.mark.parametrize("command", [("status",), ("drift",), ("reconcile",), ("mode",)])
+def test_a_database_without_machine_sync_says_to_migrate(legacy_db, empty_db, command):
+    for database in (legacy_db, empty_db):
+        result = run(*command, dsn=database.dsn)
+        assert_one_error_line(result, ExitCode.FAILED, "machine-sync migrate apply")

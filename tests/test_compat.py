@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import psycopg
@@ -212,3 +213,39 @@ def test_racing_legacy_writers_interleaved_end_consistent(db):
         a.execute(start[1], params)
         assert_consistent(a)
         assert machine(a, machine_id)["status"] == "processing"
+
+
+def test_a_stuck_legacy_write_cannot_stall_other_writers_for_long(db):
+    """The compat lock order makes a legacy write hold machines' table lock; if
+    that write is itself stuck behind a row lock, its wait is capped (55P03) so
+    writers of other machines go on."""
+    with db.connect() as setup:
+        stuck, other = add_machine(setup), add_machine(setup)
+    with (
+        db.connect(autocommit=False) as holder,
+        db.connect() as legacy,
+        db.connect(options="-c statement_timeout=20s") as writer,
+    ):
+        holder.execute("SELECT FROM machine_state WHERE machine_id = %s FOR UPDATE", [stuck])
+        outcome = {}
+
+        def legacy_write():
+            try:
+                legacy.execute(
+                    "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+                    [stuck],
+                )
+                outcome["legacy"] = "written"
+            except psycopg.Error as error:
+                outcome["legacy"] = error
+
+        thread = threading.Thread(target=legacy_write)
+        thread.start()
+        thread.join(0.3)  # let it take the table lock and block on the row
+        writer.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [other])
+        thread.join()
+        holder.rollback()
+        assert isinstance(outcome["legacy"], psycopg.errors.LockNotAvailable)
+        assert machine(writer, other)["status"] == "offline"
+        assert machine(writer, stuck)["status"] == "idle"
+        assert_consistent(writer)

@@ -150,6 +150,9 @@ def test_psql_and_the_runner_can_be_mixed(empty_db, tmp_path):
 def test_the_legacy_database_is_migrated_by_the_runner(legacy_db):
     with legacy_db.connect() as conn:
         machines_before = conn.execute("SELECT count(*) FROM machines").fetchone()
+        # Its tables predate machine-sync: that is not a psql install to adopt.
+        assert not runner(conn).status().adoptable
+        assert {step.action for step in runner(conn).plan().steps} == {"apply"}
         runner(conn).apply()
         assert conn.execute("SELECT count(*) FROM machines").fetchone() == machines_before
         assert_consistent(conn)

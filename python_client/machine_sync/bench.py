@@ -1,13 +1,144 @@
-"""`machine-sync bench` (work in progress in this session)."""
+"""`machine-sync bench`: what the trigger costs, measured side by side.
+
+Compares one UPDATE with the machine-sync trigger against the legacy dual
+write (two autocommit statements, both orders, or one transaction), the same
+two writes in a stored procedure, and the same UPDATE on a table without
+trigger, on the same data, interleaved, with psycopg and pgbench clients, in
+bulk and through a delaying proxy. The work is in ``machine_sync.benchmark``.
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
 import typer
+
+from .benchmark import QUICK, BenchConfig, BenchError, run_benchmark
+from .benchmark.report import headline_text, write
+from .benchmark.scratch import ScratchMode
+
+
+def _numbers(text: str | None, kind: type[int] | type[float], option: str) -> tuple[float, ...]:
+    if text is None:
+        return ()
+    try:
+        return tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise typer.BadParameter(f"{option}: a comma-separated list of numbers") from None
+
+
+def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(v) for v in _numbers(text, int, option))
 
 
 def register(app: typer.Typer) -> None:
     """Add the `bench` command to the machine-sync command line."""
 
     @app.command("bench")
-    def _placeholder() -> None:
-        raise typer.Exit(code=2)
+    def bench(
+        dsn: Annotated[
+            str | None,
+            typer.Option(
+                envvar="DATABASE_URL",
+                help="Server to measure (a scratch database or scratch schemas are created "
+                "and removed; your tables are never touched). Default: an embedded "
+                "PostgreSQL started here with durability on.",
+            ),
+        ] = None,
+        out: Annotated[
+            Path, typer.Option(help="Folder for report.md, report.json and report.png.")
+        ] = Path("machine-sync-bench"),
+        quick: Annotated[
+            bool, typer.Option("--quick", help="A few seconds: small data, short runs.")
+        ] = False,
+        machines: Annotated[
+            str | None, typer.Option(help="Data set sizes, e.g. 1000,10000.")
+        ] = None,
+        clients: Annotated[
+            str | None, typer.Option(help="Concurrent connections, e.g. 1,8,32.")
+        ] = None,
+        drivers: Annotated[
+            str | None, typer.Option(help="psycopg, pgbench or both (comma-separated).")
+        ] = None,
+        workloads: Annotated[
+            str | None,
+            typer.Option(
+                help="Subset of legacy-autocommit, legacy-autocommit-rev, legacy-transaction, "
+                "stored-procedure, machine-sync, floor."
+            ),
+        ] = None,
+        rounds: Annotated[int | None, typer.Option(help="Interleaved rounds per group.")] = None,
+        seconds: Annotated[float | None, typer.Option(help="Seconds per timed run.")] = None,
+        bulk: Annotated[
+            str | None, typer.Option(help="Rows per bulk statement, e.g. 1,100,10000.")
+        ] = None,
+        latency_ms: Annotated[
+            str | None, typer.Option(help="Added round-trip times through the proxy, e.g. 1,20.")
+        ] = None,
+        scratch: Annotated[
+            str, typer.Option(help="auto, database or schemas: where the scratch tables go.")
+        ] = "auto",
+        keep: Annotated[
+            bool, typer.Option("--keep", help="Leave the scratch database/schemas behind.")
+        ] = False,
+        as_json: Annotated[
+            bool, typer.Option("--json", help="Print the results as JSON on stdout.")
+        ] = False,
+    ) -> None:
+        """Measure what the machine-sync trigger costs against the alternatives."""
+        base = QUICK if quick else BenchConfig()
+        if scratch not in ("auto", "database", "schemas"):
+            raise typer.BadParameter("--scratch: auto, database or schemas")
+        mode: ScratchMode = scratch  # type: ignore[assignment]
+        try:
+            config = BenchConfig(
+                machines=_ints(machines, "--machines") or base.machines,
+                clients=_ints(clients, "--clients") or base.clients,
+                drivers=tuple(d.strip() for d in drivers.split(",")) if drivers else base.drivers,
+                workloads=tuple(w.strip() for w in workloads.split(",")) if workloads else (),
+                rounds=rounds or base.rounds,
+                seconds=seconds or base.seconds,
+                pgbench_transactions=base.pgbench_transactions,
+                bulk_sizes=_ints(bulk, "--bulk") or () if bulk is not None else base.bulk_sizes,
+                bulk_rounds=base.bulk_rounds,
+                latencies_ms=(
+                    _numbers(latency_ms, float, "--latency-ms")
+                    if latency_ms is not None
+                    else base.latencies_ms
+                ),
+                network_clients=base.network_clients,
+                network_seconds=base.network_seconds,
+                scratch=mode,
+                keep=keep,
+            )
+            config.check()
+        except ValueError as err:
+            raise typer.BadParameter(str(err)) from None
+
+        def progress(line: str) -> None:
+            typer.echo(line, err=True)
+
+        command = shlex.join(["machine-sync", "bench", *sys.argv[2:]])
+        try:
+            result = run_benchmark(config, dsn=dsn, echo=progress, command=command)
+        except BenchError as err:
+            typer.echo(f"machine-sync bench: {err}", err=True)
+            raise typer.Exit(code=2) from None
+        paths = write(result, out)
+        if as_json:
+            typer.echo(json.dumps(result.to_json(), indent=1, default=str))
+        else:
+            typer.echo(paths["markdown"].read_text())
+            typer.echo(headline_text(result))
+        written = ", ".join(str(p) for p in paths.values())
+        typer.echo(f"written: {written}", err=True)
+        if "chart" not in paths:
+            typer.echo("no chart: install matplotlib (pip install 'machine-sync[bench]')", err=True)
+        cells_ok = all(c.writes_ok and not c.drift for c in result.cells)
+        if not cells_ok or not all(b.writes_ok and not b.drift for b in result.bulk):
+            typer.echo("some runs did not write what they should, or left drift", err=True)
+            raise typer.Exit(code=1)

@@ -345,7 +345,7 @@ def reconcile(dsn: Dsn = None, as_json: AsJson = False) -> None:
 @app.command("mode")
 def mode(
     new_mode: Annotated[
-        str | None, typer.Argument(metavar="[compat|strict]", help="Switch to this mode.")
+        str | None, typer.Argument(metavar="compat|strict", help="Switch to this mode.")
     ] = None,
     dsn: Dsn = None,
     as_json: AsJson = False,
@@ -379,7 +379,7 @@ def _machine_json(machine: Machine) -> dict[str, Any]:
 @app.command("status")
 def status(
     machine_id: Annotated[
-        str | None, typer.Argument(metavar="[MACHINE_ID]", help="One machine (a UUID).")
+        str | None, typer.Argument(metavar="MACHINE_ID", help="One machine (a UUID).")
     ] = None,
     dsn: Dsn = None,
     as_json: AsJson = False,

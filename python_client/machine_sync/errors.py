@@ -18,7 +18,7 @@ class                          raised when
 :class:`DirectWriteRefused`    a direct write to machine_state, MS001
 :class:`PermissionDenied`      the role may not do this, 42501
 :class:`NotInstalled`          machine-sync objects are missing: migrate first
-:class:`ConcurrentUpdate`      deadlock or serialization failure: try again
+:class:`ConcurrentUpdate`      deadlock, serialization or lock timeout: retry
 :class:`DatabaseError`         any other PostgreSQL error
 :class:`MigrationError`        the migration runner refused or failed (subclasses)
 =============================  ===================================================
@@ -140,7 +140,7 @@ class NotInstalled(MachineSyncError):
 
 
 class ConcurrentUpdate(MachineSyncError):
-    """A deadlock, serialization failure or endless contention: the caller may retry."""
+    """A deadlock, serialization failure, lock timeout or endless contention: retry."""
 
 
 class DatabaseError(MachineSyncError):
@@ -176,7 +176,8 @@ class MigrationFailed(MigrationError):
 
 
 _UNREACHABLE_STATES = {"57P01", "57P02", "57P03", "53300"}  # shutdown, too many clients
-_NOT_INSTALLED_STATES = {"42P01", "3F000", "42883"}  # undefined table, schema, function
+# undefined table, schema, function, column
+_NOT_INSTALLED_STATES = {"42P01", "3F000", "42883", "42703"}
 
 
 def one_line(text: str) -> str:
@@ -214,14 +215,22 @@ def translate(exc: psycopg.Error, *, machine_id: UUID | None = None) -> MachineS
             f"{message}: connect as a role with this privilege (the table owner or service_role)",
             sqlstate=state,
         )
-    if state in _NOT_INSTALLED_STATES and "machine_sync" in message:
+    primary = exc.diag.message_primary or ""
+    if state in _NOT_INSTALLED_STATES and (
+        "machine_sync" in message
+        # A legacy database lacks machines' new columns; an empty one, the tables.
+        or any(table in primary for table in ("machines", "machine_state", "failure_"))
+    ):
         return NotInstalled(
-            f"{message}: machine-sync is not installed here; run `machine-sync migrate apply`",
+            f"{primary or message}: machine-sync is not installed here; "
+            "run `machine-sync migrate apply`",
             sqlstate=state,
         )
     if state == "22023":
         return InvalidArgument(message, sqlstate=state)
-    if state in ("40001", "40P01"):
+    # Deadlock, serialization failure, or a lock wait capped by lock_timeout
+    # (compat caps a legacy write's waits): all rolled back, all retryable.
+    if state in ("40001", "40P01", "55P03"):
         return ConcurrentUpdate(
             f"{message}; the transaction was rolled back, retry it", sqlstate=state
         )

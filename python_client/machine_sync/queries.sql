@@ -297,10 +297,9 @@ SELECT to_regclass('machine_sync_migrations.applied') IS NOT NULL AS present;
 
 
 -- name: machine_sync_present
--- Whether anything machine-sync creates exists (psql-migrated database).
-SELECT
-    to_regnamespace('machine_sync') IS NOT NULL
-    OR to_regclass('public.machines') IS NOT NULL AS present;
+-- Whether machine-sync is installed (a psql-migrated database). The tables
+-- alone do not count: the legacy database has them before any migration.
+SELECT to_regnamespace('machine_sync') IS NOT NULL AS present;
 
 
 -- name: applied_migrations

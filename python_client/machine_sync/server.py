@@ -278,7 +278,16 @@ def _local_server(
         if not keep:
             if started:
                 _stop(pg_ctl, data, run_as)
-            shutil.rmtree(base, ignore_errors=True)  # holds the socket dir and any data dir we made
+            _remove(base)  # holds the socket dir and any data dir we made
+
+
+def _remove(path: Path) -> None:
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:
+        # A second Ctrl-C while deleting: finish anyway, or half a cluster stays behind.
+        shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _stop(pg_ctl: Path, data: Path, run_as: str | None) -> None:

@@ -1,0 +1,103 @@
+"""The benchmark's SQL, loaded by name, and moved into scratch schemas when needed.
+
+All statements live in ``queries.sql`` and ``setup.sql`` beside this module.
+They name three schemas: ``public`` and ``machine_sync`` (as the real
+migrations do) and ``machine_sync_bench`` (the twins). In a scratch database
+those names are used as they are; in scratch schemas of the user's own database
+:func:`relocate` rewrites them, and the migrations too, so that nothing in the
+user's ``public`` or ``machine_sync`` is read or written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+# The schema names the shipped SQL uses, in the form the rewrite matches.
+_QUALIFIED_PUBLIC = re.compile(r"\bpublic\.")
+_SYNC_SCHEMA = re.compile(r"\bmachine_sync\b")
+_BENCH_SCHEMA = re.compile(r"\bmachine_sync_bench\b")
+
+
+@dataclass(frozen=True)
+class Schemas:
+    """Where the benchmark's three groups of objects live."""
+
+    tables: str = "public"  # machines and machine_state, as the migrations make them
+    sync: str = "machine_sync"  # the migrations' internal schema
+    twins: str = "machine_sync_bench"  # floor and legacy twins, the stored procedure
+
+    @classmethod
+    def scratch(cls, prefix: str) -> Schemas:
+        """Three fresh schema names starting with ``prefix`` (a lowercase identifier)."""
+        return cls(tables=prefix, sync=f"{prefix}_sync", twins=f"{prefix}_twins")
+
+    @property
+    def relocated(self) -> bool:
+        """True when the names differ from the ones the shipped SQL uses."""
+        return self != Schemas()
+
+    def all(self) -> list[str]:
+        """The three schema names."""
+        return [self.tables, self.sync, self.twins]
+
+
+def relocate(text: str, schemas: Schemas) -> str:
+    """Rewrite the shipped schema names in ``text`` to ``schemas``.
+
+    Every object in the migrations and in this package's SQL is schema
+    qualified (the functions run with ``search_path = ''``), which is what
+    makes a textual rewrite sound. The result is checked: no qualified
+    reference to ``public`` or to ``machine_sync`` may survive.
+    """
+    if not schemas.relocated:
+        return text
+    # Longest name first: machine_sync_bench contains machine_sync.
+    placeholder = "\x00twins\x00"
+    out = _BENCH_SCHEMA.sub(placeholder, text)
+    out = _SYNC_SCHEMA.sub(schemas.sync, out)
+    out = _QUALIFIED_PUBLIC.sub(f"{schemas.tables}.", out)
+    out = out.replace(placeholder, schemas.twins)
+    leftover = _QUALIFIED_PUBLIC.search(out) or _SYNC_SCHEMA.search(out)
+    if leftover is not None:  # pragma: no cover - guards future SQL changes
+        raise ValueError(f"cannot relocate SQL safely: {leftover.group(0)!r} remains")
+    return out
+
+
+@cache
+def _named(path: Path) -> dict[str, str]:
+    text = path.read_text()
+    marks = list(_NAME.finditer(text))
+    queries: dict[str, str] = {}
+    for mark, following in zip(marks, [*marks[1:], None], strict=True):
+        end = following.start() if following is not None else len(text)
+        body = [line for line in text[mark.end() : end].splitlines() if not line.startswith("--")]
+        queries[mark.group(1)] = "\n".join(body).strip().rstrip(";")
+    return queries
+
+
+def query(name: str, schemas: Schemas) -> str:
+    """The statement called ``name`` in ``queries.sql``, without its comments."""
+    try:
+        text = _named(_HERE / "queries.sql")[name]
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in queries.sql") from None
+    return relocate(text, schemas)
+
+
+def setup_script(schemas: Schemas) -> str:
+    """``setup.sql``: the twin tables and helper functions, as one script."""
+    return relocate((_HERE / "setup.sql").read_text(), schemas)
+
+
+# Statements whose only variable part is an identifier we generate; they are
+# composed with psycopg.sql.Identifier, never with string formatting.
+CREATE_DATABASE = "CREATE DATABASE {}"
+DROP_DATABASE = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
+CREATE_SCHEMA = "CREATE SCHEMA {}"
+DROP_SCHEMA = "DROP SCHEMA IF EXISTS {} CASCADE"

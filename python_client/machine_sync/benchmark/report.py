@@ -1,0 +1,391 @@
+"""Turn a :class:`BenchResult` into headline ratios, a markdown report and a chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .runner import BenchResult, BulkCell, Cell
+from .workloads import WORKLOADS
+
+SHORT = {
+    "legacy-autocommit": "legacy 2 autocommit",
+    "legacy-autocommit-rev": "legacy 2 autocommit (state first)",
+    "legacy-transaction": "legacy 1 transaction",
+    "stored-procedure": "stored procedure",
+    "machine-sync": "machine-sync",
+    "floor": "floor (no trigger)",
+}
+SYNC = "machine-sync"
+
+
+@dataclass(frozen=True)
+class Headline:
+    """One target: the measured median ratio per (driver, machines) and whether it holds."""
+
+    target: str
+    goal: str  # e.g. ">= 1.80"
+    values: dict[str, float]  # "pgbench 10 000" -> ratio
+    met: bool
+
+
+def _group_key(cell: Cell) -> tuple[str, str, int, int, float]:
+    return (cell.section, cell.driver, cell.machines, cell.clients, cell.latency_ms)
+
+
+def _groups(cells: Sequence[Cell]) -> dict[tuple[str, str, int, int, float], dict[str, Cell]]:
+    groups: dict[tuple[str, str, int, int, float], dict[str, Cell]] = {}
+    for cell in cells:
+        groups.setdefault(_group_key(cell), {})[cell.workload] = cell
+    return groups
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median over rounds of a[r] / b[r]: each round's pair ran back to back."""
+    pairs = [x / y for x, y in zip(a, b, strict=False) if y > 0]
+    return statistics.median(pairs) if pairs else float("nan")
+
+
+def _vs(group: dict[str, Cell], other: str) -> float | None:
+    """machine-sync throughput over ``other``'s (for the legacy pair: the faster one)."""
+    if SYNC not in group:
+        return None
+    sync = group[SYNC].rates
+    if other == "legacy-autocommit":
+        legacy = ("legacy-autocommit", "legacy-autocommit-rev")
+        pair = [group[k].rates for k in legacy if k in group]
+        if not pair:
+            return None
+        best = [max(values) for values in zip(*pair, strict=False)]
+        return paired_ratio(sync, best)
+    if other not in group:
+        return None
+    return paired_ratio(sync, group[other].rates)
+
+
+def _fmt_machines(n: int) -> str:
+    return f"{n:,}".replace(",", " ")
+
+
+def headlines(result: BenchResult) -> list[Headline]:
+    """The four targets of the issue, on the local connection with one client."""
+    groups = _groups(result.cells)
+    single = {
+        f"{d} {_fmt_machines(n)}": g
+        for (section, d, n, c, _), g in sorted(groups.items(), key=lambda kv: kv[0])
+        if section == "local" and c == 1
+    }
+    out: list[Headline] = []
+    for target, other, goal in (
+        (
+            "machine-sync vs legacy autocommit dual write (faster order), 1 client",
+            "legacy-autocommit",
+            1.8,
+        ),
+        ("machine-sync vs stored procedure, 1 client", "stored-procedure", 0.95),
+        ("machine-sync vs floor (no trigger), single row, 1 client", "floor", 0.85),
+    ):
+        values = {k: r for k, g in single.items() if (r := _vs(g, other)) is not None}
+        if values:
+            out.append(Headline(target, f">= {goal:.2f}", values, min(values.values()) >= goal))
+    bulk = {(b.workload, b.rows): b for b in result.bulk}
+    rows = max((b.rows for b in result.bulk), default=0)
+    if (SYNC, rows) in bulk and ("floor", rows) in bulk:
+        ratio = paired_ratio(bulk[(SYNC, rows)].seconds, bulk[("floor", rows)].seconds)
+        out.append(
+            Headline(
+                f"bulk {_fmt_machines(rows)}-row UPDATE time, machine-sync vs floor",
+                "<= 1.50",
+                {f"psycopg {_fmt_machines(rows)} rows": ratio},
+                ratio <= 1.5,
+            )
+        )
+    return out
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown(result: BenchResult) -> str:
+    """The whole report as markdown."""
+    meta = result.meta
+    settings = meta.get("settings", {})
+    durable = settings.get("fsync") == "on" and settings.get("synchronous_commit") == "on"
+    durability = (
+        "ON (commits wait for the disk, as in production)"
+        if durable
+        else "NOT fully on: commits are cheaper than in production"
+    )
+    config = meta.get("config", {})
+    lines = [
+        "# machine-sync bench",
+        "",
+        f"- Server: {meta.get('server')} (PostgreSQL {settings.get('server_version', '?')}), "
+        f"fsync={settings.get('fsync')}, synchronous_commit={settings.get('synchronous_commit')}, "
+        f"full_page_writes={settings.get('full_page_writes')}: durability "
+        f"{durability}.",
+        f"- Where: {meta.get('scratch')}; the real migrations applied there, so the real triggers "
+        "are measured. Twin tables without triggers for the legacy, stored-procedure and floor "
+        "workloads.",
+        f"- Machine: {meta.get('cpus')} CPUs, {meta.get('platform')}; Python {meta.get('python')}, "
+        f"psycopg {meta.get('psycopg')}, pgbench {meta.get('pgbench')}.",
+        f"- Method: {config.get('rounds')} rounds of {config.get('seconds')} s per workload "
+        "(after one unrecorded warm-up), workloads interleaved and rotated each round; figures are "
+        "medians; a ratio is the median of the per-round ratios. Every run's row updates were "
+        "checked against the server's statistics, and drift counted after every group.",
+        f"- Command: `{meta.get('command') or 'machine-sync bench'}` ({meta.get('started')})",
+        "",
+        "## Headline (local connection, median ratios)",
+        "",
+    ]
+    lines += _table(
+        ["target", "goal", "measured (median ratio)", "met"],
+        [
+            [
+                h.target,
+                h.goal,
+                ", ".join(f"{k}: {v:.2f}x" for k, v in h.values.items()),
+                "yes" if h.met else "**no**",
+            ]
+            for h in headlines(result)
+        ],
+    )
+    lines += ["", "## Single-row state changes per second (median), local connection", ""]
+    keys = [w.key for w in WORKLOADS if any(c.workload == w.key for c in result.cells)]
+    groups = _groups(result.cells)
+    rows = []
+    for (section, driver, machines, clients, _), group in sorted(groups.items()):
+        if section != "local":
+            continue
+        rows.append(
+            [driver, _fmt_machines(machines), str(clients)]
+            + [f"{group[k].median:,.0f}" if k in group else "-" for k in keys]
+            + [_ratio(_vs(group, o)) for o in ("legacy-autocommit", "stored-procedure", "floor")]
+        )
+    lines += _table(
+        [
+            "driver",
+            "machines",
+            "clients",
+            *[SHORT[k] for k in keys],
+            "sync / legacy",
+            "sync / proc",
+            "sync / floor",
+        ],
+        rows,
+    )
+    if result.bulk:
+        lines += ["", "## Bulk: one statement changes N machines (median ms per statement)", ""]
+        bulk = {(b.workload, b.rows): b for b in result.bulk}
+        sizes = sorted({b.rows for b in result.bulk})
+        names = list(dict.fromkeys(b.workload for b in result.bulk))
+        lines += _table(
+            ["rows", *[SHORT[n] for n in names], "sync / floor (time)"],
+            [
+                [_fmt_machines(size)]
+                + [f"{bulk[(n, size)].median * 1000:.2f}" for n in names]
+                + [
+                    _ratio(paired_ratio(bulk[(SYNC, size)].seconds, bulk[("floor", size)].seconds))
+                    if (SYNC, size) in bulk and ("floor", size) in bulk
+                    else "-"
+                ]
+                for size in sizes
+            ],
+        )
+    network = [(k, g) for k, g in sorted(groups.items()) if k[0] == "network"]
+    if network:
+        lines += ["", "## Through a delaying proxy: state changes per second (median)", ""]
+        lines += _table(
+            ["added RTT", "measured SELECT 1", "clients", *[SHORT[k] for k in keys]],
+            [
+                [
+                    f"{latency:g} ms",
+                    f"{result.rtt_ms.get(latency, float('nan')):.2f} ms",
+                    str(clients),
+                ]
+                + [f"{group[k].median:,.0f}" if k in group else "-" for k in keys]
+                for (_, _, _, clients, latency), group in network
+            ],
+        )
+        lines += ["", "## Round trips per state change (measured at the proxy)", ""]
+        trips: dict[str, list[float]] = {}
+        for _, group in network:
+            for key, cell in group.items():
+                if cell.round_trips is not None:
+                    trips.setdefault(key, []).append(cell.round_trips)
+        lines += _table(
+            ["workload", "round trips"],
+            [[SHORT[k], f"{statistics.median(trips[k]):.2f}"] for k in keys if k in trips],
+        )
+    lines += ["", "## Checks", ""]
+    every: list[Cell | BulkCell] = [*result.cells, *result.bulk]
+    bad = [c for c in every if not c.writes_ok]
+    drift = [c for c in every if c.drift]
+    lines.append(
+        f"- Row updates as expected (none missing, none stray) in {len(every) - len(bad)} of "
+        f"{len(every)} measured cells."
+    )
+    lines.append(
+        "- Drift after every group: "
+        + (
+            "none (0 disagreeing machines)"
+            if not drift
+            else ", ".join(f"{c.workload}: {c.drift}" for c in drift)
+        )
+    )
+    hot = _hot_ratios(result.cells)
+    if hot:
+        lines.append(
+            "- HOT share of row updates (local): "
+            + ", ".join(f"{SHORT[k]} {v:.0%}" for k, v in hot.items())
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _hot_ratios(cells: Sequence[Cell]) -> dict[str, float]:
+    totals: dict[str, tuple[int, int]] = {}
+    for cell in cells:
+        if cell.section != "local":
+            continue
+        hot, seen = totals.get(cell.workload, (0, 0))
+        share = cell.ops * len(_writes(cell.workload))
+        totals[cell.workload] = (hot + cell.hot_updates, seen + share)
+    return {k: h / n for k, (h, n) in totals.items() if n}
+
+
+def _writes(key: str) -> tuple[str, ...]:
+    return next(w.writes for w in WORKLOADS if w.key == key)
+
+
+def headline_text(result: BenchResult) -> str:
+    """The headline ratios as plain lines, for the terminal."""
+    lines = []
+    for h in headlines(result):
+        values = ", ".join(f"{k} {v:.2f}x" for k, v in h.values.items())
+        lines.append(f"{'MET ' if h.met else 'MISS'} {h.target} (goal {h.goal}): {values}")
+    return "\n".join(lines)
+
+
+def chart(result: BenchResult, path: Path) -> bool:
+    """Draw the PNG chart; False when matplotlib is not installed (extra ``bench``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = _groups(result.cells)
+    keys = [w.key for w in WORKLOADS if any(c.workload == w.key for c in result.cells)]
+    largest = max((c.machines for c in result.cells if c.section == "local"), default=0)
+    drivers = sorted({c.driver for c in result.cells if c.section == "local"})
+    panels = len(drivers) + (1 if result.bulk else 0) + (1 if result.rtt_ms else 0)
+    cols = 2 if panels > 1 else 1
+    rows = (panels + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows + 0.6), squeeze=False)
+    axes = [list(grid.flat)]
+    for unused in axes[0][panels:]:
+        unused.set_visible(False)
+    colors = dict(zip(keys, plt.get_cmap("tab10").colors, strict=False))  # type: ignore[attr-defined]
+
+    def bars(
+        ax: Any,
+        labels: list[str],
+        data: dict[str, list[float]],
+        title: str,
+        ylabel: str,
+        log: bool = False,
+    ) -> None:
+        width = 0.8 / max(len(keys), 1)
+        for i, key in enumerate(keys):
+            xs = [x + (i - (len(keys) - 1) / 2) * width for x in range(len(labels))]
+            ax.bar(xs, data[key], width, label=SHORT[key], color=colors[key])
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+
+    def median_of(group: tuple[str, str, int, int, float], key: str) -> float:
+        cell = groups.get(group, {}).get(key)
+        return cell.median if cell is not None else 0.0
+
+    panel = 0
+    for driver in drivers:
+        clients = sorted(
+            {
+                c.clients
+                for c in result.cells
+                if c.section == "local" and c.driver == driver and c.machines == largest
+            }
+        )
+        bars(
+            axes[0][panel],
+            [f"{c} client{'s' if c > 1 else ''}" for c in clients],
+            {k: [median_of(("local", driver, largest, c, 0.0), k) for c in clients] for k in keys},
+            f"{driver}: state changes/s, {_fmt_machines(largest)} machines",
+            "per second",
+        )
+        panel += 1
+    if result.bulk:
+        bulk = {(b.workload, b.rows): b for b in result.bulk}
+        sizes = sorted({b.rows for b in result.bulk})
+        bars(
+            axes[0][panel],
+            [f"{_fmt_machines(s)} rows" for s in sizes],
+            {
+                k: [bulk[(k, s)].median * 1000 if (k, s) in bulk else 0.0 for s in sizes]
+                for k in keys
+            },
+            "bulk: ms per statement (lower is better)",
+            "ms",
+            log=True,
+        )
+        panel += 1
+    if result.rtt_ms:
+        latencies = sorted(result.rtt_ms)
+        proxied = sorted({c.clients for c in result.cells if c.section == "network"})[:1]
+        bars(
+            axes[0][panel],
+            [f"+{lat:g} ms RTT" for lat in latencies],
+            {
+                k: [
+                    median_of(("network", "psycopg", largest, n, lat), k)
+                    for lat in latencies
+                    for n in proxied
+                ]
+                for k in keys
+            },
+            "through the delaying proxy, psycopg",
+            "per second",
+            log=True,
+        )
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(result: BenchResult, out_dir: Path) -> dict[str, Path]:
+    """Write report.md, report.json and (with matplotlib) report.png into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "report.md", "json": out_dir / "report.json"}
+    paths["markdown"].write_text(markdown(result))
+    paths["json"].write_text(json.dumps(result.to_json(), indent=1, default=str) + "\n")
+    png = out_dir / "report.png"
+    if chart(result, png):
+        paths["chart"] = png
+    return paths
