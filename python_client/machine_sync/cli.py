@@ -19,7 +19,6 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from uuid import UUID
@@ -36,6 +35,7 @@ from machine_sync._core import as_uuid
 from machine_sync.client import Client, Machine
 from machine_sync.errors import (
     DatabaseUnreachable,
+    ExitCode,
     InvalidArgument,
     InvalidStatus,
     MachineSyncError,
@@ -45,16 +45,6 @@ from machine_sync.errors import (
 from machine_sync.runner import RESTORE_COMMAND, Plan, Runner, Status
 
 __all__ = ["ExitCode", "app"]
-
-
-class ExitCode(IntEnum):
-    """What ``machine-sync`` exits with."""
-
-    OK = 0
-    FINDING = 1  # drift exists / migrations not up to date
-    BAD_INPUT = 2  # also what typer uses for usage errors
-    UNREACHABLE = 3
-    FAILED = 4
 
 
 MODES = ("compat", "strict")

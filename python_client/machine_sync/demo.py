@@ -44,14 +44,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from machine_sync import workload as wl
+from machine_sync.errors import ExitCode, one_line
 from machine_sync.resources import fixture, migrations_dir
 from machine_sync.server import Server, ServerUnavailable, embedded_server, find_psql
 
-# The exit codes of machine_sync.cli, which imports this module.
-EXIT_BAD_INPUT = 2
-EXIT_UNREACHABLE = 3
-EXIT_FAILED = 4
-EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 AB_ROUNDS = 4
 
 
@@ -71,7 +67,7 @@ class DemoOptions:
 class DemoError(Exception):
     """A failure the user can act on; its message is one line, ``code`` the exit code."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = ExitCode.FAILED) -> None:
         super().__init__(message)
         self.code = code
 
@@ -135,28 +131,24 @@ def run(options: DemoOptions) -> int:
         return exc.code
     except ServerUnavailable as exc:  # no wheel, no psql, the server would not start
         _fail(str(exc))
-        return EXIT_UNREACHABLE
+        return ExitCode.UNREACHABLE
     except psycopg.OperationalError as exc:
-        _fail(f"lost the database: {_one_line(str(exc))}")
-        return EXIT_UNREACHABLE
+        _fail(f"lost the database: {one_line(str(exc))}")
+        return ExitCode.UNREACHABLE
     except psycopg.Error as exc:
-        _fail(f"database error: {_one_line(str(exc))}")
-        return EXIT_FAILED
+        _fail(f"database error: {one_line(str(exc))}")
+        return ExitCode.FAILED
     except KeyboardInterrupt:
         left = _fate_line(places[0]) if places else "nothing was left behind"
         _fail(f"interrupted: writers stopped; {left}")
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(message: str) -> None:
-    print(f"machine-sync: error: demo: {_one_line(message)}", file=sys.stderr, flush=True)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    print(f"machine-sync: error: demo: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def _sigterm_as_interrupt() -> Any:
@@ -195,7 +187,7 @@ class _Place:
         except psycopg.Error as exc:
             raise DemoError(
                 f"cannot create a throwaway database on that server "
-                f"(the demo needs CREATEDB): {_one_line(str(exc))}"
+                f"(the demo needs CREATEDB): {one_line(str(exc))}"
             ) from None
         self.databases.append(name)
         return self.server.dsn_for(name)
@@ -251,15 +243,15 @@ def _borrowed_server(dsn: str) -> Server:
         conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise DemoError(
-            f"bad DSN in --dsn/DATABASE_URL: {_one_line(str(exc))}", EXIT_BAD_INPUT
+            f"bad DSN in --dsn/DATABASE_URL: {one_line(str(exc))}", ExitCode.BAD_INPUT
         ) from None
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             row = conn.execute(wl.SERVER_VERSION).fetchone()
     except psycopg.Error as exc:
         raise DemoError(
-            f"cannot reach the server in --dsn/DATABASE_URL: {_one_line(str(exc))}",
-            EXIT_UNREACHABLE,
+            f"cannot reach the server in --dsn/DATABASE_URL: {one_line(str(exc))}",
+            ExitCode.UNREACHABLE,
         ) from None
     version = int(row[0]) if row else 0
     return Server(dsn=dsn, version=version, bin_dir=None, label="dsn", data_dir=None)
@@ -279,7 +271,7 @@ def _throwaway(place: _Place) -> Iterator[None]:
             except psycopg.Error as exc:
                 names = ", ".join(place.databases)
                 raise DemoError(
-                    f"could not drop the throwaway databases {names}: {_one_line(str(exc))}"
+                    f"could not drop the throwaway databases {names}: {one_line(str(exc))}"
                 ) from None
             dropped = True
         place.fate = _fate(place, dropped)
@@ -439,7 +431,7 @@ class _Demo:
         if result.returncode != 0:
             lines = [line for line in result.stderr.splitlines() if line.strip()]
             reason = lines[-1] if lines else f"exit code {result.returncode}"
-            raise DemoError(f"psql failed on {path.name}: {_one_line(reason)}")
+            raise DemoError(f"psql failed on {path.name}: {one_line(reason)}")
         took = time.monotonic() - began
         output = [line for line in result.stdout.splitlines() if line.strip()]
         shown = ""

@@ -26,6 +26,7 @@ class                          raised when
 
 from __future__ import annotations
 
+from enum import IntEnum
 from uuid import UUID
 
 import psycopg
@@ -178,6 +179,17 @@ class MigrationFailed(MigrationError):
 _UNREACHABLE_STATES = {"57P01", "57P02", "57P03", "53300"}  # shutdown, too many clients
 # undefined table, schema, function, column
 _NOT_INSTALLED_STATES = {"42P01", "3F000", "42883", "42703"}
+
+
+class ExitCode(IntEnum):
+    """What ``machine-sync`` exits with (every command, the demo and bench too)."""
+
+    OK = 0
+    FINDING = 1  # drift exists / migrations not up to date
+    BAD_INPUT = 2  # also what typer uses for usage errors
+    UNREACHABLE = 3
+    FAILED = 4
+    INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 def one_line(text: str) -> str:

@@ -26,6 +26,8 @@ from subprocess import DEVNULL, PIPE, STDOUT
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from machine_sync.errors import one_line
+
 DEBIAN_PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 DOCKER_IMAGE = "postgres:17"  # Supabase runs 15 and 17
 # --locale=C: deterministic and always present, unlike en_US.UTF-8.
@@ -49,10 +51,6 @@ class Server:
 
 class ServerUnavailable(RuntimeError):
     """No PostgreSQL server could be found or started; the message says why."""
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _query_version(dsn: str) -> int:
@@ -104,7 +102,7 @@ def provide_server(
             version = _query_version(dsn)
         except psycopg.Error as err:
             raise ServerUnavailable(
-                f"{env_var} is set but the server is unreachable: {_one_line(str(err))}"
+                f"{env_var} is set but the server is unreachable: {one_line(str(err))}"
             ) from None
         yield Server(dsn=dsn, version=version, bin_dir=None, label="dsn", data_dir=None)
         return
@@ -255,7 +253,7 @@ def _local_server(
         if not (data / "PG_VERSION").exists():
             init = _run(run_as, bin_dir / "initdb", "-D", data, *_INITDB_ARGS)
             if init.returncode != 0:
-                msg = _one_line(init.stdout)[-500:]
+                msg = one_line(init.stdout)[-500:]
                 raise ServerUnavailable(f"initdb failed in {data}: {msg}")
         libdir = Path(_run(None, bin_dir / "pg_config", "--pkglibdir").stdout.strip())
         settings = _settings_args(fast, preload=(libdir / "pg_stat_statements.so").is_file())
@@ -269,7 +267,7 @@ def _local_server(
             if start.returncode == 0 or "already in use" not in _tail(log, 20):
                 break
         if start.returncode != 0:
-            msg = _one_line(start.stdout)
+            msg = one_line(start.stdout)
             raise ServerUnavailable(f"{kind} PostgreSQL failed to start ({msg}); log: {_tail(log)}")
         dsn = make_conninfo(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
         version = _query_version(dsn)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import statistics
 import tempfile
 import threading
 import time
@@ -1107,11 +1106,6 @@ class ThroughputResult:
                 for label in self.changes
             },
         }
-
-    def median_round_ratio(self, label: str, baseline: str) -> float:
-        """The median of :meth:`round_ratios`."""
-        ratios = self.round_ratios(label, baseline)
-        return statistics.median(ratios) if ratios else 0.0
 
 
 def _slice(
