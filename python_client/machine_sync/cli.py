@@ -25,7 +25,7 @@ from uuid import UUID
 
 import psycopg
 import typer
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import make_conninfo
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -33,6 +33,7 @@ from rich.text import Text
 from machine_sync import __version__, bench, demo
 from machine_sync._core import as_uuid
 from machine_sync.client import Client, Machine
+from machine_sync.dsn import parse_dsn
 from machine_sync.errors import (
     DatabaseUnreachable,
     ExitCode,
@@ -116,16 +117,9 @@ def _connect(dsn: str | None, purpose: str) -> psycopg.Connection[Any]:
     if not dsn:
         _fail("no database given: pass --dsn or set DATABASE_URL", ExitCode.BAD_INPUT)
     try:
-        params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        _fail(f"invalid --dsn/DATABASE_URL: {exc}", ExitCode.BAD_INPUT)
-    # libpq parses any port text and fails later with a resolver message.
-    ports = str(params.get("port") or "").split(",")
-    if not all(port.strip().isdigit() for port in ports if port.strip()):
-        _fail(
-            f"invalid --dsn/DATABASE_URL: port {params['port']!r} is not a number",
-            ExitCode.BAD_INPUT,
-        )
+        params = parse_dsn(dsn)
+    except InvalidArgument as exc:
+        _fail(str(exc), ExitCode.BAD_INPUT)
     # Defaults only: a value in the DSN wins. The name shows in pg_stat_activity
     # (and in the message a second deployer gets while this one migrates).
     params.setdefault("connect_timeout", 10)

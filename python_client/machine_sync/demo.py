@@ -44,7 +44,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from machine_sync import workload as wl
-from machine_sync.errors import ExitCode, one_line
+from machine_sync.dsn import parse_dsn
+from machine_sync.errors import ExitCode, InvalidArgument, one_line
 from machine_sync.resources import fixture, migrations_dir
 from machine_sync.server import Server, ServerUnavailable, embedded_server, find_psql
 
@@ -240,18 +241,15 @@ def _place(options: DemoOptions, out: _Out) -> Iterator[_Place]:
 
 def _borrowed_server(dsn: str) -> Server:
     try:
-        conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as exc:
-        raise DemoError(
-            f"bad DSN in --dsn/DATABASE_URL: {one_line(str(exc))}", ExitCode.BAD_INPUT
-        ) from None
+        parse_dsn(dsn)
+    except InvalidArgument as exc:
+        raise DemoError(str(exc), ExitCode.BAD_INPUT) from None
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             row = conn.execute(wl.SERVER_VERSION).fetchone()
     except psycopg.Error as exc:
         raise DemoError(
-            f"cannot reach the server in --dsn/DATABASE_URL: {one_line(str(exc))}",
-            ExitCode.UNREACHABLE,
+            f"cannot connect to the database: {one_line(str(exc))}", ExitCode.UNREACHABLE
         ) from None
     version = int(row[0]) if row else 0
     return Server(dsn=dsn, version=version, bin_dir=None, label="dsn", data_dir=None)
