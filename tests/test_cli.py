@@ -274,3 +274,14 @@ def test_a_database_without_machine_sync_says_to_migrate(legacy_db, empty_db, co
     for database in (legacy_db, empty_db):
         result = run(*command, dsn=database.dsn)
         assert_one_error_line(result, ExitCode.FAILED, "machine-sync migrate apply")
+
+
+def test_python_dash_m_runs_the_same_command_line():
+    result = subprocess.run(
+        [sys.executable, "-m", "machine_sync", "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("machine-sync ")
