@@ -208,19 +208,19 @@ SELECT
 -- name: audit_statuses
 -- Which statuses each table holds, and how often.
 SELECT
-    'machines.status' AS source,  -- noqa: RF04
-    status AS value,  -- noqa: RF04
+    'machines.status' AS origin,
+    status AS spelling,
     count(*) AS n
 FROM public.machines
 GROUP BY status
 UNION ALL
 SELECT
-    'machine_state.current_state' AS source,  -- noqa: RF04
-    current_state::text AS value,  -- noqa: RF04
+    'machine_state.current_state' AS origin,
+    current_state::text AS spelling,
     count(*) AS n
 FROM public.machine_state
 GROUP BY current_state
-ORDER BY 1 DESC, 2;  -- noqa: AM06
+ORDER BY origin DESC, spelling ASC;
 
 
 -- name: legacy_rpcs_present
