@@ -147,10 +147,10 @@ $$;
 -- already holds what it wrote in machines, and upgrading its own lock could
 -- deadlock with another such transaction.
 -- While it holds that lock, every machines writer waits for it; so that a
--- legacy write stuck behind some other lock cannot stall them for long, its
--- lock waits are capped at one second (lock_timeout, for the rest of its
--- transaction; a lower setting of the caller's stands). It then fails with
--- 55P03 and can be retried; nothing is half-applied.
+-- legacy write stuck behind some other lock cannot stall them for long, the
+-- statement's lock waits are capped at one second (a lower lock_timeout of
+-- the caller's stands; the caller's own is back when the statement ends). It
+-- then fails with 55P03 and can be retried; nothing is half-applied.
 CREATE OR REPLACE FUNCTION machine_sync.machine_state_lock_order()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -160,9 +160,29 @@ AS $$
 BEGIN
     IF txid_current_if_assigned() IS NULL AND machine_sync.mode() = 'compat' THEN
         IF current_setting('lock_timeout')::interval NOT BETWEEN '1 ms' AND '1 s' THEN
+            PERFORM set_config(
+                'machine_sync.caller_lock_timeout', current_setting('lock_timeout'), TRUE
+            );
             PERFORM set_config('lock_timeout', '1s', TRUE);
         END IF;
         LOCK TABLE public.machines IN SHARE ROW EXCLUSIVE MODE;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Gives the caller its own lock_timeout back once the statement is done.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_lock_order_end()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = ''
+AS $$
+DECLARE
+    caller_lock_timeout text := current_setting('machine_sync.caller_lock_timeout', TRUE);
+BEGIN
+    IF caller_lock_timeout <> '' THEN
+        PERFORM set_config('lock_timeout', caller_lock_timeout, TRUE);
+        PERFORM set_config('machine_sync.caller_lock_timeout', '', TRUE);
     END IF;
     RETURN NULL;
 END
@@ -173,6 +193,12 @@ BEFORE INSERT OR UPDATE ON public.machine_state
 FOR EACH STATEMENT
 WHEN (pg_trigger_depth() < 1)
 EXECUTE FUNCTION machine_sync.machine_state_lock_order();
+
+CREATE OR REPLACE TRIGGER machine_state_lock_order_end
+AFTER INSERT OR UPDATE ON public.machine_state
+FOR EACH STATEMENT
+WHEN (pg_trigger_depth() < 1)
+EXECUTE FUNCTION machine_sync.machine_state_lock_order_end();
 
 CREATE OR REPLACE TRIGGER machine_state_direct_write
 BEFORE INSERT OR UPDATE ON public.machine_state

@@ -249,3 +249,18 @@ def test_a_stuck_legacy_write_cannot_stall_other_writers_for_long(db):
         assert machine(writer, other)["status"] == "offline"
         assert machine(writer, stuck)["status"] == "idle"
         assert_consistent(writer)
+
+
+@pytest.mark.parametrize("caller_setting", ["0", "5s", "200ms"])
+def test_the_lock_wait_cap_ends_with_the_statement(db, caller_setting):
+    with db.connect() as setup:
+        machine_id = add_machine(setup)
+    with db.connect(autocommit=False) as conn:
+        conn.execute(f"SET LOCAL lock_timeout = '{caller_setting}'")
+        conn.execute(
+            "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+            [machine_id],
+        )
+        assert conn.execute("SHOW lock_timeout").fetchone() == (caller_setting,)
+        conn.commit()
+        assert_consistent(conn)

@@ -13,6 +13,7 @@ DROP TRIGGER IF EXISTS machine_state_carry_to_machines ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_direct_delete ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_truncate_alone ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_lock_order ON public.machine_state;
+DROP TRIGGER IF EXISTS machine_state_lock_order_end ON public.machine_state;
 
 DROP FUNCTION IF EXISTS public.atomic_processing_machine_state(uuid, uuid);
 DROP FUNCTION IF EXISTS public.atomic_error_machine_state(uuid, text);
