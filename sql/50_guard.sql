@@ -15,8 +15,8 @@
 --   moment the machine does, so a plain INSERT of it fails (23505) and an
 --   upsert (INSERT ... ON CONFLICT) updates it.
 -- * In compat, a direct write takes machines' lock before any machine_state
---   row (when it is its transaction's first write), so legacy writers and
---   machines writers lock rows in one order and cannot deadlock.
+--   row (unless its transaction already writes machines), so legacy writers
+--   and machines writers lock rows in one order and cannot deadlock.
 -- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
 -- * A direct DELETE fails while the machine exists (delete the machine).
 -- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
@@ -143,9 +143,10 @@ $$;
 -- code runs, then (carry) the machines row; every machines writer locks the
 -- two the other way round, so racing writers could deadlock. In compat, the
 -- first write of a transaction therefore takes machines' lock for the whole
--- statement first. Later writes of a transaction skip it: that transaction
--- already holds what it wrote in machines, and upgrading its own lock could
--- deadlock with another such transaction.
+-- statement first, unless the transaction already holds a write lock on
+-- machines: then it has rows of its own there, and upgrading its lock could
+-- deadlock with another such transaction. (Only a transaction that has
+-- written something pays for the pg_locks look-up.)
 -- While it holds that lock, every machines writer waits for it; so that a
 -- legacy write stuck behind some other lock cannot stall them for long, the
 -- statement's lock waits are capped at one second (a lower lock_timeout of
@@ -158,7 +159,24 @@ SECURITY DEFINER
 SET search_path = ''
 AS $$
 BEGIN
-    IF txid_current_if_assigned() IS NULL AND machine_sync.mode() = 'compat' THEN
+    IF
+        machine_sync.mode() = 'compat'
+        AND (
+            txid_current_if_assigned() IS NULL
+            OR NOT EXISTS (
+                SELECT
+                FROM pg_catalog.pg_locks AS l
+                WHERE
+                    l.pid = pg_backend_pid()
+                    AND l.locktype = 'relation'
+                    AND l.relation = 'public.machines'::regclass
+                    AND l.mode IN (
+                        'RowExclusiveLock', 'ShareRowExclusiveLock',
+                        'ExclusiveLock', 'AccessExclusiveLock'
+                    )
+            )
+        )
+    THEN
         IF current_setting('lock_timeout')::interval NOT BETWEEN '1 ms' AND '1 s' THEN
             PERFORM set_config(
                 'machine_sync.caller_lock_timeout', current_setting('lock_timeout'), TRUE

@@ -264,3 +264,46 @@ def test_the_lock_wait_cap_ends_with_the_statement(db, caller_setting):
         assert conn.execute("SHOW lock_timeout").fetchone() == (caller_setting,)
         conn.commit()
         assert_consistent(conn)
+
+
+@pytest.mark.parametrize("prelude", ["savepoint retry", "write to another table"])
+def test_lock_order_holds_after_an_earlier_write_or_a_retried_savepoint(db, prelude):
+    """A transaction with an id but no write lock on machines still takes the
+    lock first; otherwise it could deadlock with a machines writer (40P01)."""
+    with db.connect() as setup:
+        x, y = add_machine(setup), add_machine(setup)
+        setup.execute("CREATE TABLE side (n int)")
+    with db.connect(autocommit=False) as legacy, db.connect(autocommit=False) as writer:
+        if prelude == "savepoint retry":
+            legacy.execute("SAVEPOINT attempt")
+            with pytest.raises(psycopg.errors.CheckViolation):
+                legacy.execute(
+                    "UPDATE machine_state SET current_state = 'bogus' WHERE machine_id = %s", [x]
+                )
+            legacy.execute("ROLLBACK TO SAVEPOINT attempt")
+        else:
+            legacy.execute("INSERT INTO side VALUES (1)")
+        writer.execute("UPDATE machines SET status = 'maintenance' WHERE id = %s", [y])
+        outcome = {}
+
+        def legacy_write():
+            try:
+                legacy.execute(
+                    "UPDATE machine_state SET current_state = 'offline'"
+                    " WHERE machine_id = %s OR machine_id = %s",
+                    [x, y],
+                )
+                legacy.commit()
+                outcome["legacy"] = "committed"
+            except psycopg.Error as error:
+                outcome["legacy"] = error
+
+        thread = threading.Thread(target=legacy_write)
+        thread.start()
+        thread.join(0.3)  # it waits for machines' lock, holding no state row
+        writer.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [x])
+        writer.commit()
+        thread.join()
+        assert outcome["legacy"] == "committed"
+    with db.connect() as conn:
+        assert_consistent(conn)
