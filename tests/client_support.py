@@ -58,19 +58,6 @@ def round_trips(
     counted.statements = tuple(fields[3] for fields in sent if fields[2] in ("Parse", "Query"))
 
 
-def wait_until_blocked(conn: psycopg.Connection[Any], pid: int, timeout: float = 10.0) -> None:
-    """Wait until backend ``pid`` waits for a lock (the race is really on)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = conn.execute(
-            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
-        ).fetchone()
-        if row is not None and row[0] == "Lock":
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"backend {pid} never waited for a lock")
-
-
 def assert_matches_store(conn: psycopg.Connection[Any], result: Machine) -> None:
     """The operation's result is exactly what both tables now hold."""
     stored = machine(conn, result.id)

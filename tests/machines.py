@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -77,3 +78,16 @@ def assert_consistent(conn: psycopg.Connection[Any]) -> None:
     """One agreeing machine_state row per machine, and the drift view agrees."""
     assert disagreements(conn) == []
     assert conn.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
+
+
+def wait_until_lock_waiting(conn: psycopg.Connection[Any], pid: int, timeout: float = 10.0) -> None:
+    """Wait until backend ``pid`` waits for a lock (the race is really on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
+        ).fetchone()
+        if row is not None and row[0] == "Lock":
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"backend {pid} never waited for a lock")

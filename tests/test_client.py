@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from client_support import assert_matches_store, pgbouncer, round_trips, wait_until_blocked
+from client_support import assert_matches_store, pgbouncer, round_trips
 from machine_sync._queries import parse, queries
 from machine_sync.client import Client
 from machine_sync.errors import (
@@ -30,7 +30,7 @@ from machine_sync.errors import (
     translate,
 )
 
-from machines import add_machine, assert_consistent, machine, state
+from machines import add_machine, assert_consistent, machine, state, wait_until_lock_waiting
 
 
 @pytest.fixture
@@ -662,7 +662,7 @@ def test_loser_waits_for_the_winner_and_sees_its_commit(db, conn, first_commits)
 
         thread = threading.Thread(target=loser)
         thread.start()
-        wait_until_blocked(conn, loser_conn.info.backend_pid)
+        wait_until_lock_waiting(conn, loser_conn.info.backend_pid)
         if first_commits:
             winner_conn.commit()
         else:
@@ -692,7 +692,7 @@ def test_overtaken_write_that_keeps_the_status_is_resent_and_exact(db, conn):
 
         thread = threading.Thread(target=second)
         thread.start()
-        wait_until_blocked(conn, second_conn.info.backend_pid)
+        wait_until_lock_waiting(conn, second_conn.info.backend_pid)
         first_conn.commit()
         thread.join()
     result, trips = outcome
@@ -717,7 +717,7 @@ def test_overtaken_write_that_changes_the_status_is_written_at_once(db, conn):
 
         thread = threading.Thread(target=second)
         thread.start()
-        wait_until_blocked(conn, second_conn.info.backend_pid)
+        wait_until_lock_waiting(conn, second_conn.info.backend_pid)
         first_conn.commit()
         thread.join()
     result, trips = outcome

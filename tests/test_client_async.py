@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
-from client_support import assert_matches_store, round_trips, wait_until_blocked
+from client_support import assert_matches_store, round_trips
 from machine_sync.client import AsyncClient, Client
 from machine_sync.errors import (
     DatabaseUnreachable,
@@ -26,7 +26,7 @@ from machine_sync.errors import (
     UnknownMachine,
 )
 
-from machines import add_machine, assert_consistent, machine
+from machines import add_machine, assert_consistent, machine, wait_until_lock_waiting
 
 
 def public_methods(cls: type) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def test_waiting_task_sees_the_winners_commit(db, conn):
         ):
             await AsyncClient(winner).start_process(machine_id, first)  # locked, uncommitted
             attempt = asyncio.create_task(AsyncClient(loser).start_process(machine_id, second))
-            await asyncio.to_thread(wait_until_blocked, conn, loser.info.backend_pid)
+            await asyncio.to_thread(wait_until_lock_waiting, conn, loser.info.backend_pid)
             await winner.commit()
             return (await asyncio.gather(attempt, return_exceptions=True))[0]
 

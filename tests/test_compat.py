@@ -9,7 +9,7 @@ import uuid
 import psycopg
 import pytest
 
-from machines import add_machine, assert_consistent, machine, state
+from machines import add_machine, assert_consistent, machine, state, wait_until_lock_waiting
 
 # The four legacy write paths of legacy-system.md, statement by statement, in
 # their original order. Each statement is its own autocommit transaction.
@@ -241,7 +241,8 @@ def test_a_stuck_legacy_write_cannot_stall_other_writers_for_long(db):
 
         thread = threading.Thread(target=legacy_write)
         thread.start()
-        thread.join(0.3)  # let it take the table lock and block on the row
+        # It takes the table lock, then waits for the row.
+        wait_until_lock_waiting(writer, legacy.info.backend_pid)
         writer.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [other])
         thread.join()
         holder.rollback()
@@ -273,7 +274,11 @@ def test_lock_order_holds_after_an_earlier_write_or_a_retried_savepoint(db, prel
     with db.connect() as setup:
         x, y = add_machine(setup), add_machine(setup)
         setup.execute("CREATE TABLE side (n int)")
-    with db.connect(autocommit=False) as legacy, db.connect(autocommit=False) as writer:
+    with (
+        db.connect(autocommit=False) as legacy,
+        db.connect(autocommit=False) as writer,
+        db.connect() as observer,
+    ):
         if prelude == "savepoint retry":
             legacy.execute("SAVEPOINT attempt")
             with pytest.raises(psycopg.errors.CheckViolation):
@@ -300,7 +305,8 @@ def test_lock_order_holds_after_an_earlier_write_or_a_retried_savepoint(db, prel
 
         thread = threading.Thread(target=legacy_write)
         thread.start()
-        thread.join(0.3)  # it waits for machines' lock, holding no state row
+        # It waits for machines' lock, holding no state row yet.
+        wait_until_lock_waiting(observer, legacy.info.backend_pid)
         writer.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [x])
         writer.commit()
         thread.join()

@@ -36,10 +36,9 @@ from .workload import (
     legacy_params,
     run_writers,
     sleep_in,
-    wait_until_lock_waiting,
     wait_until_sleeping,
 )
-from machines import add_machine, assert_consistent, machine
+from machines import add_machine, assert_consistent, machine, wait_until_lock_waiting
 
 THREADS = 8
 HOT = 3  # hot machines every writer fights over

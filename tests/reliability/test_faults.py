@@ -26,10 +26,9 @@ from .workload import (
     legacy_params,
     sleep_in,
     snapshot,
-    wait_until_lock_waiting,
     wait_until_sleeping,
 )
-from machines import add_machine, assert_consistent, machine, state
+from machines import add_machine, assert_consistent, machine, state, wait_until_lock_waiting
 
 Conn = psycopg.Connection[Any]
 

@@ -227,19 +227,6 @@ def wait_until_sleeping(
     raise AssertionError(f"backend {pid} never reached the sleep trigger")
 
 
-def wait_until_lock_waiting(admin: psycopg.Connection[Any], pid: int, timeout: float = 10) -> None:
-    """Block until backend ``pid`` waits for a lock."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        row = admin.execute(
-            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", [pid]
-        ).fetchone()
-        if row is not None and row[0] == "Lock":
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"backend {pid} never waited for a lock")
-
-
 def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Every row of both tables, for before/after comparisons."""
     machines = conn.execute("SELECT * FROM machines ORDER BY id").fetchall()
