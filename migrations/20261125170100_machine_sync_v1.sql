@@ -1,16 +1,68 @@
--- machine-sync v1: machines becomes the single write target and
--- machine_state follows it in the same transaction.
--- Takes the baseline (an empty install or the legacy production database,
--- with its data) to the schema described in sql/. Idempotent: applying it
--- again changes nothing.
+-- machine-sync v1: machines becomes the single write target; machine_state
+-- follows it in the same transaction, and the state rules hold for every
+-- writer. Takes the baseline (an empty install or the legacy production
+-- database, with its data) to the schema described in sql/. Idempotent:
+-- applying it again changes nothing.
+--
+-- Generated from sql/ by python_client/tools/build_migration.py: edit the
+-- files there and run it; CI fails when this file is out of date.
 
 BEGIN;
 SET LOCAL lock_timeout = '5s';
 
--- Remember what v1 changes on the two tables it does not create (their
--- grants, the foreign key's name and rule, the id default), so that its
--- down migration puts them back exactly. Recorded on the first application
--- only; the down migration drops this schema.
+-- ---------------------------------------------------------------------------
+-- sql/00_schema.sql
+-- ---------------------------------------------------------------------------
+
+-- machine-sync: the schema that holds every internal object, and the role
+-- the mirror runs as.
+--
+-- Guarantees:
+-- * Nothing internal lives in `public`, which PostgREST exposes. The two
+--   legacy tables and the legacy RPC functions stay in `public` because
+--   deployed clients name them.
+-- * The mirror (50_mirror.sql) runs as `machine_sync_mirror`, a role nobody
+--   logs in as and no client role is granted. A write to machine_state is
+--   the mirror's exactly when it runs as that role (`current_user`), which
+--   no setting, foreign-key action or trigger of a client's can fake. The
+--   role is created once per cluster (it needs CREATEROLE, which Supabase's
+--   `postgres` has) and granted to the migrating role, so that it can hand
+--   the mirror's function to it.
+
+CREATE SCHEMA IF NOT EXISTS machine_sync;
+
+COMMENT ON SCHEMA machine_sync IS
+'machine-sync internals: status vocabulary, transitions, mode, triggers, drift view.';
+
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror'
+    ) THEN
+        CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
+        GRANT machine_sync_mirror TO CURRENT_USER;
+    END IF;
+END
+$$;
+
+COMMENT ON ROLE machine_sync_mirror IS
+'machine-sync: the role its mirror trigger runs as. Nobody logs in as it.';
+
+-- ---------------------------------------------------------------------------
+-- sql/05_revert.sql
+-- ---------------------------------------------------------------------------
+
+-- What machine-sync changes on tables it did not create, recorded so that
+-- its down migration puts them back exactly: the two tables' grants, the
+-- foreign key's name and rule, the id default.
+--
+-- Guarantees:
+-- * Recorded once, the first time machine-sync is applied; applying again
+--   records nothing new. The down migration drops this schema.
+-- * Nothing here is readable or writable by anyone but the owner.
+
 CREATE SCHEMA IF NOT EXISTS machine_sync_revert;
 REVOKE ALL ON SCHEMA machine_sync_revert FROM public;
 
@@ -34,8 +86,11 @@ CREATE TABLE IF NOT EXISTS machine_sync_revert.column_default (
 
 DO $$
 BEGIN
-    IF EXISTS (SELECT FROM machine_sync_revert.column_default) THEN
-        RETURN;  -- recorded when v1 was first applied
+    IF
+        EXISTS (SELECT FROM machine_sync_revert.column_default)
+        OR to_regclass('public.machine_state') IS NULL
+    THEN
+        RETURN;  -- recorded already, or a fresh install: nothing to put back
     END IF;
     INSERT INTO machine_sync_revert.table_grant
     SELECT
@@ -47,46 +102,140 @@ BEGIN
     CROSS JOIN LATERAL aclexplode(c.relacl) AS a
     LEFT JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
     WHERE
-        c.oid IN ('public.machines'::regclass, 'public.machine_state'::regclass)
+        c.oid IN (
+            'public.machines'::pg_catalog.regclass,
+            'public.machine_state'::pg_catalog.regclass
+        )
         AND a.grantee <> c.relowner;
     INSERT INTO machine_sync_revert.foreign_key
     SELECT conname, pg_get_constraintdef(oid)
     FROM pg_catalog.pg_constraint
     WHERE
-        conrelid = 'public.machine_state'::regclass
+        conrelid = 'public.machine_state'::pg_catalog.regclass
         AND contype = 'f'
-        AND confrelid = 'public.machines'::regclass;
+        AND confrelid = 'public.machines'::pg_catalog.regclass;
     INSERT INTO machine_sync_revert.column_default
     SELECT 'machines.id', pg_get_expr(d.adbin, d.adrelid)
     FROM pg_catalog.pg_attribute AS a
     LEFT JOIN pg_catalog.pg_attrdef AS d
         ON a.attrelid = d.adrelid AND a.attnum = d.adnum
-    WHERE a.attrelid = 'public.machines'::regclass AND a.attname = 'id';
+    WHERE a.attrelid = 'public.machines'::pg_catalog.regclass AND a.attname = 'id';
 END
 $$;
 
--- Columns machines needs to hold everything machine_state shows.
+-- ---------------------------------------------------------------------------
+-- sql/10_tables.sql
+-- ---------------------------------------------------------------------------
+
+-- The two tables, as production has them, plus what machine-sync adds.
+--
+-- Guarantees:
+-- * On an empty database the tables are created; on production's they are
+--   kept with their data, and only the additions below are made.
+-- * `machines` holds everything `machine_state` shows: it gains nullable
+--   `failure_description` and `failure_component`, and `status_since`, the
+--   moment its status last changed (machine_state.state_since mirrors it).
+-- * A `machine_state` row lives and dies with its machine: exactly one
+--   foreign key to machines, named machine_state_machine_id_fkey, cascading
+--   on delete, whatever production called its own.
+-- * Foreign keys to tables outside this product (`process_executions`,
+--   `machine_components`) are left as they are; a fresh install does not
+--   invent those tables.
+-- * `id` defaults to the core gen_random_uuid() (production used
+--   uuid-ossp's uuid_generate_v4(), which not every server has).
+-- * Row Level Security: a fresh install creates both tables with it on and
+--   no policy (a table in an exposed schema without it is open to every API
+--   role). On an existing database, whether machines has it stays the
+--   application's choice.
+
+-- Remember, for the end of this file, whether this is a fresh install.
+SELECT set_config(
+    'machine_sync.creating_machines',
+    (to_regclass('public.machines') IS NULL)::text,
+    TRUE
+) AS fresh_install;
+
+CREATE TABLE IF NOT EXISTS public.machines (
+    id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    serial_number text NOT NULL,
+    location text NOT NULL,
+    lab_name text NOT NULL,
+    lab_institution text NOT NULL,
+    model text NOT NULL,
+    machine_type text NOT NULL,
+    install_date timestamptz NOT NULL,
+    last_maintenance_date timestamptz NOT NULL,
+    status text NOT NULL DEFAULT 'offline',
+    current_operator_id uuid,
+    admin_id uuid NOT NULL,
+    is_active boolean NOT NULL DEFAULT TRUE,
+    current_process_id uuid,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    is_virtual boolean NOT NULL DEFAULT FALSE,
+    virtual_config jsonb
+);
+
+CREATE TABLE IF NOT EXISTS public.machine_state (
+    machine_id uuid PRIMARY KEY
+    CONSTRAINT machine_state_machine_id_fkey
+    REFERENCES public.machines (id) ON DELETE CASCADE,
+    current_state varchar(50) NOT NULL DEFAULT 'idle',
+    state_since timestamptz NOT NULL DEFAULT now(),
+    process_id uuid,
+    is_failure_mode boolean NOT NULL DEFAULT FALSE,
+    failure_component uuid,
+    failure_description text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
+
+DO $$
+BEGIN
+    IF current_setting('machine_sync.creating_machines') = 'true' THEN
+        ALTER TABLE public.machines ENABLE ROW LEVEL SECURITY;
+    END IF;
+END
+$$;
+
+-- Adding a nullable column, or one whose default is the transaction's
+-- now() (a stable expression), rewrites no rows.
 ALTER TABLE public.machines
 ADD COLUMN IF NOT EXISTS failure_description text,
-ADD COLUMN IF NOT EXISTS failure_component uuid;
+ADD COLUMN IF NOT EXISTS failure_component uuid,
+ADD COLUMN IF NOT EXISTS status_since timestamptz NOT NULL DEFAULT now();
 
--- The legacy default needs the uuid-ossp extension; the core function does
--- the same job everywhere.
+-- The new columns start from what only machine_state held: failure details
+-- where machines has none, and state_since where the state row shows the
+-- same status (in any case). On a database that has them already, or an
+-- empty one, nothing matches.
+UPDATE public.machines AS m
+SET
+    failure_description = coalesce(m.failure_description, s.failure_description),
+    failure_component = coalesce(m.failure_component, s.failure_component),
+    status_since = CASE
+        WHEN lower(m.status COLLATE "C") = lower(s.current_state COLLATE "C")
+            THEN s.state_since
+        ELSE m.status_since
+    END
+FROM public.machine_state AS s
+WHERE
+    s.machine_id = m.id
+    AND (
+        (
+            m.failure_description IS NULL
+            AND m.failure_component IS NULL
+            AND (s.failure_description IS NOT NULL OR s.failure_component IS NOT NULL)
+        )
+        OR (
+            lower(m.status COLLATE "C") = lower(s.current_state COLLATE "C")
+            AND m.status_since IS DISTINCT FROM s.state_since
+        )
+    );
+
 ALTER TABLE public.machines ALTER COLUMN id SET DEFAULT gen_random_uuid();
 
-COMMENT ON TABLE public.machines IS
-'One row per tool. The only table clients write; machine-sync mirrors it '
-'into machine_state in the same transaction.';
-COMMENT ON COLUMN public.machines.status IS
-'Canonical status (see machine_sync.allowed_status); input is trimmed, '
-'lower-cased and aliases are resolved.';
-COMMENT ON TABLE public.machine_state IS
-'Read-only mirror of machines, kept by machine-sync triggers for legacy '
-'readers (dashboard, Realtime, reports).';
-
--- Whatever the foreign key from machine_state to machines was called and
--- however it was declared, end with exactly one, named
--- machine_state_machine_id_fkey, that cascades on delete.
 DO $$
 DECLARE
     fk record;
@@ -95,61 +244,63 @@ BEGIN
         SELECT c.conname, c.confdeltype
         FROM pg_catalog.pg_constraint AS c
         WHERE
-            c.conrelid = 'public.machine_state'::regclass
+            c.conrelid = 'public.machine_state'::pg_catalog.regclass
             AND c.contype = 'f'
-            AND c.confrelid = 'public.machines'::regclass
+            AND c.confrelid = 'public.machines'::pg_catalog.regclass
     LOOP
         IF fk.conname <> 'machine_state_machine_id_fkey' OR fk.confdeltype <> 'c' THEN
             EXECUTE format('ALTER TABLE public.machine_state DROP CONSTRAINT %I', fk.conname);
         END IF;
     END LOOP;
     IF NOT EXISTS (
-        SELECT FROM pg_catalog.pg_constraint
-        WHERE conrelid = 'public.machine_state'::regclass
-          AND conname = 'machine_state_machine_id_fkey'
+        SELECT FROM pg_catalog.pg_constraint AS c
+        WHERE
+            c.conrelid = 'public.machine_state'::pg_catalog.regclass
+            AND c.conname = 'machine_state_machine_id_fkey'
     ) THEN
         ALTER TABLE public.machine_state
-            ADD CONSTRAINT machine_state_machine_id_fkey
-            FOREIGN KEY (machine_id) REFERENCES public.machines (id)
-            ON DELETE CASCADE;
+        ADD CONSTRAINT machine_state_machine_id_fkey
+        FOREIGN KEY (machine_id) REFERENCES public.machines (id)
+        ON DELETE CASCADE;
     END IF;
 END
 $$;
 
--- ---------------------------------------------------------------------------
--- sql/00_schema.sql
-
--- machine-sync: the schema that holds every internal object.
---
--- Guarantees: nothing internal lives in `public`, which PostgREST exposes.
--- The two legacy tables (`public.machines`, `public.machine_state`) and the
--- legacy RPC functions stay in `public` because deployed clients name them.
-
-CREATE SCHEMA IF NOT EXISTS machine_sync;
-
-COMMENT ON SCHEMA machine_sync IS
-'machine-sync internals: status vocabulary, mode, triggers, drift view.';
-
-REVOKE ALL ON SCHEMA machine_sync FROM public;
+COMMENT ON TABLE public.machines IS
+'One row per tool. The only table clients write; machine-sync mirrors it '
+'into machine_state in the same transaction.';
+COMMENT ON COLUMN public.machines.status IS
+'Canonical status (machine_sync.allowed_status); input is trimmed and '
+'lower-cased, aliases are resolved, transitions are checked '
+'(machine_sync.allowed_transition).';
+COMMENT ON COLUMN public.machines.status_since IS
+'When status last changed; set by the database.';
+COMMENT ON TABLE public.machine_state IS
+'Read-only mirror of machines, kept by machine-sync for legacy readers '
+'(dashboard, Realtime, reports).';
 
 -- ---------------------------------------------------------------------------
 -- sql/20_status.sql
+-- ---------------------------------------------------------------------------
 
 -- The status vocabulary: which statuses exist and which spellings mean them.
 --
 -- Guarantees:
 -- * Every stored status is one of machine_sync.allowed_status.
--- * Input is trimmed of whitespace and lower-cased, then aliases are resolved, so a legacy
---   writer sending 'IDLE' or 'running' keeps working.
+-- * Input is trimmed of ASCII white space and its ASCII letters are
+--   lower-cased, then aliases are resolved, so a legacy writer sending
+--   'IDLE' or 'running' keeps working. Nothing else is folded: the rule is
+--   the same in every database locale ('İDLE', full-width letters or a
+--   zero-width space are not a status).
 -- * Anything else is refused with SQLSTATE 23514 naming the allowed values.
--- * Operators extend the vocabulary with plain INSERTs into these two tables;
---   no function needs editing.
+--   Error messages quote at most 40 characters of a bad value and give its
+--   length, so a huge value cannot make a huge message or log line.
+-- * Operators extend the vocabulary with plain INSERTs into these two
+--   tables; no function needs editing.
 
 CREATE TABLE IF NOT EXISTS machine_sync.allowed_status (
     -- machine_state.current_state is varchar(50), so no longer than that.
-    status text PRIMARY KEY CHECK (
-        status = lower(btrim(status)) AND length(status) BETWEEN 1 AND 50
-    ),
+    status text PRIMARY KEY CHECK (status ~ '^[a-z][a-z0-9_]{0,49}$'),
     description text NOT NULL
 );
 
@@ -157,13 +308,15 @@ COMMENT ON TABLE machine_sync.allowed_status IS
 'Canonical machine statuses. Extend with INSERT; the triggers read it.';
 
 CREATE TABLE IF NOT EXISTS machine_sync.status_alias (
-    alias text PRIMARY KEY CHECK (alias = lower(btrim(alias))),
+    alias text PRIMARY KEY CHECK (
+        alias = lower(btrim(alias, E' \t\n\r\f\v') COLLATE "C")
+    ),
     status text NOT NULL REFERENCES machine_sync.allowed_status (status)
 );
 
 COMMENT ON TABLE machine_sync.status_alias IS
-'Other spellings accepted on input (after trim and lower-case) and the '
-'canonical status each one means.';
+'Other spellings accepted on input (after trimming and ASCII lower-casing) '
+'and the canonical status each one means.';
 
 INSERT INTO machine_sync.allowed_status (status, description) VALUES
 ('offline', 'Powered off or not connected (the default).'),
@@ -177,15 +330,33 @@ INSERT INTO machine_sync.status_alias (alias, status) VALUES
 ('running', 'processing')
 ON CONFLICT (alias) DO NOTHING;
 
+-- A value for an error message: quoted, at most 40 characters of it, and
+-- its length when it is longer.
+CREATE OR REPLACE FUNCTION machine_sync.quote_bounded(value text)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN value IS NULL THEN 'NULL'
+        WHEN length(value) <= 40 THEN quote_literal(value)
+        ELSE quote_literal(left(value, 40)) || '... (' || length(value) || ' characters)'
+    END
+$$;
+
 -- The canonical spelling of a status, or NULL when it is not known.
 CREATE OR REPLACE FUNCTION machine_sync.canonical_status(raw text)
 RETURNS text
 LANGUAGE sql
 STABLE
-SET search_path = ''
+PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    -- Trim any whitespace (tabs and newlines too), not just spaces.
-    WITH spelled AS (SELECT lower(btrim(raw, E' \t\n\r\f\v')) AS spelling)
+    WITH spelled AS (
+        SELECT lower(btrim(raw, E' \t\n\r\f\v') COLLATE "C") AS spelling
+    )
     SELECT coalesce(
         (SELECT a.status FROM machine_sync.allowed_status AS a, spelled
          WHERE a.status = spelled.spelling),
@@ -199,21 +370,22 @@ CREATE OR REPLACE FUNCTION machine_sync.normalize_status(raw text)
 RETURNS text
 LANGUAGE plpgsql
 STABLE
-SET search_path = ''
+PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     canonical text := machine_sync.canonical_status(raw);
 BEGIN
     IF canonical IS NULL THEN
         RAISE EXCEPTION 'invalid machine status %: allowed statuses are %',
-            coalesce(quote_literal(raw), 'NULL'),
-            (SELECT string_agg(status, ', ' ORDER BY status)
-             FROM machine_sync.allowed_status)
+            machine_sync.quote_bounded(raw),
+            (SELECT string_agg(a.status, ', ' ORDER BY a.status)
+             FROM machine_sync.allowed_status AS a)
         USING ERRCODE = 'check_violation',
               CONSTRAINT = 'machines_status_allowed',
               DETAIL = coalesce('accepted aliases: ' || (
-                  SELECT string_agg(alias || ' -> ' || status, ', ' ORDER BY alias)
-                  FROM machine_sync.status_alias), 'no aliases'),
+                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias)
+                  FROM machine_sync.status_alias AS s), 'no aliases'),
               HINT = 'Add a status with INSERT INTO machine_sync.allowed_status.';
     END IF;
     RETURN canonical;
@@ -221,7 +393,62 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------
--- sql/30_mode.sql
+-- sql/30_transitions.sql
+-- ---------------------------------------------------------------------------
+
+-- The transition rules, enforced for every writer by the trigger on
+-- machines (50_mirror.sql): the Python client, supabase-py, the legacy
+-- code, the legacy RPCs, psql and the SQL editor alike.
+--
+-- Guarantees:
+-- * A status changes only along a row of machine_sync.allowed_transition;
+--   anything else is refused with SQLSTATE MS003 naming both statuses and
+--   what is allowed from the first. Operators tighten or widen the rules
+--   with DELETE and INSERT; no function needs editing.
+-- * A machine that runs process P cannot be given another process: refused
+--   with SQLSTATE MS002, the message naming P (two operators pressing start
+--   together get one start and one MS002, whichever client they use).
+-- * `processing` and a process id go together. Leaving `processing` ends
+--   the run (current_process_id becomes NULL); clearing the process of a
+--   processing machine stops it (status becomes `idle`, the legacy stop
+--   path); entering `processing` without a process, or giving a process to
+--   a machine that is not processing, is refused with MS003.
+-- * Leaving `error` clears the failure fields.
+--
+-- The default rules are the ones the client always had: a process starts
+-- only from idle or offline; from any status a machine may go offline,
+-- idle, into maintenance or into error.
+
+CREATE TABLE IF NOT EXISTS machine_sync.allowed_transition (
+    from_status text NOT NULL REFERENCES machine_sync.allowed_status (status),
+    to_status text NOT NULL REFERENCES machine_sync.allowed_status (status),
+    PRIMARY KEY (from_status, to_status),
+    CHECK (from_status <> to_status)
+);
+
+COMMENT ON TABLE machine_sync.allowed_transition IS
+'Status changes the database allows. Tighten with DELETE, widen with INSERT.';
+
+-- Seeded only into an empty table, so that applying the migrations again
+-- never brings back a transition an operator deleted.
+INSERT INTO machine_sync.allowed_transition (from_status, to_status)
+SELECT
+    f.status AS from_status,
+    t.status AS to_status
+FROM machine_sync.allowed_status AS f
+CROSS JOIN machine_sync.allowed_status AS t
+WHERE
+    f.status IN ('offline', 'idle', 'processing', 'error', 'maintenance')
+    AND f.status <> t.status
+    AND (
+        t.status IN ('offline', 'idle', 'maintenance', 'error')
+        OR (t.status = 'processing' AND f.status IN ('idle', 'offline'))
+    )
+    AND NOT EXISTS (SELECT FROM machine_sync.allowed_transition);
+
+-- ---------------------------------------------------------------------------
+-- sql/40_mode.sql
+-- ---------------------------------------------------------------------------
 
 -- The transition mode: how direct writes to machine_state are treated.
 --
@@ -229,7 +456,9 @@ $$;
 -- * 'compat' (the default after migrating): a legacy UPDATE or INSERT on
 --   machine_state is carried into machines as if written there.
 -- * 'strict': any direct write to machine_state is refused.
--- * The mode is one row in one table, changed only through set_mode().
+-- * The mode is one row in one table. set_mode() validates and switches it;
+--   its UPDATE names its row, so it works under safeupdate (PostgREST on
+--   Supabase), which refuses an UPDATE without WHERE.
 
 CREATE TABLE IF NOT EXISTS machine_sync.settings (
     singleton boolean PRIMARY KEY DEFAULT TRUE CHECK (singleton),
@@ -247,241 +476,385 @@ CREATE OR REPLACE FUNCTION machine_sync.mode()
 RETURNS text
 LANGUAGE sql
 STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT s.mode FROM machine_sync.settings AS s
+    SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton
 $$;
 
--- Switch the mode; returns the mode now in force.
+-- Switch the mode; returns the mode now in force. Runs with the caller's
+-- privileges: who may switch is who may UPDATE machine_sync.settings.
 CREATE OR REPLACE FUNCTION machine_sync.set_mode(new_mode text)
 RETURNS text
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v'));
+    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v') COLLATE "C");
 BEGIN
     IF wanted IS NULL OR wanted NOT IN ('compat', 'strict') THEN
         RAISE EXCEPTION 'invalid machine-sync mode %: use ''compat'' or ''strict''',
-            coalesce(quote_literal(new_mode), 'NULL')
+            machine_sync.quote_bounded(new_mode)
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    UPDATE machine_sync.settings SET mode = wanted;
+    UPDATE machine_sync.settings AS s SET mode = wanted WHERE s.singleton;
     RETURN wanted;
 END
 $$;
 
 -- ---------------------------------------------------------------------------
--- sql/40_mirror.sql
+-- sql/50_mirror.sql
+-- ---------------------------------------------------------------------------
 
--- The mirror: every write to machines is reflected in machine_state by the
--- same statement, inside the same transaction.
+-- The mirror: every write to machines is checked against the rules and
+-- reflected in machine_state by the same statement, in the same transaction.
 --
 -- Guarantees:
--- * machines.status is always canonical (see 20_status.sql).
--- * machines.updated_at is the database's clock, never the client's.
--- * Leaving 'error' clears failure_description and failure_component.
--- * After every INSERT or UPDATE of a machine, its machine_state row exists
---   and has current_state = status, process_id = current_process_id,
---   is_failure_mode = (status = 'error') and the same failure fields.
--- * state_since moves only when the state changes; a write that changes
---   nothing mirrored does not rewrite machine_state.
+-- * machines.status is always canonical (20_status.sql) and changes only as
+--   the rules allow (30_transitions.sql), for every writer.
+-- * machines.updated_at is the database's clock, never the client's;
+--   machines.status_since moves exactly when the status changes. Both are
+--   set here and nowhere else.
+-- * After every INSERT or UPDATE of a machine its machine_state row exists
+--   and has current_state = status, state_since = status_since,
+--   process_id = current_process_id, is_failure_mode = (status = 'error')
+--   and the same failure fields. A write that changes none of these does
+--   not rewrite machine_state.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
--- * The mirror copies the machine's current row (not a possibly stale NEW),
---   so later writes to the same machine in one statement cannot leave an
---   older copy behind.
--- * The mirror is SECURITY DEFINER with an empty search_path, so it works
---   when the writer may not touch machine_state (RLS, revoked grants). The
---   normalizing BEFORE trigger needs no privilege and runs as the writer.
+-- * One trigger call per UPDATE: the BEFORE trigger decides the row and
+--   writes its state row. An UPDATE that touches none of the columns it
+--   watches (status, current_process_id, the failure fields, status_since,
+--   updated_at, id) calls no function at all (the trigger's WHEN). A new
+--   machine takes two calls: its state row can only be written AFTER the
+--   machine exists, because of the foreign key.
+-- * The function runs as machine_sync_mirror (00_schema.sql): that is how
+--   the guard on machine_state (60_guard.sql) knows the mirror's own
+--   writes, and why they work when the writer may not write machine_state.
+--   Its search_path puts pg_catalog before pg_temp, so no temporary type or
+--   table can stand in for one it uses; every other name is qualified.
+--
+-- Ordering with the application's own triggers: BEFORE triggers fire in
+-- name order and this one is named zz_machine_sync so that it fires after
+-- the usual ones (an updated_at stamper, say) and sees their changes. A
+-- BEFORE trigger that sorts after it must not change the columns above:
+-- machine_state would miss that change (machine_sync.drift reports it).
+-- AFTER triggers of the application's see both tables already written.
 
-CREATE OR REPLACE FUNCTION machine_sync.machines_before_write()
+CREATE OR REPLACE FUNCTION machine_sync.machines_sync()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = ''
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    -- The status before this write, canonical; NULL for a new machine or a
+    -- stored status outside the vocabulary (which may be corrected freely).
+    was text;
+    -- Whether the change from `was` to NEW.status is known to be allowed.
+    allowed boolean := FALSE;
 BEGIN
-    -- Hot path: an UPDATE to a status already spelled canonically costs one
-    -- index probe; normalize_status() (a SQL function per call) runs only
-    -- for inserts and for spellings that need it. With the mirror's fast
-    -- path below this cuts the triggers' server time per single-row state
-    -- change by about 30% (measured; see machine_sync/benchmark/RESULTS.md).
+    IF TG_WHEN = 'AFTER' THEN
+        -- A new machine. A state row left behind by a restore that bypassed
+        -- triggers is overwritten, not kept.
+        INSERT INTO public.machine_state AS s (
+            machine_id, current_state, state_since, process_id,
+            is_failure_mode, failure_component, failure_description, updated_at
+        ) VALUES (
+            NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
+            NEW.status = 'error', NEW.failure_component, NEW.failure_description,
+            NEW.updated_at
+        )
+        ON CONFLICT (machine_id) DO UPDATE SET
+            current_state = excluded.current_state,
+            state_since = excluded.state_since,
+            process_id = excluded.process_id,
+            is_failure_mode = excluded.is_failure_mode,
+            failure_component = excluded.failure_component,
+            failure_description = excluded.failure_description,
+            updated_at = excluded.updated_at;
+        RETURN NULL;
+    END IF;
+
     IF TG_OP = 'INSERT' THEN
-        NEW.status := machine_sync.normalize_status(NEW.status);
-    ELSIF NEW.status IS DISTINCT FROM OLD.status THEN
         IF NOT EXISTS (
             SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
         ) THEN
             NEW.status := machine_sync.normalize_status(NEW.status);
         END IF;
-        IF OLD.status = 'error' AND NEW.status <> 'error' THEN
-            NEW.failure_description := NULL;
-            NEW.failure_component := NULL;
+    ELSE
+        IF NEW.id IS DISTINCT FROM OLD.id THEN
+            RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
+            USING ERRCODE = 'MS003';
+        END IF;
+        was := OLD.status;
+        IF NEW.status IS DISTINCT FROM OLD.status THEN
+            -- Hot path: one probe proves both spellings canonical (the
+            -- table's foreign keys) and the change allowed.
+            allowed := EXISTS (
+                SELECT FROM machine_sync.allowed_transition AS t
+                WHERE t.from_status = OLD.status AND t.to_status = NEW.status
+            );
+            IF NOT allowed THEN
+                NEW.status := machine_sync.normalize_status(NEW.status);
+                was := machine_sync.canonical_status(OLD.status);
+            END IF;
         END IF;
     END IF;
+
+    -- A status and its process go together.
+    IF NEW.status = 'processing' THEN
+        IF NEW.current_process_id IS NULL THEN
+            IF was = 'processing' THEN
+                -- The run was cleared: the machine stopped.
+                NEW.status := 'idle';
+                allowed := FALSE;
+            ELSE
+                RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
+                    NEW.id
+                USING ERRCODE = 'MS003';
+            END IF;
+        ELSIF
+            was = 'processing'
+            AND OLD.current_process_id IS NOT NULL
+            AND NEW.current_process_id <> OLD.current_process_id
+        THEN
+            RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
+            USING ERRCODE = 'MS002',
+                  DETAIL = 'refused process ' || NEW.current_process_id::text,
+                  HINT = 'End the running process first (status idle, error or offline).';
+        END IF;
+    ELSIF NEW.current_process_id IS NOT NULL THEN
+        IF TG_OP = 'UPDATE' AND NEW.current_process_id = OLD.current_process_id THEN
+            -- The run ends with the status it ran in.
+            NEW.current_process_id := NULL;
+        ELSE
+            RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
+                NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
+            USING ERRCODE = 'MS003';
+        END IF;
+    END IF;
+
+    IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL AND NOT EXISTS (
+        SELECT FROM machine_sync.allowed_transition AS t
+        WHERE t.from_status = was AND t.to_status = NEW.status
+    ) THEN
+        RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
+        USING ERRCODE = 'MS003',
+              DETAIL = coalesce('allowed from ' || was || ': ' || (
+                  SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                  FROM machine_sync.allowed_transition AS t
+                  WHERE t.from_status = was), 'nothing is allowed from ' || was),
+              HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+    END IF;
+
+    IF was = 'error' AND NEW.status <> 'error' THEN
+        NEW.failure_description := NULL;
+        NEW.failure_component := NULL;
+    END IF;
+    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM was THEN
+        NEW.status_since := now();
+    ELSE
+        NEW.status_since := OLD.status_since;
+    END IF;
     NEW.updated_at := now();
+
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE public.machine_state AS s
+        SET
+            current_state = NEW.status,
+            state_since = NEW.status_since,
+            process_id = NEW.current_process_id,
+            is_failure_mode = (NEW.status = 'error'),
+            failure_component = NEW.failure_component,
+            failure_description = NEW.failure_description,
+            updated_at = NEW.updated_at
+        WHERE
+            s.machine_id = NEW.id
+            AND (
+                s.current_state, s.state_since, s.process_id, s.is_failure_mode,
+                s.failure_component, s.failure_description
+            ) IS DISTINCT FROM (
+                NEW.status::varchar, NEW.status_since, NEW.current_process_id,
+                NEW.status = 'error', NEW.failure_component, NEW.failure_description
+            );
+        IF NOT FOUND THEN
+            -- Either the row agrees already, or it is missing (drift made by
+            -- bypassing triggers): then this write repairs it.
+            INSERT INTO public.machine_state AS s (
+                machine_id, current_state, state_since, process_id,
+                is_failure_mode, failure_component, failure_description, updated_at
+            ) VALUES (
+                NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
+                NEW.status = 'error', NEW.failure_component, NEW.failure_description,
+                NEW.updated_at
+            )
+            ON CONFLICT (machine_id) DO NOTHING;
+        END IF;
+    END IF;
     RETURN NEW;
 END
 $$;
 
-COMMENT ON FUNCTION machine_sync.machines_before_write() IS
-'Normalizes status, stamps updated_at, clears failure fields on leaving error.';
+COMMENT ON FUNCTION machine_sync.machines_sync() IS
+'Checks and completes a write to machines, and writes its machine_state row.';
 
-CREATE OR REPLACE FUNCTION machine_sync.mirror_machine_state()
-RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = ''
-AS $$
-BEGIN
-    -- Mark the writes below as the mirror's own, for this machine only, so
-    -- the guard on machine_state (50_guard.sql) lets them through.
-    PERFORM set_config('machine_sync.mirroring', NEW.id::text, TRUE);
+-- The new owner needs CREATE on the schema only while it is handed over.
+GRANT CREATE ON SCHEMA machine_sync TO machine_sync_mirror;
+ALTER FUNCTION machine_sync.machines_sync() OWNER TO machine_sync_mirror;
+REVOKE CREATE ON SCHEMA machine_sync FROM machine_sync_mirror;
 
-    -- Copy from the machine's current row, not from NEW: when another
-    -- trigger or a CTE wrote the same machine again later in this
-    -- statement, NEW is already stale by the time this AFTER trigger runs.
-    UPDATE public.machine_state AS s
-    SET
-        current_state = m.status,
-        -- The same state in another spelling ('IDLE', from before
-        -- machine-sync) keeps state_since; canonical_status() is asked only
-        -- when the stored state is neither m's nor another canonical one.
-        state_since = CASE
-            WHEN s.current_state = m.status THEN s.state_since
-            WHEN EXISTS (
-                SELECT FROM machine_sync.allowed_status AS a
-                WHERE a.status = s.current_state
-            ) THEN now()
-            WHEN machine_sync.canonical_status(s.current_state) = m.status
-                THEN s.state_since
-            ELSE now()
-        END,
-        process_id = m.current_process_id,
-        is_failure_mode = (m.status = 'error'),
-        failure_component = m.failure_component,
-        failure_description = m.failure_description,
-        updated_at = now()
-    FROM public.machines AS m
-    WHERE
-        m.id = NEW.id
-        AND s.machine_id = NEW.id
-        AND (s.current_state, s.process_id, s.is_failure_mode,
-             s.failure_component, s.failure_description)
-            IS DISTINCT FROM
-            (m.status, m.current_process_id, m.status = 'error',
-             m.failure_component, m.failure_description);
-    IF NOT FOUND THEN
-        -- Either the row already agrees (nothing to do), the machine is
-        -- gone again, or the row is missing (a new machine, or drift made
-        -- by bypassing triggers): create it.
-        INSERT INTO public.machine_state AS s (
-            machine_id, current_state, state_since, process_id,
-            is_failure_mode, failure_component, failure_description, updated_at
-        )
-        SELECT
-            m.id, m.status, now(), m.current_process_id, m.status = 'error',
-            m.failure_component, m.failure_description, now()
-        FROM public.machines AS m
-        WHERE m.id = NEW.id
-        ON CONFLICT (machine_id) DO NOTHING;
-    END IF;
+CREATE OR REPLACE TRIGGER zz_machine_sync
+BEFORE UPDATE ON public.machines
+FOR EACH ROW
+WHEN (
+    (
+        old.status, old.current_process_id, old.failure_description,
+        old.failure_component, old.status_since, old.updated_at, old.id
+    )
+    IS DISTINCT FROM
+    (
+        new.status, new.current_process_id, new.failure_description,
+        new.failure_component, new.status_since, new.updated_at, new.id
+    )
+)
+EXECUTE FUNCTION machine_sync.machines_sync();
 
-    PERFORM set_config('machine_sync.mirroring', '', TRUE);
-    RETURN NULL;
-END
-$$;
+CREATE OR REPLACE TRIGGER zz_machine_sync_insert
+BEFORE INSERT ON public.machines
+FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 
-COMMENT ON FUNCTION machine_sync.mirror_machine_state() IS
-'Writes the machine_state row of NEW so that it agrees with machines.';
-
-CREATE OR REPLACE TRIGGER machines_before_write
-BEFORE INSERT OR UPDATE ON public.machines
-FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_before_write();
-
-CREATE OR REPLACE TRIGGER machines_mirror_state
-AFTER INSERT OR UPDATE ON public.machines
-FOR EACH ROW EXECUTE FUNCTION machine_sync.mirror_machine_state();
+CREATE OR REPLACE TRIGGER zz_machine_sync_insert_state
+AFTER INSERT ON public.machines
+FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 
 -- ---------------------------------------------------------------------------
--- sql/50_guard.sql
+-- sql/60_guard.sql
+-- ---------------------------------------------------------------------------
 
 -- The guard: writes to machine_state that the mirror did not make.
 --
--- The mirror (40_mirror.sql) marks its own writes with the transaction-local
--- setting machine_sync.mirroring = <machine id>, honoured only inside a
--- trigger (a client cannot set its way past the guard). Every other write
--- to a machine_state row is "direct", whoever issues it: a client, a
--- function, a trigger of the application's, a foreign-key action.
+-- A write is the mirror's exactly when it runs as machine_sync_mirror
+-- (00_schema.sql); every other write to machine_state is "direct", whoever
+-- makes it: a client, a function, an application's trigger, a foreign-key
+-- action. The triggers below ignore the mirror's writes in their WHEN
+-- clause, so the mirror pays no function call for them.
 --
 -- Guarantees:
--- * mode 'compat': a direct UPDATE or INSERT succeeds, reports its row as
---   before, and lands in machines as if written there (with the caller's own
---   privileges on machines); both tables agree when the statement ends. A
---   direct write that already agrees with machines does not write machines.
---   INSERT keeps PostgreSQL's meaning: the machine's row exists from the
---   moment the machine does, so a plain INSERT of it fails (23505) and an
---   upsert (INSERT ... ON CONFLICT) updates it.
--- * In compat, a direct write takes machines' lock before any machine_state
---   row (unless its transaction already writes machines), so legacy writers
---   and machines writers lock rows in one order and cannot deadlock.
+-- * mode 'compat': a direct UPDATE or INSERT succeeds with the caller's own
+--   privileges and policies on machines deciding, reports its row as
+--   before, and lands in machines as if written there, rules included (a
+--   legacy start on a busy machine is refused like any other, MS002). Both
+--   tables agree when the statement ends. A direct write that changes
+--   nothing mirrored neither writes nor locks machines. INSERT keeps
+--   PostgreSQL's meaning: a machine's state row exists from the moment the
+--   machine does, so a plain INSERT of it fails (23505) and an upsert
+--   (INSERT ... ON CONFLICT DO UPDATE) updates it.
+-- * Lock order without a table lock. PostgreSQL locks a machine_state row
+--   before any trigger on it runs, and every machines writer locks its
+--   machines row first: a legacy write and a machines write of the same
+--   machine, each in the instant between its two row locks, would wait for
+--   each other. The legacy write therefore waits for its machines row at
+--   most half of deadlock_timeout (or the caller's lower lock_timeout):
+--   in such a cycle it is always the one that gives up, with SQLSTATE 55P03
+--   (retry), before PostgreSQL would have to pick a victim. Nothing waits
+--   for a table lock; only writers of that one machine ever wait.
 -- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
 -- * A direct DELETE fails while the machine exists (delete the machine).
 -- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
 
--- Normalizes a direct write into the row the mirror would have written.
-CREATE OR REPLACE FUNCTION machine_sync.machine_state_before_direct_write()
+-- Checks a direct write and, when it changes what machines says, locks
+-- that machine for the carry below. Runs with the caller's privileges.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_direct_write()
 RETURNS trigger
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    prior public.machine_state;
-    prior_status text;
+    since timestamptz;
 BEGIN
     IF machine_sync.mode() = 'strict' THEN
         RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'
         USING ERRCODE = 'MS001',
               HINT = 'UPDATE public.machines SET status = ... WHERE id = ...; machine_state follows in the same transaction.';
     END IF;
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.machine_id IS DISTINCT FROM OLD.machine_id THEN
-            RAISE EXCEPTION 'machine_state.machine_id cannot change (from % to %)',
-                OLD.machine_id, NEW.machine_id
-            USING ERRCODE = 'MS001';
-        END IF;
-        prior := OLD;
-    ELSE
-        -- An INSERT makes a new row. For a machine whose state row exists
-        -- (the mirror made it with the machine) it fails with 23505 as it
-        -- always did, or, with ON CONFLICT, takes the UPDATE path above:
-        -- replacing the row instead would change what an upsert means.
-        prior := NULL;
+    IF TG_OP = 'UPDATE' AND NEW.machine_id IS DISTINCT FROM OLD.machine_id THEN
+        RAISE EXCEPTION 'machine_state.machine_id cannot change (from % to %)',
+            OLD.machine_id, NEW.machine_id
+        USING ERRCODE = 'MS001';
     END IF;
-    prior_status := machine_sync.canonical_status(prior.current_state);
-
-    NEW.current_state := machine_sync.normalize_status(NEW.current_state);
-    IF prior_status = 'error' AND NEW.current_state <> 'error' THEN
-        NEW.failure_description := NULL;
-        NEW.failure_component := NULL;
+    IF NOT EXISTS (
+        SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.current_state
+    ) THEN
+        NEW.current_state := machine_sync.normalize_status(NEW.current_state);
     END IF;
     NEW.is_failure_mode := (NEW.current_state = 'error');
-    NEW.state_since := CASE
-        WHEN prior_status = NEW.current_state THEN prior.state_since
-        ELSE now()
-    END;
     NEW.updated_at := now();
+    IF TG_OP = 'UPDATE' AND (
+        NEW.current_state, NEW.process_id, NEW.failure_description, NEW.failure_component
+    ) IS NOT DISTINCT FROM (
+        OLD.current_state, OLD.process_id, OLD.failure_description, OLD.failure_component
+    ) THEN
+        NEW.state_since := OLD.state_since;
+        RETURN NEW;
+    END IF;
+
+    since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
+    -- The carry will change the machine and its mirror rewrites this row
+    -- when the status changes; until then the row keeps the machine's since.
+    NEW.state_since := since;
     RETURN NEW;
+END
+$$;
+
+-- Locks a machine's row for a legacy write, waiting at most half of
+-- deadlock_timeout (or the caller's own lower lock_timeout, passed in: this
+-- function's SET clause hides it, and restores it on return). Returns the
+-- machine's status_since; raises 42501 when the caller may not write it.
+CREATE OR REPLACE FUNCTION machine_sync.lock_machine(machine_id uuid, caller_lock_timeout text)
+RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = 0
+AS $$
+DECLARE
+    caller_ms double precision := extract(epoch FROM caller_lock_timeout::interval) * 1000;
+    bound_ms double precision := extract(
+        epoch FROM current_setting('deadlock_timeout')::interval
+    ) * 500;
+    since timestamptz;
+BEGIN
+    IF caller_ms > 0 AND caller_ms < bound_ms THEN
+        bound_ms := caller_ms;
+    END IF;
+    PERFORM set_config('lock_timeout', ceil(bound_ms)::bigint::text || 'ms', TRUE);
+    BEGIN
+        SELECT m.status_since INTO since
+        FROM public.machines AS m
+        WHERE m.id = lock_machine.machine_id
+        FOR NO KEY UPDATE;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'machine % is being written by another transaction: this write to machine_state waited % ms for it and gave up; retry',
+            lock_machine.machine_id, ceil(bound_ms)::bigint
+        USING ERRCODE = 'lock_not_available',
+              HINT = 'In compat mode a write to machine_state also writes machines; write public.machines directly to wait as long as any writer.';
+    END;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
+            lock_machine.machine_id, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Write public.machines directly.';
+    END IF;
+    RETURN since;
 END
 $$;
 
 -- Carries a direct write into machines. SECURITY INVOKER on purpose: the
 -- caller's own grants and RLS policies on machines decide whether it may.
+-- The machines trigger then applies the rules and rewrites this row only
+-- where they changed what was written (a run ends, a failure clears).
 CREATE OR REPLACE FUNCTION machine_sync.machine_state_carry_to_machines()
 RETURNS trigger
 LANGUAGE plpgsql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     UPDATE public.machines AS m
@@ -490,23 +863,8 @@ BEGIN
         current_process_id = NEW.process_id,
         failure_description = NEW.failure_description,
         failure_component = NEW.failure_component
-    WHERE
-        m.id = NEW.machine_id
-        AND (m.status, m.current_process_id, m.failure_description, m.failure_component)
-            IS DISTINCT FROM
-            (NEW.current_state::text, NEW.process_id, NEW.failure_description,
-             NEW.failure_component);
-    -- Nothing updated: fine if machines already agrees (checked with the
-    -- caller's own visibility), an error if the row is hidden or read-only.
-    IF NOT FOUND AND NOT EXISTS (
-        SELECT FROM public.machines AS m
-        WHERE
-            m.id = NEW.machine_id
-            AND m.status = NEW.current_state
-            AND m.current_process_id IS NOT DISTINCT FROM NEW.process_id
-            AND m.failure_description IS NOT DISTINCT FROM NEW.failure_description
-            AND m.failure_component IS NOT DISTINCT FROM NEW.failure_component
-    ) THEN
+    WHERE m.id = NEW.machine_id;
+    IF NOT FOUND THEN
         RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
             NEW.machine_id, current_user
         USING ERRCODE = 'insufficient_privilege',
@@ -516,11 +874,13 @@ BEGIN
 END
 $$;
 
-CREATE OR REPLACE FUNCTION machine_sync.machine_state_before_direct_delete()
+-- Runs as the owner: whether the machine still exists must not depend on
+-- what the caller may see.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_direct_delete()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF EXISTS (SELECT FROM public.machines AS m WHERE m.id = OLD.machine_id) THEN
@@ -536,7 +896,7 @@ CREATE OR REPLACE FUNCTION machine_sync.machine_state_after_truncate()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF EXISTS (SELECT FROM public.machines) THEN
@@ -547,131 +907,61 @@ BEGIN
 END
 $$;
 
--- Lock order. A direct write locks its machine_state row before any of our
--- code runs, then (carry) the machines row; every machines writer locks the
--- two the other way round, so racing writers could deadlock. In compat, the
--- first write of a transaction therefore takes machines' lock for the whole
--- statement first, unless the transaction already holds a write lock on
--- machines: then it has rows of its own there, and upgrading its lock could
--- deadlock with another such transaction. (Only a transaction that has
--- written something pays for the pg_locks look-up.)
--- While it holds that lock, every machines writer waits for it; so that a
--- legacy write stuck behind some other lock cannot stall them for long, the
--- statement's lock waits are capped at one second (a lower lock_timeout of
--- the caller's stands; the caller's own is back when the statement ends). It
--- then fails with 55P03 and can be retried; nothing is half-applied.
-CREATE OR REPLACE FUNCTION machine_sync.machine_state_lock_order()
-RETURNS trigger
-LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = ''
-AS $$
-BEGIN
-    IF
-        machine_sync.mode() = 'compat'
-        AND (
-            txid_current_if_assigned() IS NULL
-            OR NOT EXISTS (
-                SELECT
-                FROM pg_catalog.pg_locks AS l
-                WHERE
-                    l.pid = pg_backend_pid()
-                    AND l.locktype = 'relation'
-                    AND l.relation = 'public.machines'::regclass
-                    AND l.mode IN (
-                        'RowExclusiveLock', 'ShareRowExclusiveLock',
-                        'ExclusiveLock', 'AccessExclusiveLock'
-                    )
-            )
-        )
-    THEN
-        IF current_setting('lock_timeout')::interval NOT BETWEEN '1 ms' AND '1 s' THEN
-            PERFORM set_config(
-                'machine_sync.caller_lock_timeout', current_setting('lock_timeout'), TRUE
-            );
-            PERFORM set_config('lock_timeout', '1s', TRUE);
-        END IF;
-        LOCK TABLE public.machines IN SHARE ROW EXCLUSIVE MODE;
-    END IF;
-    RETURN NULL;
-END
-$$;
-
--- Gives the caller its own lock_timeout back once the statement is done.
-CREATE OR REPLACE FUNCTION machine_sync.machine_state_lock_order_end()
-RETURNS trigger
-LANGUAGE plpgsql
-SET search_path = ''
-AS $$
-DECLARE
-    caller_lock_timeout text := current_setting('machine_sync.caller_lock_timeout', TRUE);
-BEGIN
-    IF caller_lock_timeout <> '' THEN
-        PERFORM set_config('lock_timeout', caller_lock_timeout, TRUE);
-        PERFORM set_config('machine_sync.caller_lock_timeout', '', TRUE);
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER machine_state_lock_order
-BEFORE INSERT OR UPDATE ON public.machine_state
-FOR EACH STATEMENT
-WHEN (pg_trigger_depth() < 1)
-EXECUTE FUNCTION machine_sync.machine_state_lock_order();
-
-CREATE OR REPLACE TRIGGER machine_state_lock_order_end
-AFTER INSERT OR UPDATE ON public.machine_state
-FOR EACH STATEMENT
-WHEN (pg_trigger_depth() < 1)
-EXECUTE FUNCTION machine_sync.machine_state_lock_order_end();
-
 CREATE OR REPLACE TRIGGER machine_state_direct_write
 BEFORE INSERT OR UPDATE ON public.machine_state
 FOR EACH ROW
-WHEN (
-    pg_trigger_depth() < 1
-    OR current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text
-)
-EXECUTE FUNCTION machine_sync.machine_state_before_direct_write();
+WHEN (current_user <> 'machine_sync_mirror')
+EXECUTE FUNCTION machine_sync.machine_state_direct_write();
 
-CREATE OR REPLACE TRIGGER machine_state_carry_to_machines
-AFTER INSERT OR UPDATE ON public.machine_state
+CREATE OR REPLACE TRIGGER machine_state_carry_update
+AFTER UPDATE ON public.machine_state
 FOR EACH ROW
 WHEN (
-    pg_trigger_depth() < 1
-    OR current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM new.machine_id::text
+    current_user <> 'machine_sync_mirror'
+    AND (
+        old.current_state, old.process_id, old.failure_description, old.failure_component
+    ) IS DISTINCT FROM (
+        new.current_state, new.process_id, new.failure_description, new.failure_component
+    )
 )
+EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
+
+CREATE OR REPLACE TRIGGER machine_state_carry_insert
+AFTER INSERT ON public.machine_state
+FOR EACH ROW
+WHEN (current_user <> 'machine_sync_mirror')
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
 
 CREATE OR REPLACE TRIGGER machine_state_direct_delete
 BEFORE DELETE ON public.machine_state
 FOR EACH ROW
-WHEN (
-    pg_trigger_depth() < 1
-    OR current_setting('machine_sync.mirroring', TRUE) IS DISTINCT FROM old.machine_id::text
-)
-EXECUTE FUNCTION machine_sync.machine_state_before_direct_delete();
+WHEN (current_user <> 'machine_sync_mirror')
+EXECUTE FUNCTION machine_sync.machine_state_direct_delete();
 
 CREATE OR REPLACE TRIGGER machine_state_truncate_alone
 AFTER TRUNCATE ON public.machine_state
 FOR EACH STATEMENT EXECUTE FUNCTION machine_sync.machine_state_after_truncate();
 
 -- ---------------------------------------------------------------------------
--- sql/60_drift.sql
+-- sql/70_drift.sql
+-- ---------------------------------------------------------------------------
 
 -- Drift: machines whose machine_state row is missing or disagrees.
 --
--- Drift cannot arise while the triggers run; it can only come from bypassing
--- them (session_replication_role = replica during a data-only restore,
--- ALTER TABLE ... DISABLE TRIGGER) or from data that predates machine-sync.
+-- Drift cannot arise while the triggers run; it can only come from
+-- bypassing them (session_replication_role = replica during a data-only
+-- restore, ALTER TABLE ... DISABLE TRIGGER) or from data that predates
+-- machine-sync.
 --
 -- Guarantees:
 -- * machine_sync.drift lists every such machine, one row each, and is empty
 --   in normal operation. It runs with the caller's privileges
 --   (security_invoker), so it never shows rows RLS hides from the caller.
--- * machine_sync.reconcile() repairs all drift from machines and returns how
---   many drift rows it repaired; afterwards the view is empty.
+-- * machine_sync.reconcile() repairs every drifted machine it can, from
+--   machines, and returns one row per drifted machine saying whether it was
+--   repaired and, when not, why (a status outside the vocabulary, a rule
+--   the stored row breaks). One machine it cannot repair does not stop the
+--   others.
 
 CREATE OR REPLACE VIEW machine_sync.drift
 WITH (security_invoker = TRUE)
@@ -691,8 +981,9 @@ SELECT
         WHEN s.machine_id IS NULL THEN 'missing_state'
         WHEN m.id IS NULL THEN 'orphaned_state'
         WHEN
-            lower(m.status) = lower(s.current_state)
-            AND m.status <> s.current_state
+            m.status <> s.current_state
+            AND machine_sync.canonical_status(m.status)
+            = machine_sync.canonical_status(s.current_state)
             THEN 'status_case'
         WHEN (m.status IS DISTINCT FROM machine_sync.canonical_status(m.status))
             THEN 'noncanonical_status'
@@ -705,78 +996,99 @@ WHERE
     OR s.machine_id IS NULL
     OR m.status IS DISTINCT FROM machine_sync.canonical_status(m.status)
     OR (
-        m.status, m.current_process_id, m.status = 'error',
+        m.status, m.status_since, m.current_process_id, m.status = 'error',
         m.failure_description, m.failure_component
     )
     IS DISTINCT FROM
     (
-        s.current_state::text, s.process_id, s.is_failure_mode,
+        s.current_state::text, s.state_since, s.process_id, s.is_failure_mode,
         s.failure_description, s.failure_component
     );
 
 COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '
-'Empty in normal operation; repair with SELECT machine_sync.reconcile().';
+'Empty in normal operation; repair with SELECT * FROM machine_sync.reconcile().';
 
 CREATE OR REPLACE FUNCTION machine_sync.reconcile()
-RETURNS integer
+RETURNS TABLE (machine_id uuid, problem text, repaired boolean, reason text)
 LANGUAGE plpgsql
 SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    drifted integer;
+    found record;
+    failure text;
 BEGIN
     IF current_setting('session_replication_role') = 'replica' THEN
         RAISE EXCEPTION 'reconcile needs the machine-sync triggers, which do not fire while session_replication_role = replica'
         USING ERRCODE = 'object_not_in_prerequisite_state',
               HINT = 'SET session_replication_role = origin; then call it again.';
     END IF;
-    SELECT count(*) INTO drifted FROM machine_sync.drift;
-    IF drifted = 0 THEN
-        RETURN 0;
-    END IF;
-
-    -- Statuses stored in a legacy spelling ('IDLE'); an unknown status
-    -- raises here, naming the allowed values.
-    UPDATE public.machines AS m
-    SET status = machine_sync.normalize_status(m.status)
-    WHERE m.status IS DISTINCT FROM machine_sync.canonical_status(m.status);
-
-    -- State rows whose machine is gone (foreign keys are not checked in
-    -- replica mode). The delete guard allows it: the machine does not exist.
-    DELETE FROM public.machine_state AS s
-    WHERE NOT EXISTS (SELECT FROM public.machines AS m WHERE m.id = s.machine_id);
-
-    -- Any write to a machine re-runs its mirror, which creates or corrects
-    -- the state row; updated_at is the only column that changes.
-    UPDATE public.machines AS m
-    SET updated_at = now()
-    WHERE m.id IN (SELECT d.machine_id FROM machine_sync.drift AS d);
-
-    IF EXISTS (SELECT FROM machine_sync.drift) THEN
-        RAISE EXCEPTION 'reconcile left drift behind; is a machine-sync trigger disabled?'
-        USING ERRCODE = 'internal_error';
-    END IF;
-    RETURN drifted;
+    FOR found IN
+        SELECT d.machine_id, d.problem, d.status FROM machine_sync.drift AS d
+        ORDER BY d.machine_id
+    LOOP
+        failure := NULL;
+        BEGIN
+            IF found.problem = 'orphaned_state' THEN
+                -- Foreign keys are not checked in replica mode. The delete
+                -- guard allows it: the machine does not exist.
+                DELETE FROM public.machine_state AS s WHERE s.machine_id = found.machine_id;
+            ELSIF machine_sync.canonical_status(found.status) IS NULL THEN
+                failure := format(
+                    'status %s is not in machine_sync.allowed_status: add it there '
+                    '(or an alias to machine_sync.status_alias), or correct the machine',
+                    machine_sync.quote_bounded(found.status)
+                );
+            ELSE
+                -- Any write of a watched column re-runs the mirror, which
+                -- canonicalizes the status and rewrites the state row.
+                -- (updated_at must differ from the stored one to fire it.)
+                UPDATE public.machines AS m
+                SET
+                    status = machine_sync.canonical_status(m.status),
+                    updated_at = CASE
+                        WHEN m.updated_at = now() THEN now() - interval '1 microsecond'
+                        ELSE now()
+                    END
+                WHERE m.id = found.machine_id;
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            failure := SQLERRM;
+        END;
+        machine_id := found.machine_id;
+        problem := found.problem;
+        repaired := failure IS NULL AND NOT EXISTS (
+            SELECT FROM machine_sync.drift AS d WHERE d.machine_id = found.machine_id
+        );
+        reason := CASE
+            WHEN failure IS NOT NULL THEN failure
+            WHEN NOT repaired THEN 'still drifting after the repair: is a machine-sync trigger disabled?'
+        END;
+        RETURN NEXT;
+    END LOOP;
 END
 $$;
 
 COMMENT ON FUNCTION machine_sync.reconcile() IS
-'Repairs every row of machine_sync.drift from machines; returns how many.';
+'Repairs every row of machine_sync.drift from machines; one result row per drifted machine.';
 
 -- ---------------------------------------------------------------------------
--- sql/70_legacy_rpc.sql
+-- sql/80_legacy_rpc.sql
+-- ---------------------------------------------------------------------------
 
 -- The legacy RPC functions, kept for deployed code that calls them through
 -- PostgREST with named parameters.
 --
 -- Guarantees:
 -- * Same names, same parameter names, same json result
---   {success, machine, machine_state, updated_at}.
--- * Each is one write to machines; the mirror does the rest.
--- * A missing machine raises SQLSTATE P0002 (no_data_found); contradictory
---   arguments raise 22023. Nothing is half-applied.
+--   {success, machine, machine_state, updated_at}; machine_state is null
+--   when the caller may not see the state row.
+-- * Each is one write to machines; the mirror does the rest, and the rules
+--   apply as to any writer (a start on a busy machine raises MS002).
+-- * A missing (or hidden) machine raises SQLSTATE MS004, which PostgREST
+--   answers with HTTP 400, not 500; contradictory arguments raise 22023.
+--   Nothing is half-applied.
 -- * SECURITY INVOKER: the caller's own privileges and RLS policies apply.
 
 CREATE OR REPLACE FUNCTION public.atomic_update_machine_state(
@@ -790,11 +1102,11 @@ CREATE OR REPLACE FUNCTION public.atomic_update_machine_state(
 )
 RETURNS json
 LANGUAGE plpgsql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     machine public.machines;
-    state public.machine_state;
+    state json;
 BEGIN
     IF p_machine_id IS NULL THEN
         RAISE EXCEPTION 'p_machine_id must not be null'
@@ -802,15 +1114,15 @@ BEGIN
     END IF;
     -- An unknown spelling is reported as such (23514, naming the allowed
     -- values), not as a disagreement.
-    PERFORM machine_sync.normalize_status(p_machine_status)
-    WHERE p_machine_status IS NOT NULL;
-    PERFORM machine_sync.normalize_status(p_machine_state_current_state)
-    WHERE p_machine_state_current_state IS NOT NULL;
-    IF machine_sync.canonical_status(p_machine_status)
-       IS DISTINCT FROM machine_sync.canonical_status(p_machine_state_current_state)
-       AND p_machine_status IS NOT NULL AND p_machine_state_current_state IS NOT NULL THEN
+    IF
+        p_machine_status IS NOT NULL
+        AND p_machine_state_current_state IS NOT NULL
+        AND machine_sync.normalize_status(p_machine_status)
+        <> machine_sync.normalize_status(p_machine_state_current_state)
+    THEN
         RAISE EXCEPTION 'p_machine_status (%) and p_machine_state_current_state (%) disagree',
-            p_machine_status, p_machine_state_current_state
+            machine_sync.quote_bounded(p_machine_status),
+            machine_sync.quote_bounded(p_machine_state_current_state)
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_current_process_id <> p_machine_state_process_id THEN
@@ -827,8 +1139,9 @@ BEGIN
     WHERE m.id = p_machine_id
     RETURNING m.* INTO machine;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'machine % does not exist', p_machine_id
-        USING ERRCODE = 'no_data_found';
+        RAISE EXCEPTION 'machine % does not exist or is not writable for role %',
+            p_machine_id, current_user
+        USING ERRCODE = 'MS004';
     END IF;
     IF p_is_failure_mode IS DISTINCT FROM (machine.status = 'error')
        AND p_is_failure_mode IS NOT NULL THEN
@@ -837,11 +1150,12 @@ BEGIN
               HINT = 'is_failure_mode is derived: it is true exactly when status is error.';
     END IF;
 
-    SELECT * INTO state FROM public.machine_state AS s WHERE s.machine_id = p_machine_id;
+    SELECT to_json(s) INTO state
+    FROM public.machine_state AS s WHERE s.machine_id = p_machine_id;
     RETURN json_build_object(
-        'success', true,
+        'success', TRUE,
         'machine', to_json(machine),
-        'machine_state', to_json(state),
+        'machine_state', state,
         'updated_at', machine.updated_at
     );
 END
@@ -850,7 +1164,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.atomic_complete_machine_state(p_machine_id uuid)
 RETURNS json
 LANGUAGE sql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT public.atomic_update_machine_state(
         p_machine_id => p_machine_id,
@@ -863,7 +1177,7 @@ CREATE OR REPLACE FUNCTION public.atomic_error_machine_state(
 )
 RETURNS json
 LANGUAGE sql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT public.atomic_update_machine_state(
         p_machine_id => p_machine_id,
@@ -878,7 +1192,7 @@ CREATE OR REPLACE FUNCTION public.atomic_processing_machine_state(
 )
 RETURNS json
 LANGUAGE plpgsql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_process_id IS NULL THEN
@@ -894,35 +1208,50 @@ END
 $$;
 
 -- ---------------------------------------------------------------------------
--- sql/80_grants.sql
+-- sql/90_grants.sql
+-- ---------------------------------------------------------------------------
 
--- Privileges: nothing grants more than a caller needs.
+-- Privileges: nothing grants more than a caller needs, and nothing a legacy
+-- writer needs is taken away.
 --
 -- Guarantees:
--- * Trigger functions, reconcile() and set_mode() are executable by their
---   owner only (plus service_role where Supabase's roles exist). Triggers
---   fire regardless of EXECUTE privilege, so writers need none.
--- * Everyone may read the status vocabulary and the mode, and call
---   canonical_status(), normalize_status() and mode(): the legacy RPCs run
---   with the caller's privileges and use them.
--- * With Supabase's roles: anon and authenticated cannot write machine_state
---   at all; anon cannot write machines; nobody but the owner and
---   service_role may TRUNCATE machines (TRUNCATE ignores RLS); service_role keeps
---   INSERT and UPDATE on machine_state for legacy writers in compat mode;
---   nobody but the owner may DELETE or TRUNCATE it. The legacy RPCs are
---   callable by authenticated and service_role, not by anon.
+-- * Everyone may read the status vocabulary, the transitions and the mode,
+--   and call the helpers the triggers and legacy RPCs use with the caller's
+--   privileges. Trigger functions are executable by their owners only:
+--   triggers fire regardless, and nobody can attach ours to a table of
+--   their own.
+-- * machine_sync_mirror may read machines and read and write machine_state
+--   (a row-level policy lets it see every row): its one function is the
+--   mirror.
+-- * On both tables, only the owner may TRUNCATE, attach triggers
+--   (TRIGGER), reference them from foreign keys (REFERENCES) or LOCK,
+--   VACUUM FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and
+--   later); only the owner deletes machine_state rows directly.
+-- * Every other grant the tables had stays. In compat, legacy writers keep
+--   INSERT and UPDATE on machine_state, and their own privileges and
+--   policies on machines decide what their writes may do.
+-- * With Supabase's roles: anon (a visitor who has not logged in) only
+--   reads; only service_role may see drift, call reconcile() and switch the
+--   mode; authenticated and service_role may call the legacy RPCs.
 -- * On a plain PostgreSQL without those roles, the same statements apply to
---   PUBLIC only.
+--   PUBLIC only; the owner grants the rest as the application needs.
 
+REVOKE ALL ON SCHEMA machine_sync FROM public;
+GRANT USAGE ON SCHEMA machine_sync TO public;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA machine_sync FROM public;
 REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM public;
-GRANT USAGE ON SCHEMA machine_sync TO public;
-GRANT SELECT ON machine_sync.allowed_status, machine_sync.status_alias,
-machine_sync.settings TO public;
+GRANT SELECT ON
+machine_sync.allowed_status,
+machine_sync.status_alias,
+machine_sync.allowed_transition,
+machine_sync.settings
+TO public;
 GRANT EXECUTE ON FUNCTION
+machine_sync.quote_bounded(text),
 machine_sync.canonical_status(text),
 machine_sync.normalize_status(text),
-machine_sync.mode()
+machine_sync.mode(),
+machine_sync.lock_machine(uuid, text)
 TO public;
 
 REVOKE ALL ON FUNCTION
@@ -932,75 +1261,97 @@ public.atomic_error_machine_state(uuid, text),
 public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
-REVOKE DELETE, TRUNCATE, REFERENCES, TRIGGER ON public.machine_state FROM public;
-REVOKE INSERT, UPDATE ON public.machine_state FROM public;
+GRANT SELECT ON public.machines TO machine_sync_mirror;
+GRANT SELECT, INSERT, UPDATE ON public.machine_state TO machine_sync_mirror;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_policy AS p
+        WHERE
+            p.polrelid = 'public.machine_state'::pg_catalog.regclass
+            AND p.polname = 'machine_sync_mirror'
+    ) THEN
+        CREATE POLICY machine_sync_mirror ON public.machine_state
+        TO machine_sync_mirror
+        USING (TRUE)
+        WITH CHECK (TRUE);
+    END IF;
+END
+$$;
+
+REVOKE TRUNCATE, TRIGGER, REFERENCES ON public.machines, public.machine_state FROM public;
+REVOKE DELETE ON public.machine_state FROM public;
 
 DO $$
 DECLARE
     client_roles constant text[] := ARRAY['anon', 'authenticated', 'service_role'];
+    supabase boolean := (
+        SELECT count(*) = 3 FROM pg_catalog.pg_roles AS r WHERE r.rolname = ANY (client_roles)
+    );
+    owner_only text := 'TRUNCATE, TRIGGER, REFERENCES';
 BEGIN
-    IF (SELECT count(*) FROM pg_catalog.pg_roles WHERE rolname = ANY (client_roles)) < 3 THEN
+    IF current_setting('server_version_num')::integer >= 170000 THEN
+        owner_only := owner_only || ', MAINTAIN';
+        EXECUTE 'REVOKE MAINTAIN ON public.machines, public.machine_state FROM public';
+    END IF;
+    IF NOT supabase THEN
         RETURN;  -- not a Supabase project: PUBLIC was handled above
     END IF;
 
-    -- Supabase's default privileges grant ALL on new objects to the client
-    -- roles; take back what they must not have.
     REVOKE ALL ON ALL FUNCTIONS IN SCHEMA machine_sync FROM anon, authenticated, service_role;
     REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM anon, authenticated, service_role;
-    GRANT EXECUTE ON FUNCTION
-        machine_sync.canonical_status(text),
-        machine_sync.normalize_status(text),
-        machine_sync.mode()
-        TO anon, authenticated, service_role;
-    GRANT SELECT ON machine_sync.allowed_status, machine_sync.status_alias,
-        machine_sync.settings TO anon, authenticated, service_role;
     GRANT SELECT ON machine_sync.drift TO service_role;
+    GRANT UPDATE (mode) ON machine_sync.settings TO service_role;
     GRANT EXECUTE ON FUNCTION machine_sync.reconcile(), machine_sync.set_mode(text)
-        TO service_role;
+    TO service_role;
 
     REVOKE ALL ON FUNCTION
-        public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
-        public.atomic_complete_machine_state(uuid),
-        public.atomic_error_machine_state(uuid, text),
-        public.atomic_processing_machine_state(uuid, uuid)
-        FROM anon, authenticated, service_role;
+    public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
+    public.atomic_complete_machine_state(uuid),
+    public.atomic_error_machine_state(uuid, text),
+    public.atomic_processing_machine_state(uuid, uuid)
+    FROM anon, authenticated, service_role;
     GRANT EXECUTE ON FUNCTION
-        public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
-        public.atomic_complete_machine_state(uuid),
-        public.atomic_error_machine_state(uuid, text),
-        public.atomic_processing_machine_state(uuid, uuid)
-        TO authenticated, service_role;
+    public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
+    public.atomic_complete_machine_state(uuid),
+    public.atomic_error_machine_state(uuid, text),
+    public.atomic_processing_machine_state(uuid, uuid)
+    TO authenticated, service_role;
 
-    REVOKE ALL ON public.machine_state FROM anon, authenticated, service_role;
-    GRANT SELECT ON public.machine_state TO anon, authenticated, service_role;
-    GRANT INSERT, UPDATE ON public.machine_state TO service_role;
-    -- anon is a visitor who has not logged in: it writes no machine.
-    REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON public.machines FROM anon;
-    REVOKE TRUNCATE ON public.machines FROM authenticated;
-    -- A trigger runs as whoever writes next: only the owner attaches one.
-    REVOKE TRIGGER, REFERENCES ON public.machines FROM anon, authenticated, service_role;
+    REVOKE INSERT, UPDATE, DELETE ON public.machines, public.machine_state FROM anon;
+    REVOKE DELETE ON public.machine_state FROM authenticated, service_role;
+    EXECUTE format(
+        'REVOKE %s ON public.machines, public.machine_state FROM anon, authenticated, service_role',
+        owner_only
+    );
 END
 $$;
 
 -- ---------------------------------------------------------------------------
--- Backfill: bring rows that predate machine-sync under its contract.
+-- sql/95_backfill.sql
+-- ---------------------------------------------------------------------------
+
+-- Rows that predate machine-sync, brought under its contract.
 --
 -- Guarantees:
 -- * A status outside the vocabulary stops the migration with an error that
---   lists the machines and values (add them to allowed_status, or fix them).
--- * Failure details that only machine_state held are copied into machines
---   before anything mirrors over them: nothing is lost.
--- * A machine the legacy stop path left 'processing' without a process takes
---   the status its state row moved on to.
--- * Legacy spellings ('IDLE') are normalized; every machine ends with exactly
---   one agreeing machine_state row.
+--   names the machines and values (add them to allowed_status, or fix
+--   them); nothing is applied.
+-- * Every other machine ends with exactly one agreeing machine_state row,
+--   its status canonical ('IDLE' becomes 'idle'), under the rules: a
+--   machine the legacy stop path left 'processing' without a process is
+--   idle.
 -- * On a database already in that state, nothing changes.
 
 DO $$
 DECLARE
     unknown text;
+    unrepaired text;
 BEGIN
-    SELECT string_agg(format('%s (%L)', m.id, m.status), ', ' ORDER BY m.id)
+    SELECT string_agg(
+        format('%s (%s)', m.id, machine_sync.quote_bounded(m.status)), ', ' ORDER BY m.id
+    )
     INTO unknown
     FROM public.machines AS m
     WHERE machine_sync.canonical_status(m.status) IS NULL;
@@ -1009,54 +1360,16 @@ BEGIN
         USING ERRCODE = 'check_violation',
               HINT = 'INSERT the status into machine_sync.allowed_status (or an alias into machine_sync.status_alias), or correct those rows, then migrate again.';
     END IF;
+
+    SELECT string_agg(format('%s: %s', r.machine_id, r.reason), '; ' ORDER BY r.machine_id)
+    INTO unrepaired
+    FROM machine_sync.reconcile() AS r
+    WHERE NOT r.repaired;
+    IF unrepaired IS NOT NULL THEN
+        RAISE EXCEPTION 'machines that could not be brought into agreement: %', unrepaired
+        USING ERRCODE = 'check_violation';
+    END IF;
 END
 $$;
-
--- machines wins, with one exception: the legacy stop path cleared
--- machines.current_process_id and set only machine_state to the new status,
--- so "processing with no process" beside a state row that moved on (and has
--- no process either) means the stop happened: take the state row's status.
-UPDATE public.machines AS m
-SET
-    status = CASE
-        WHEN
-            m.status = 'processing'
-            AND m.current_process_id IS NULL
-            AND src.state_status IS NOT NULL
-            AND src.state_status <> 'processing'
-            AND src.process_id IS NULL
-            THEN src.state_status
-        ELSE machine_sync.canonical_status(m.status)
-    END,
-    failure_description = coalesce(m.failure_description, src.failure_description),
-    failure_component = coalesce(m.failure_component, src.failure_component)
-FROM (
-    SELECT
-        mm.id,
-        s.process_id,
-        s.failure_description,
-        s.failure_component,
-        machine_sync.canonical_status(s.current_state) AS state_status
-    FROM public.machines AS mm
-    LEFT JOIN public.machine_state AS s ON mm.id = s.machine_id
-) AS src
-WHERE
-    src.id = m.id
-    AND (
-        m.status <> machine_sync.canonical_status(m.status)
-        OR (
-            m.status = 'processing'
-            AND m.current_process_id IS NULL
-            AND src.state_status <> 'processing'
-            AND src.process_id IS NULL
-        )
-        OR (
-            m.failure_description IS NULL
-            AND m.failure_component IS NULL
-            AND (src.failure_description IS NOT NULL OR src.failure_component IS NOT NULL)
-        )
-    );
-
-SELECT machine_sync.reconcile() AS repaired_machines;
 
 COMMIT;

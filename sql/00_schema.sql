@@ -1,12 +1,35 @@
--- machine-sync: the schema that holds every internal object.
+-- machine-sync: the schema that holds every internal object, and the role
+-- the mirror runs as.
 --
--- Guarantees: nothing internal lives in `public`, which PostgREST exposes.
--- The two legacy tables (`public.machines`, `public.machine_state`) and the
--- legacy RPC functions stay in `public` because deployed clients name them.
+-- Guarantees:
+-- * Nothing internal lives in `public`, which PostgREST exposes. The two
+--   legacy tables and the legacy RPC functions stay in `public` because
+--   deployed clients name them.
+-- * The mirror (50_mirror.sql) runs as `machine_sync_mirror`, a role nobody
+--   logs in as and no client role is granted. A write to machine_state is
+--   the mirror's exactly when it runs as that role (`current_user`), which
+--   no setting, foreign-key action or trigger of a client's can fake. The
+--   role is created once per cluster (it needs CREATEROLE, which Supabase's
+--   `postgres` has) and granted to the migrating role, so that it can hand
+--   the mirror's function to it.
 
 CREATE SCHEMA IF NOT EXISTS machine_sync;
 
 COMMENT ON SCHEMA machine_sync IS
-'machine-sync internals: status vocabulary, mode, triggers, drift view.';
+'machine-sync internals: status vocabulary, transitions, mode, triggers, drift view.';
 
-REVOKE ALL ON SCHEMA machine_sync FROM public;
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror'
+    ) THEN
+        CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
+        GRANT machine_sync_mirror TO CURRENT_USER;
+    END IF;
+END
+$$;
+
+COMMENT ON ROLE machine_sync_mirror IS
+'machine-sync: the role its mirror trigger runs as. Nobody logs in as it.';

@@ -1,14 +1,30 @@
--- The two tables, as production has them, plus the columns machine-sync adds.
+-- The two tables, as production has them, plus what machine-sync adds.
 --
 -- Guarantees:
--- * `machines` can hold everything `machine_state` shows: it gains nullable
---   `failure_description` and `failure_component`.
--- * A `machine_state` row lives and dies with its machine (ON DELETE CASCADE).
+-- * On an empty database the tables are created; on production's they are
+--   kept with their data, and only the additions below are made.
+-- * `machines` holds everything `machine_state` shows: it gains nullable
+--   `failure_description` and `failure_component`, and `status_since`, the
+--   moment its status last changed (machine_state.state_since mirrors it).
+-- * A `machine_state` row lives and dies with its machine: exactly one
+--   foreign key to machines, named machine_state_machine_id_fkey, cascading
+--   on delete, whatever production called its own.
 -- * Foreign keys to tables outside this product (`process_executions`,
---   `machine_components`) exist on the legacy database and are left as they
---   are; a fresh install does not invent those tables.
+--   `machine_components`) are left as they are; a fresh install does not
+--   invent those tables.
 -- * `id` defaults to the core gen_random_uuid() (production used
---   uuid-ossp's uuid_generate_v4(), which embedded servers lack).
+--   uuid-ossp's uuid_generate_v4(), which not every server has).
+-- * Row Level Security: a fresh install creates both tables with it on and
+--   no policy (a table in an exposed schema without it is open to every API
+--   role). On an existing database, whether machines has it stays the
+--   application's choice.
+
+-- Remember, for the end of this file, whether this is a fresh install.
+SELECT set_config(
+    'machine_sync.creating_machines',
+    (to_regclass('public.machines') IS NULL)::text,
+    TRUE
+) AS fresh_install;
 
 CREATE TABLE IF NOT EXISTS public.machines (
     id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -28,17 +44,8 @@ CREATE TABLE IF NOT EXISTS public.machines (
     created_at timestamptz NOT NULL DEFAULT now(),
     updated_at timestamptz NOT NULL DEFAULT now(),
     is_virtual boolean NOT NULL DEFAULT FALSE,
-    virtual_config jsonb,
-    failure_description text,
-    failure_component uuid
+    virtual_config jsonb
 );
-
-COMMENT ON TABLE public.machines IS
-'One row per tool. The only table clients write; machine-sync mirrors it '
-'into machine_state in the same transaction.';
-COMMENT ON COLUMN public.machines.status IS
-'Canonical status (see machine_sync.allowed_status); input is trimmed, '
-'lower-cased and aliases are resolved.';
 
 CREATE TABLE IF NOT EXISTS public.machine_state (
     machine_id uuid PRIMARY KEY
@@ -53,15 +60,92 @@ CREATE TABLE IF NOT EXISTS public.machine_state (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- Row Level Security on both: production has it on machine_state, and a
--- table in an exposed schema without it is open to every API role (Supabase
--- lint 0013). With no policy only the owner and BYPASSRLS roles
--- (service_role) see rows until the project adds its own policies. The
--- migrations enable it on machines only when they create the table: on an
--- existing database that choice belongs to the application.
-ALTER TABLE public.machines ENABLE ROW LEVEL SECURITY;
 ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
 
+DO $$
+BEGIN
+    IF current_setting('machine_sync.creating_machines') = 'true' THEN
+        ALTER TABLE public.machines ENABLE ROW LEVEL SECURITY;
+    END IF;
+END
+$$;
+
+-- Adding a nullable column, or one whose default is the transaction's
+-- now() (a stable expression), rewrites no rows.
+ALTER TABLE public.machines
+ADD COLUMN IF NOT EXISTS failure_description text,
+ADD COLUMN IF NOT EXISTS failure_component uuid,
+ADD COLUMN IF NOT EXISTS status_since timestamptz NOT NULL DEFAULT now();
+
+-- The new columns start from what only machine_state held: failure details
+-- where machines has none, and state_since where the state row shows the
+-- same status (in any case). On a database that has them already, or an
+-- empty one, nothing matches.
+UPDATE public.machines AS m
+SET
+    failure_description = coalesce(m.failure_description, s.failure_description),
+    failure_component = coalesce(m.failure_component, s.failure_component),
+    status_since = CASE
+        WHEN lower(m.status COLLATE "C") = lower(s.current_state COLLATE "C")
+            THEN s.state_since
+        ELSE m.status_since
+    END
+FROM public.machine_state AS s
+WHERE
+    s.machine_id = m.id
+    AND (
+        (
+            m.failure_description IS NULL
+            AND m.failure_component IS NULL
+            AND (s.failure_description IS NOT NULL OR s.failure_component IS NOT NULL)
+        )
+        OR (
+            lower(m.status COLLATE "C") = lower(s.current_state COLLATE "C")
+            AND m.status_since IS DISTINCT FROM s.state_since
+        )
+    );
+
+ALTER TABLE public.machines ALTER COLUMN id SET DEFAULT gen_random_uuid();
+
+DO $$
+DECLARE
+    fk record;
+BEGIN
+    FOR fk IN
+        SELECT c.conname, c.confdeltype
+        FROM pg_catalog.pg_constraint AS c
+        WHERE
+            c.conrelid = 'public.machine_state'::pg_catalog.regclass
+            AND c.contype = 'f'
+            AND c.confrelid = 'public.machines'::pg_catalog.regclass
+    LOOP
+        IF fk.conname <> 'machine_state_machine_id_fkey' OR fk.confdeltype <> 'c' THEN
+            EXECUTE format('ALTER TABLE public.machine_state DROP CONSTRAINT %I', fk.conname);
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_constraint AS c
+        WHERE
+            c.conrelid = 'public.machine_state'::pg_catalog.regclass
+            AND c.conname = 'machine_state_machine_id_fkey'
+    ) THEN
+        ALTER TABLE public.machine_state
+        ADD CONSTRAINT machine_state_machine_id_fkey
+        FOREIGN KEY (machine_id) REFERENCES public.machines (id)
+        ON DELETE CASCADE;
+    END IF;
+END
+$$;
+
+COMMENT ON TABLE public.machines IS
+'One row per tool. The only table clients write; machine-sync mirrors it '
+'into machine_state in the same transaction.';
+COMMENT ON COLUMN public.machines.status IS
+'Canonical status (machine_sync.allowed_status); input is trimmed and '
+'lower-cased, aliases are resolved, transitions are checked '
+'(machine_sync.allowed_transition).';
+COMMENT ON COLUMN public.machines.status_since IS
+'When status last changed; set by the database.';
 COMMENT ON TABLE public.machine_state IS
-'Read-only mirror of machines, kept by machine-sync triggers for legacy '
-'readers (dashboard, Realtime, reports).';
+'Read-only mirror of machines, kept by machine-sync for legacy readers '
+'(dashboard, Realtime, reports).';

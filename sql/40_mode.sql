@@ -4,7 +4,9 @@
 -- * 'compat' (the default after migrating): a legacy UPDATE or INSERT on
 --   machine_state is carried into machines as if written there.
 -- * 'strict': any direct write to machine_state is refused.
--- * The mode is one row in one table, changed only through set_mode().
+-- * The mode is one row in one table. set_mode() validates and switches it;
+--   its UPDATE names its row, so it works under safeupdate (PostgREST on
+--   Supabase), which refuses an UPDATE without WHERE.
 
 CREATE TABLE IF NOT EXISTS machine_sync.settings (
     singleton boolean PRIMARY KEY DEFAULT TRUE CHECK (singleton),
@@ -22,27 +24,27 @@ CREATE OR REPLACE FUNCTION machine_sync.mode()
 RETURNS text
 LANGUAGE sql
 STABLE
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT s.mode FROM machine_sync.settings AS s
+    SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton
 $$;
 
--- Switch the mode; returns the mode now in force.
+-- Switch the mode; returns the mode now in force. Runs with the caller's
+-- privileges: who may switch is who may UPDATE machine_sync.settings.
 CREATE OR REPLACE FUNCTION machine_sync.set_mode(new_mode text)
 RETURNS text
 LANGUAGE plpgsql
-SECURITY DEFINER
-SET search_path = ''
+SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v'));
+    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v') COLLATE "C");
 BEGIN
     IF wanted IS NULL OR wanted NOT IN ('compat', 'strict') THEN
         RAISE EXCEPTION 'invalid machine-sync mode %: use ''compat'' or ''strict''',
-            coalesce(quote_literal(new_mode), 'NULL')
+            machine_sync.quote_bounded(new_mode)
         USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    UPDATE machine_sync.settings SET mode = wanted;
+    UPDATE machine_sync.settings AS s SET mode = wanted WHERE s.singleton;
     RETURN wanted;
 END
 $$;

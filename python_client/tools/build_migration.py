@@ -1,0 +1,61 @@
+"""Build the machine-sync migration from ``sql/``, the one source of every object.
+
+``sql/`` holds each object once, in readable files applied in name order; the
+migration that installs them is those files, in that order, in one
+transaction. It is generated so that the two can never disagree, and it is
+committed (plain SQL, so that psql, the Supabase CLI and the runner apply it
+as it is). ``python python_client/tools/build_migration.py`` rewrites it;
+``--check`` exits 1 when the committed file is not what this would write (CI
+runs it).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SQL = ROOT / "sql"
+TARGET = ROOT / "migrations" / "20261125170100_machine_sync_v1.sql"
+
+HEADER = """\
+-- machine-sync v1: machines becomes the single write target; machine_state
+-- follows it in the same transaction, and the state rules hold for every
+-- writer. Takes the baseline (an empty install or the legacy production
+-- database, with its data) to the schema described in sql/. Idempotent:
+-- applying it again changes nothing.
+--
+-- Generated from sql/ by python_client/tools/build_migration.py: edit the
+-- files there and run it; CI fails when this file is out of date.
+
+BEGIN;
+SET LOCAL lock_timeout = '5s';
+"""
+
+
+def build() -> str:
+    parts = [HEADER]
+    for path in sorted(SQL.glob("*.sql")):
+        rule = "-- " + "-" * 75
+        parts.append(f"\n{rule}\n-- sql/{path.name}\n{rule}\n\n{path.read_text().rstrip()}\n")
+    parts.append("\nCOMMIT;\n")
+    return "".join(parts)
+
+
+def main(argv: list[str]) -> int:
+    text = build()
+    if "--check" in argv:
+        if TARGET.read_text() != text:
+            print(
+                f"{TARGET.relative_to(ROOT)} is out of date with sql/: "
+                "run python python_client/tools/build_migration.py",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+    TARGET.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

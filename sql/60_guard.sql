@@ -1,0 +1,211 @@
+-- The guard: writes to machine_state that the mirror did not make.
+--
+-- A write is the mirror's exactly when it runs as machine_sync_mirror
+-- (00_schema.sql); every other write to machine_state is "direct", whoever
+-- makes it: a client, a function, an application's trigger, a foreign-key
+-- action. The triggers below ignore the mirror's writes in their WHEN
+-- clause, so the mirror pays no function call for them.
+--
+-- Guarantees:
+-- * mode 'compat': a direct UPDATE or INSERT succeeds with the caller's own
+--   privileges and policies on machines deciding, reports its row as
+--   before, and lands in machines as if written there, rules included (a
+--   legacy start on a busy machine is refused like any other, MS002). Both
+--   tables agree when the statement ends. A direct write that changes
+--   nothing mirrored neither writes nor locks machines. INSERT keeps
+--   PostgreSQL's meaning: a machine's state row exists from the moment the
+--   machine does, so a plain INSERT of it fails (23505) and an upsert
+--   (INSERT ... ON CONFLICT DO UPDATE) updates it.
+-- * Lock order without a table lock. PostgreSQL locks a machine_state row
+--   before any trigger on it runs, and every machines writer locks its
+--   machines row first: a legacy write and a machines write of the same
+--   machine, each in the instant between its two row locks, would wait for
+--   each other. The legacy write therefore waits for its machines row at
+--   most half of deadlock_timeout (or the caller's lower lock_timeout):
+--   in such a cycle it is always the one that gives up, with SQLSTATE 55P03
+--   (retry), before PostgreSQL would have to pick a victim. Nothing waits
+--   for a table lock; only writers of that one machine ever wait.
+-- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
+-- * A direct DELETE fails while the machine exists (delete the machine).
+-- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
+
+-- Checks a direct write and, when it changes what machines says, locks
+-- that machine for the carry below. Runs with the caller's privileges.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_direct_write()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    since timestamptz;
+BEGIN
+    IF machine_sync.mode() = 'strict' THEN
+        RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'
+        USING ERRCODE = 'MS001',
+              HINT = 'UPDATE public.machines SET status = ... WHERE id = ...; machine_state follows in the same transaction.';
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.machine_id IS DISTINCT FROM OLD.machine_id THEN
+        RAISE EXCEPTION 'machine_state.machine_id cannot change (from % to %)',
+            OLD.machine_id, NEW.machine_id
+        USING ERRCODE = 'MS001';
+    END IF;
+    IF NOT EXISTS (
+        SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.current_state
+    ) THEN
+        NEW.current_state := machine_sync.normalize_status(NEW.current_state);
+    END IF;
+    NEW.is_failure_mode := (NEW.current_state = 'error');
+    NEW.updated_at := now();
+    IF TG_OP = 'UPDATE' AND (
+        NEW.current_state, NEW.process_id, NEW.failure_description, NEW.failure_component
+    ) IS NOT DISTINCT FROM (
+        OLD.current_state, OLD.process_id, OLD.failure_description, OLD.failure_component
+    ) THEN
+        NEW.state_since := OLD.state_since;
+        RETURN NEW;
+    END IF;
+
+    since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
+    -- The carry will change the machine and its mirror rewrites this row
+    -- when the status changes; until then the row keeps the machine's since.
+    NEW.state_since := since;
+    RETURN NEW;
+END
+$$;
+
+-- Locks a machine's row for a legacy write, waiting at most half of
+-- deadlock_timeout (or the caller's own lower lock_timeout, passed in: this
+-- function's SET clause hides it, and restores it on return). Returns the
+-- machine's status_since; raises 42501 when the caller may not write it.
+CREATE OR REPLACE FUNCTION machine_sync.lock_machine(machine_id uuid, caller_lock_timeout text)
+RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = 0
+AS $$
+DECLARE
+    caller_ms double precision := extract(epoch FROM caller_lock_timeout::interval) * 1000;
+    bound_ms double precision := extract(
+        epoch FROM current_setting('deadlock_timeout')::interval
+    ) * 500;
+    since timestamptz;
+BEGIN
+    IF caller_ms > 0 AND caller_ms < bound_ms THEN
+        bound_ms := caller_ms;
+    END IF;
+    PERFORM set_config('lock_timeout', ceil(bound_ms)::bigint::text || 'ms', TRUE);
+    BEGIN
+        SELECT m.status_since INTO since
+        FROM public.machines AS m
+        WHERE m.id = lock_machine.machine_id
+        FOR NO KEY UPDATE;
+    EXCEPTION WHEN lock_not_available THEN
+        RAISE EXCEPTION 'machine % is being written by another transaction: this write to machine_state waited % ms for it and gave up; retry',
+            lock_machine.machine_id, ceil(bound_ms)::bigint
+        USING ERRCODE = 'lock_not_available',
+              HINT = 'In compat mode a write to machine_state also writes machines; write public.machines directly to wait as long as any writer.';
+    END;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
+            lock_machine.machine_id, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Write public.machines directly.';
+    END IF;
+    RETURN since;
+END
+$$;
+
+-- Carries a direct write into machines. SECURITY INVOKER on purpose: the
+-- caller's own grants and RLS policies on machines decide whether it may.
+-- The machines trigger then applies the rules and rewrites this row only
+-- where they changed what was written (a run ends, a failure clears).
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_carry_to_machines()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    UPDATE public.machines AS m
+    SET
+        status = NEW.current_state,
+        current_process_id = NEW.process_id,
+        failure_description = NEW.failure_description,
+        failure_component = NEW.failure_component
+    WHERE m.id = NEW.machine_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
+            NEW.machine_id, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Write public.machines directly.';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- Runs as the owner: whether the machine still exists must not depend on
+-- what the caller may see.
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_direct_delete()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM public.machines AS m WHERE m.id = OLD.machine_id) THEN
+        RAISE EXCEPTION 'machine_state rows are deleted with their machine: DELETE FROM public.machines WHERE id = %',
+            quote_literal(OLD.machine_id)
+        USING ERRCODE = 'MS001';
+    END IF;
+    RETURN OLD;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION machine_sync.machine_state_after_truncate()
+RETURNS trigger
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF EXISTS (SELECT FROM public.machines) THEN
+        RAISE EXCEPTION 'TRUNCATE of machine_state alone would leave machines without state: use TRUNCATE public.machines CASCADE'
+        USING ERRCODE = 'MS001';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER machine_state_direct_write
+BEFORE INSERT OR UPDATE ON public.machine_state
+FOR EACH ROW
+WHEN (current_user <> 'machine_sync_mirror')
+EXECUTE FUNCTION machine_sync.machine_state_direct_write();
+
+CREATE OR REPLACE TRIGGER machine_state_carry_update
+AFTER UPDATE ON public.machine_state
+FOR EACH ROW
+WHEN (
+    current_user <> 'machine_sync_mirror'
+    AND (
+        old.current_state, old.process_id, old.failure_description, old.failure_component
+    ) IS DISTINCT FROM (
+        new.current_state, new.process_id, new.failure_description, new.failure_component
+    )
+)
+EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
+
+CREATE OR REPLACE TRIGGER machine_state_carry_insert
+AFTER INSERT ON public.machine_state
+FOR EACH ROW
+WHEN (current_user <> 'machine_sync_mirror')
+EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
+
+CREATE OR REPLACE TRIGGER machine_state_direct_delete
+BEFORE DELETE ON public.machine_state
+FOR EACH ROW
+WHEN (current_user <> 'machine_sync_mirror')
+EXECUTE FUNCTION machine_sync.machine_state_direct_delete();
+
+CREATE OR REPLACE TRIGGER machine_state_truncate_alone
+AFTER TRUNCATE ON public.machine_state
+FOR EACH STATEMENT EXECUTE FUNCTION machine_sync.machine_state_after_truncate();

@@ -1,0 +1,116 @@
+-- Privileges: nothing grants more than a caller needs, and nothing a legacy
+-- writer needs is taken away.
+--
+-- Guarantees:
+-- * Everyone may read the status vocabulary, the transitions and the mode,
+--   and call the helpers the triggers and legacy RPCs use with the caller's
+--   privileges. Trigger functions are executable by their owners only:
+--   triggers fire regardless, and nobody can attach ours to a table of
+--   their own.
+-- * machine_sync_mirror may read machines and read and write machine_state
+--   (a row-level policy lets it see every row): its one function is the
+--   mirror.
+-- * On both tables, only the owner may TRUNCATE, attach triggers
+--   (TRIGGER), reference them from foreign keys (REFERENCES) or LOCK,
+--   VACUUM FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and
+--   later); only the owner deletes machine_state rows directly.
+-- * Every other grant the tables had stays. In compat, legacy writers keep
+--   INSERT and UPDATE on machine_state, and their own privileges and
+--   policies on machines decide what their writes may do.
+-- * With Supabase's roles: anon (a visitor who has not logged in) only
+--   reads; only service_role may see drift, call reconcile() and switch the
+--   mode; authenticated and service_role may call the legacy RPCs.
+-- * On a plain PostgreSQL without those roles, the same statements apply to
+--   PUBLIC only; the owner grants the rest as the application needs.
+
+REVOKE ALL ON SCHEMA machine_sync FROM public;
+GRANT USAGE ON SCHEMA machine_sync TO public;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA machine_sync FROM public;
+REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM public;
+GRANT SELECT ON
+machine_sync.allowed_status,
+machine_sync.status_alias,
+machine_sync.allowed_transition,
+machine_sync.settings
+TO public;
+GRANT EXECUTE ON FUNCTION
+machine_sync.quote_bounded(text),
+machine_sync.canonical_status(text),
+machine_sync.normalize_status(text),
+machine_sync.mode(),
+machine_sync.lock_machine(uuid, text)
+TO public;
+
+REVOKE ALL ON FUNCTION
+public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
+public.atomic_complete_machine_state(uuid),
+public.atomic_error_machine_state(uuid, text),
+public.atomic_processing_machine_state(uuid, uuid)
+FROM public;
+
+GRANT SELECT ON public.machines TO machine_sync_mirror;
+GRANT SELECT, INSERT, UPDATE ON public.machine_state TO machine_sync_mirror;
+
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_policy AS p
+        WHERE
+            p.polrelid = 'public.machine_state'::pg_catalog.regclass
+            AND p.polname = 'machine_sync_mirror'
+    ) THEN
+        CREATE POLICY machine_sync_mirror ON public.machine_state
+        TO machine_sync_mirror
+        USING (TRUE)
+        WITH CHECK (TRUE);
+    END IF;
+END
+$$;
+
+REVOKE TRUNCATE, TRIGGER, REFERENCES ON public.machines, public.machine_state FROM public;
+REVOKE DELETE ON public.machine_state FROM public;
+
+DO $$
+DECLARE
+    client_roles constant text[] := ARRAY['anon', 'authenticated', 'service_role'];
+    supabase boolean := (
+        SELECT count(*) = 3 FROM pg_catalog.pg_roles AS r WHERE r.rolname = ANY (client_roles)
+    );
+    owner_only text := 'TRUNCATE, TRIGGER, REFERENCES';
+BEGIN
+    IF current_setting('server_version_num')::integer >= 170000 THEN
+        owner_only := owner_only || ', MAINTAIN';
+        EXECUTE 'REVOKE MAINTAIN ON public.machines, public.machine_state FROM public';
+    END IF;
+    IF NOT supabase THEN
+        RETURN;  -- not a Supabase project: PUBLIC was handled above
+    END IF;
+
+    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA machine_sync FROM anon, authenticated, service_role;
+    REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM anon, authenticated, service_role;
+    GRANT SELECT ON machine_sync.drift TO service_role;
+    GRANT UPDATE (mode) ON machine_sync.settings TO service_role;
+    GRANT EXECUTE ON FUNCTION machine_sync.reconcile(), machine_sync.set_mode(text)
+    TO service_role;
+
+    REVOKE ALL ON FUNCTION
+    public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
+    public.atomic_complete_machine_state(uuid),
+    public.atomic_error_machine_state(uuid, text),
+    public.atomic_processing_machine_state(uuid, uuid)
+    FROM anon, authenticated, service_role;
+    GRANT EXECUTE ON FUNCTION
+    public.atomic_update_machine_state(uuid, text, uuid, text, uuid, boolean, text),
+    public.atomic_complete_machine_state(uuid),
+    public.atomic_error_machine_state(uuid, text),
+    public.atomic_processing_machine_state(uuid, uuid)
+    TO authenticated, service_role;
+
+    REVOKE INSERT, UPDATE, DELETE ON public.machines, public.machine_state FROM anon;
+    REVOKE DELETE ON public.machine_state FROM authenticated, service_role;
+    EXECUTE format(
+        'REVOKE %s ON public.machines, public.machine_state FROM anon, authenticated, service_role',
+        owner_only
+    );
+END
+$$;
