@@ -47,7 +47,13 @@ from machine_sync import workload as wl
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import ExitCode, InvalidArgument, one_line
 from machine_sync.resources import fixture, migrations_dir
-from machine_sync.server import Server, ServerUnavailable, embedded_server, find_psql
+from machine_sync.server import (
+    EMBEDDED_USER,
+    Server,
+    ServerUnavailable,
+    embedded_server,
+    find_psql,
+)
 
 AB_ROUNDS = 4
 
@@ -218,7 +224,7 @@ class _Place:
             return None
         argv = [str(self.server.bin_dir / "pg_ctl"), "-D", str(self.server.data_dir), "stop"]
         if os.geteuid() == 0:  # server.py runs the server as this user when we are root
-            argv = ["runuser", "-u", "embedded_postgres", "--", *argv]
+            argv = ["runuser", "-u", EMBEDDED_USER, "--", *argv]
         return shlex.join(argv)
 
 
