@@ -36,6 +36,7 @@ from typer.core import TyperGroup
 
 from machine_sync import __version__, bench, demo
 from machine_sync._core import as_uuid
+from machine_sync._output import console
 from machine_sync._usage import ClickException, UsageError
 from machine_sync.client import Client, Machine
 from machine_sync.dsn import parse_dsn
@@ -221,7 +222,7 @@ def _json(value: Any) -> None:
 def _console() -> Console:
     # Built per call so it writes to the current stdout (tests replace it);
     # wide when piped, so ids are never cut.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    return console()
 
 
 def _cell(value: object) -> Text:
