@@ -33,6 +33,8 @@ from machine_sync.resources import fixture, migrations_dir, sql_dir
 TESTS = Path(__file__).resolve().parent
 SUPABASE_ROLES = TESTS / "sql" / "supabase_roles.sql"
 SUPABASE_LINTS = TESTS / "sql" / "supabase_lints.sql"
+# default: MACHINE_SYNC_TEST_DSN, Docker or the embedded wheel; pg15: Debian's PostgreSQL 15.
+SERVER_KINDS = ("default", "pg15")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -41,6 +43,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--pg",
         action="append",
         default=None,
+        choices=SERVER_KINDS,
         help="server kinds to use: default, pg15 (repeatable)",
     )
 

@@ -6,6 +6,7 @@ is asserted: speed claims come only from the benchmark's own side-by-side runs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import psycopg
 import typer
@@ -168,3 +169,12 @@ def test_scratch_schemas_leave_the_users_tables_alone(db):
         assert conn.execute(
             "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'msbench%'"
         ).fetchone() == (0,)
+
+
+def test_default_report_folder_is_git_ignored():
+    app = typer.Typer()
+    bench.register(app)
+    command = typer.main.get_command(app)
+    (out,) = [p for p in command.params if p.name == "out"]
+    ignored = (Path(__file__).resolve().parents[1] / ".gitignore").read_text().splitlines()
+    assert f"{out.default}/" in ignored

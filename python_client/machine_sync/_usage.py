@@ -1,0 +1,14 @@
+"""The click exceptions typer raises for usage errors, wherever typer keeps click.
+
+Newer typer releases carry their own copy of click (``typer._click``); older
+ones use the ``click`` package. Either way these are the classes its parser raises.
+"""
+
+from __future__ import annotations
+
+try:
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # typer before it vendored click
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+
+__all__ = ["ClickException", "UsageError"]
