@@ -84,8 +84,8 @@ SET search_path = pg_catalog, pg_temp
 SET lock_timeout = 0
 AS $$
 DECLARE
-    caller_ms double precision := extract(epoch FROM caller_lock_timeout::interval) * 1000;
-    bound_ms double precision := extract(
+    caller_ms numeric := extract(epoch FROM caller_lock_timeout::interval) * 1000;
+    bound_ms numeric := extract(
         epoch FROM current_setting('deadlock_timeout')::interval
     ) * 500;
     since timestamptz;
