@@ -264,14 +264,19 @@ def test_a_second_deployer_fails_cleanly_while_the_lock_is_held(db, conn):
 # -- drift, reconcile, mode, status ------------------------------------------------
 
 
+def bypassing_triggers(db: Any, statement: str, params: list[Any]) -> None:
+    """Write as the superuser with triggers off, to make drift (test setup only)."""
+    with db.connect(admin=True) as admin:
+        admin.execute("SET session_replication_role = replica")
+        admin.execute(statement, params)
+
+
 def test_drift_then_reconcile(db, conn):
     assert run("drift", dsn=db.dsn).stdout.startswith("no drift")
     machine_id = add_machine(conn, status="idle")
-    conn.execute("SET session_replication_role = replica")
-    conn.execute(
-        "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
+    bypassing_triggers(
+        db, "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
     )
-    conn.execute("SET session_replication_role = origin")
     found = run("drift", dsn=db.dsn)
     assert found.exit_code == ExitCode.FINDING
     assert str(machine_id) in found.stdout
@@ -281,8 +286,35 @@ def test_drift_then_reconcile(db, conn):
     [row] = json.loads(as_json.stdout)
     assert (row["machine_id"], row["problem"]) == (str(machine_id), "status_case")
     repaired = run("reconcile", "--json", dsn=db.dsn)
-    assert json.loads(repaired.stdout) == {"repaired": 1}
+    assert repaired.exit_code == 0
+    assert json.loads(repaired.stdout) == {"repaired": 1, "not_repaired": []}
     assert run("drift", dsn=db.dsn).exit_code == 0
+    assert run("reconcile", dsn=db.dsn).stdout == "repaired 0 drifted machine(s)\n"
+
+
+def test_reconcile_names_what_it_could_not_repair_and_exits_4(db, conn):
+    fixable = add_machine(conn, status="idle")
+    stuck = add_machine(conn, status="idle")
+    bypassing_triggers(
+        db, "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [fixable]
+    )
+    bypassing_triggers(db, "UPDATE machines SET status = 'melted' WHERE id = %s", [stuck])
+    result = run("reconcile", dsn=db.dsn)
+    assert result.exit_code == ExitCode.FAILED == 4
+    assert result.stdout.splitlines()[0] == "repaired 1 drifted machine(s)"
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("not repaired")]
+    assert str(stuck) in line
+    assert "'melted'" in line
+    assert "machine_sync.allowed_status" in line
+    [error] = result.stderr.splitlines()
+    assert error.startswith("machine-sync: error: 1 machine(s) could not be repaired")
+    as_json = run("reconcile", "--json", dsn=db.dsn)
+    assert as_json.exit_code == ExitCode.FAILED
+    reported = json.loads(as_json.stdout)
+    assert reported["repaired"] == 0
+    [left] = reported["not_repaired"]
+    assert left["machine_id"] == str(stuck)
+    assert "'melted'" in left["reason"]
 
 
 def test_mode_show_and_set(db):

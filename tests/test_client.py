@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -17,6 +16,7 @@ from client_support import assert_matches_store, pgbouncer, round_trips
 from machine_sync._queries import parse, queries
 from machine_sync.client import Client
 from machine_sync.errors import (
+    BY_SQLSTATE,
     ConcurrentUpdate,
     DatabaseUnreachable,
     DirectWriteRefused,
@@ -25,8 +25,10 @@ from machine_sync.errors import (
     InvalidTransition,
     MachineBusy,
     NotCurrentProcess,
+    NotInstalled,
     PermissionDenied,
     UnknownMachine,
+    UnknownProcess,
     translate,
 )
 
@@ -36,6 +38,13 @@ from machines import add_machine, assert_consistent, machine, state, wait_until_
 @pytest.fixture
 def client(conn: psycopg.Connection[Any]) -> Client:
     return Client(conn)
+
+
+def bypassing_triggers(db: Any, statement: str, params: list[Any]) -> None:
+    """Write as the superuser with triggers off, to make drift (test setup only)."""
+    with db.connect(admin=True) as admin:
+        admin.execute("SET session_replication_role = replica")
+        admin.execute(statement, params)
 
 
 def snapshot(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> tuple[Any, Any]:
@@ -75,6 +84,8 @@ def test_start_on_processing_machine_is_busy_and_names_the_run(conn, client):
         client.start_process(machine_id, intruder)
     err = caught.value
     assert (err.status, err.process_id, err.machine_id) == ("processing", running, machine_id)
+    assert err.sqlstate == "MS002"  # the database's own refusal
+    assert isinstance(err.__cause__, psycopg.Error)
     assert str(running) in str(err)
     assert str(intruder) in str(err)
     assert snapshot(conn, machine_id) == before
@@ -86,10 +97,39 @@ def test_start_refused_from_error_or_maintenance(conn, client):
         with pytest.raises(InvalidTransition) as caught:
             client.start_process(machine_id, uuid.uuid4())
         assert not isinstance(caught.value, MachineBusy)
-        assert caught.value.status == initial
-        assert f"it is {initial}" in str(caught.value)
-        assert "idle or offline" in str(caught.value)
+        assert caught.value.sqlstate == "MS003"
+        assert f"cannot go from {initial} to processing" in str(caught.value)
+        assert f"allowed from {initial}:" in str(caught.value)  # the DETAIL
         assert machine(conn, machine_id)["status"] == initial
+
+
+def test_start_follows_rules_an_operator_tightened(conn, client):
+    conn.execute(
+        "DELETE FROM machine_sync.allowed_transition"
+        " WHERE from_status = 'offline' AND to_status = 'processing'"
+    )
+    machine_id = add_machine(conn, status="offline")
+    with pytest.raises(InvalidTransition, match="cannot go from offline to processing"):
+        client.start_process(machine_id, uuid.uuid4())
+    assert machine(conn, machine_id)["status"] == "offline"
+
+
+def test_start_of_a_process_the_legacy_database_lacks(conn, client):
+    """Production's machines.current_process_id references process_executions."""
+    conn.execute("CREATE TABLE public.process_executions (id uuid PRIMARY KEY)")
+    conn.execute(
+        "ALTER TABLE public.machines ADD FOREIGN KEY (current_process_id)"
+        " REFERENCES public.process_executions (id)"
+    )
+    machine_id = add_machine(conn, status="idle")
+    missing = uuid.uuid4()
+    with pytest.raises(UnknownProcess) as caught:
+        client.start_process(machine_id, missing)
+    assert (caught.value.process_id, caught.value.sqlstate) == (missing, "23503")
+    assert str(missing) in str(caught.value)
+    known = uuid.uuid4()
+    conn.execute("INSERT INTO public.process_executions VALUES (%s)", [known])
+    assert client.start_process(machine_id, known).current_process_id == known
 
 
 # -- complete_process / stop_process ----------------------------------------
@@ -235,17 +275,24 @@ def test_same_status_keeps_state_since(conn, client):
     assert_matches_store(conn, again)
 
 
-def test_set_status_refuses_statuses_that_need_more(conn, client):
+def test_set_status_processing_needs_a_process(conn, client):
+    """The database's rule, not the client's: processing goes with a run."""
     machine_id = add_machine(conn, status="idle")
-    for status, advice in (
-        ("processing", "start_process"),
-        ("running", "start_process"),
-        ("Error", "fail_process"),
-    ):
+    for status in ("processing", " Running"):
         with pytest.raises(InvalidTransition) as caught:
             client.set_status(machine_id, status)
-        assert advice in str(caught.value)
+        assert caught.value.sqlstate == "MS003"
+        assert "without a process" in str(caught.value)
         assert machine(conn, machine_id)["status"] == "idle"
+
+
+def test_set_status_error_is_what_any_writer_may_do(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    result = client.set_status(machine_id, "Error")
+    assert (result.status, result.failure_description) == ("error", None)
+    assert result.state is not None
+    assert result.state.is_failure_mode is True
+    assert_matches_store(conn, result)
 
 
 def test_unknown_status_is_invalid_and_names_the_allowed_ones(conn, client):
@@ -262,6 +309,9 @@ def test_unknown_status_is_invalid_and_names_the_allowed_ones(conn, client):
 def test_operator_added_status_can_be_set(conn, client):
     conn.execute("INSERT INTO machine_sync.allowed_status VALUES ('calibrating', 'Calibrating.')")
     machine_id = add_machine(conn, status="idle")
+    with pytest.raises(InvalidTransition, match="cannot go from idle to calibrating"):
+        client.set_status(machine_id, "calibrating")
+    conn.execute("INSERT INTO machine_sync.allowed_transition VALUES ('idle', 'calibrating')")
     result = client.set_status(machine_id, "Calibrating")
     assert result.status == "calibrating"
     with pytest.raises(InvalidTransition):
@@ -338,30 +388,22 @@ def test_every_shipped_query_parses():
 # -- the mirrored values come from the same statement ------------------------
 
 
-def test_state_since_follows_the_stored_row_even_with_legacy_spelling(conn, client):
+def test_result_state_is_the_mirror_by_contract(conn, client):
+    """state_since is the machine's status_since; the trigger wrote both in one statement."""
     machine_id = add_machine(conn, status="idle")
-    long_ago = machine(conn, machine_id)["updated_at"] - timedelta(days=3)
-    # Bypass the triggers to leave the kind of row production had: 'IDLE'.
-    conn.execute("SET session_replication_role = replica")
-    conn.execute(
-        "UPDATE machine_state SET current_state = 'IDLE', state_since = %s WHERE machine_id = %s",
-        [long_ago, machine_id],
-    )
-    conn.execute("SET session_replication_role = origin")
-    result = client.set_status(machine_id, "idle")
+    result = client.set_status(machine_id, "offline")
     assert result.state is not None
-    assert result.state.state_since == long_ago
+    assert result.state.state_since == result.status_since
+    assert result.state.current_state == result.status
     assert_matches_store(conn, result)
     assert_consistent(conn)
 
 
-def test_missing_state_row_is_recreated_and_reported(conn, client):
+def test_missing_state_row_is_recreated_and_reported(db, conn, client):
     machine_id = add_machine(conn, status="idle")
-    conn.execute("SET session_replication_role = replica")
-    conn.execute("DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
-    conn.execute("SET session_replication_role = origin")
+    bypassing_triggers(db, "DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
     assert client.get(machine_id).state is None
-    result = client.set_status(machine_id, "idle")
+    result = client.set_status(machine_id, "offline")
     assert_matches_store(conn, result)
     assert_consistent(conn)
 
@@ -383,14 +425,12 @@ def test_get_and_list_read_both_tables(conn, client):
     assert listed[0].state.current_state == "offline"
 
 
-def test_drift_reconcile_and_mode(conn, client):
+def test_drift_reconcile_and_mode(db, conn, client):
     machine_id = add_machine(conn, status="idle")
     assert client.drift() == []
-    conn.execute("SET session_replication_role = replica")
-    conn.execute(
-        "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
+    bypassing_triggers(
+        db, "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
     )
-    conn.execute("SET session_replication_role = origin")
     [row] = client.drift()
     assert (row.machine_id, row.problem, row.status, row.current_state) == (
         machine_id,
@@ -398,8 +438,15 @@ def test_drift_reconcile_and_mode(conn, client):
         "idle",
         "IDLE",
     )
-    assert client.reconcile() == 1
+    [fixed] = client.reconcile()
+    assert (fixed.machine_id, fixed.problem, fixed.repaired, fixed.reason) == (
+        machine_id,
+        "status_case",
+        True,
+        None,
+    )
     assert client.drift() == []
+    assert client.reconcile() == []
     assert client.mode() == "compat"
     change = client.set_mode(" STRICT ")
     assert (change.previous, change.current) == ("compat", "strict")
@@ -422,9 +469,29 @@ def test_direct_write_refusal_is_translated(conn, client):
     assert "write public.machines instead" in str(translated)
 
 
+def test_errors_are_classes_keyed_on_sqlstate():
+    for code, error in BY_SQLSTATE.items():
+        assert error.sqlstate in (code, None) or issubclass(error, ConcurrentUpdate), code
+    assert BY_SQLSTATE["MS002"] is MachineBusy
+    assert BY_SQLSTATE["MS004"] is UnknownMachine
+    assert BY_SQLSTATE["23503"] is UnknownProcess
+    assert all(BY_SQLSTATE[s] is ConcurrentUpdate for s in ("55P03", "40P01", "40001"))
+    assert ConcurrentUpdate.retryable
+    assert not InvalidTransition.retryable
+
+
+def test_missing_objects_are_not_installed(db):
+    with db.connect() as other:
+        other.execute("DROP SCHEMA machine_sync CASCADE")
+        with pytest.raises(NotInstalled, match="migrate apply") as caught:
+            Client(other).drift()
+    assert caught.value.sqlstate in ("42P01", "3F000")
+
+
 def test_missing_privilege_is_permission_denied(db, conn):
     role = f"t_nobody_{uuid.uuid4().hex[:8]}"
     conn.execute(f'CREATE ROLE "{role}"')
+    conn.execute(f'GRANT "{role}" TO CURRENT_USER')
     machine_id = add_machine(conn, status="idle")
     try:
         with db.connect() as other:
@@ -559,11 +626,22 @@ def test_each_operation_is_one_round_trip(conn, client):
     assert counted == dict.fromkeys(OPERATIONS, 1)
 
 
-def test_refusal_is_one_round_trip_too(conn, client):
+def test_refusal_by_the_database_is_one_round_trip_too(conn, client):
     machine_id, _process = start(conn, client)
     with round_trips(conn) as trips, pytest.raises(MachineBusy):
         client.start_process(machine_id, uuid.uuid4())
     assert trips.count == 1
+
+
+def test_refused_compare_and_set_takes_one_more_read(conn, client):
+    """Only when the UPDATE matched no row: one SELECT says why."""
+    machine_id, _process = start(conn, client)
+    with round_trips(conn) as trips, pytest.raises(NotCurrentProcess):
+        client.complete_process(machine_id, uuid.uuid4())
+    assert trips.count == 2
+    # The trace shows each query's first line: its description in queries.sql.
+    assert queries()["end_process"].description in trips.statements[0]
+    assert queries()["classify"].description in trips.statements[1]
 
 
 def test_pool_round_trips(db, conn):
@@ -583,30 +661,30 @@ def test_pool_round_trips(db, conn):
 
 def test_one_top_level_statement_per_operation(db, conn, client):
     """Cross-check with pg_stat_statements: one statement, nested trigger work aside."""
+    admin = db.connect(admin=True)
     try:
-        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
-        conn.execute("SELECT pg_stat_statements_reset()")
+        admin.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        admin.execute("SELECT pg_stat_statements_reset()")
     except psycopg.Error as exc:  # a server given by DSN may not preload it
+        admin.close()
         pytest.skip(f"pg_stat_statements unavailable: {exc}")
-    machine_id = add_machine(conn, status="idle")
-    with db.connect() as measured:
-        measured_client = Client(measured)
-        pid = measured.info.backend_pid
-        process = uuid.uuid4()
-        conn.execute("SELECT pg_stat_statements_reset()")
-        measured_client.start_process(machine_id, process)
-        measured_client.complete_process(machine_id, process)
-        measured_client.fail_process(machine_id, "boom")
-        measured_client.set_status(machine_id, "idle")
-    assert pid
-    calls = conn.execute(
-        """
-        SELECT sum(calls)::int FROM pg_stat_statements
-        WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND toplevel AND query NOT LIKE '%%pg_stat_statements%%'
-          AND query NOT LIKE 'INSERT INTO machines%%'
-        """
-    ).fetchone()
+    with admin:
+        machine_id = add_machine(conn, status="idle")
+        with db.connect() as measured:
+            measured_client = Client(measured)
+            process = uuid.uuid4()
+            admin.execute("SELECT pg_stat_statements_reset()")
+            measured_client.start_process(machine_id, process)
+            measured_client.complete_process(machine_id, process)
+            measured_client.fail_process(machine_id, "boom")
+            measured_client.set_status(machine_id, "idle")
+        calls = admin.execute(
+            """
+            SELECT sum(calls)::int FROM pg_stat_statements
+            WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+              AND toplevel AND query NOT LIKE '%%pg_stat_statements%%'
+            """
+        ).fetchone()
     assert calls == (4,)
 
 
@@ -678,8 +756,8 @@ def test_loser_waits_for_the_winner_and_sees_its_commit(db, conn, first_commits)
     assert_consistent(conn)
 
 
-def test_overtaken_write_that_keeps_the_status_is_resent_and_exact(db, conn):
-    """The `stale` path: the result's state_since is the winner's, as stored."""
+def test_overtaken_write_that_keeps_the_status_is_one_round_trip_and_exact(db, conn):
+    """The trigger runs on the row the winner committed: state_since is the winner's."""
     machine_id = add_machine(conn, status="idle")
     outcome: list[Any] = []
     with db.connect(autocommit=False) as first_conn, db.connect() as second_conn:
@@ -696,7 +774,7 @@ def test_overtaken_write_that_keeps_the_status_is_resent_and_exact(db, conn):
         first_conn.commit()
         thread.join()
     result, trips = outcome
-    assert trips.count == 2  # sent again once, after the first answer said `stale`
+    assert trips.count == 1
     assert result.failure_description == "second"
     assert first.state is not None
     assert result.state.state_since == first.state.state_since
@@ -730,8 +808,8 @@ def test_overtaken_write_that_changes_the_status_is_written_at_once(db, conn):
 def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
     """Rollout hazard, pinned: a transaction that row-locks a machine before writing it,
     racing a legacy machine_state write (compat), waits in a cycle with it. The legacy
-    write gives up (its lock wait is capped, or PostgreSQL picks it as the deadlock
-    victim); nothing is half-applied and it is reported as retryable."""
+    write gives up (its wait for its machine is capped, or PostgreSQL picks it as the
+    deadlock victim); nothing is half-applied and it is reported as retryable."""
     machine_id = add_machine(conn, status="idle")
     legacy: list[Any] = []
 
@@ -747,7 +825,7 @@ def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
                 legacy.append(translate(exc))
 
     with db.connect(autocommit=False) as new:
-        # What the transition statement does first: lock the machine's row.
+        # A transaction that holds the machine's row lock (an earlier write, say).
         new.execute("SELECT FROM machines WHERE id = %s FOR NO KEY UPDATE", [machine_id])
         thread = threading.Thread(target=legacy_write)
         thread.start()
@@ -763,8 +841,9 @@ def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
         thread.join()
     [victim] = legacy
     assert isinstance(victim, ConcurrentUpdate)
-    # The compat lock order caps the legacy write's lock wait (55P03) before
-    # PostgreSQL's deadlock detector would pick a victim (40P01).
+    assert victim.retryable
+    # Compat caps the legacy write's wait for its machine (55P03) at half of
+    # deadlock_timeout, before the deadlock detector would pick a victim (40P01).
     assert victim.sqlstate in ("40P01", "55P03")
     assert "retry" in str(victim)
     assert machine(conn, machine_id)["status"] == "offline"

@@ -73,7 +73,7 @@ async def walk_through(aconn: psycopg.AsyncConnection[Any], machine_id: uuid.UUI
     with pytest.raises(UnknownMachine):
         await client.get(uuid.uuid4())
     assert await client.drift() == []
-    assert await client.reconcile() == 0
+    assert await client.reconcile() == []
     assert await client.mode() == "compat"
     change = await client.set_mode("strict")
     assert (change.previous, change.current) == ("compat", "strict")

@@ -118,15 +118,15 @@ def test_adopts_a_database_migrated_with_psql(db, conn):
 
 def test_adoption_restores_a_function_edited_before(db, conn):
     shipped = conn.execute(
-        "SELECT pg_get_functiondef('machine_sync.reconcile()'::regprocedure)"
+        "SELECT pg_get_functiondef('machine_sync.mode()'::regprocedure)"
     ).fetchone()
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.reconcile() RETURNS integer "
-        "LANGUAGE sql AS 'SELECT 0'"
+        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "LANGUAGE sql AS $$SELECT 'compat'$$"
     )
     runner(conn).apply()
     restored = conn.execute(
-        "SELECT pg_get_functiondef('machine_sync.reconcile()'::regprocedure)"
+        "SELECT pg_get_functiondef('machine_sync.mode()'::regprocedure)"
     ).fetchone()
     assert restored == shipped
 
@@ -222,28 +222,28 @@ def test_line_endings_do_not_count_as_an_edit(empty_db, tmp_path):
 def test_hand_edited_definitions_are_reported_and_restored(db, conn):
     runner(conn).apply()
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.reconcile() RETURNS integer "
-        "LANGUAGE sql SET search_path = '' AS 'SELECT 0'"
+        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "LANGUAGE sql SET search_path = '' AS $$SELECT 'compat'$$"
     )
-    conn.execute("ALTER TABLE machines DISABLE TRIGGER machines_mirror_state")
+    conn.execute("ALTER TABLE machines DISABLE TRIGGER zz_machine_sync")
     conn.execute("DROP TRIGGER machine_state_truncate_alone ON machine_state")
     status = runner(conn).status()
     problems = {(p.kind, p.name, p.problem) for p in status.definition_problems}
     assert problems == {
-        ("function", "machine_sync.reconcile()", "changed"),
-        ("trigger", "machines_mirror_state on public.machines", "disabled"),
+        ("function", "machine_sync.mode()", "changed"),
+        ("trigger", "zz_machine_sync on public.machines", "disabled"),
         ("trigger", "machine_state_truncate_alone on public.machine_state", "missing"),
     }
     assert not status.up_to_date
     assert status.to_json()["definitions"]["restore_command"] == RESTORE_COMMAND
     lines: list[str] = []
     runner(conn, echo=lines.append).apply()  # nothing pending: nothing restored, only said
-    assert lines[-1].startswith("warning: function machine_sync.reconcile() was changed")
+    assert lines[-1].startswith("warning: function machine_sync.mode() was changed")
     assert RESTORE_COMMAND in lines[-1]
     runner(conn).apply(force=True)
     assert runner(conn).status().up_to_date
     assert conn.execute(
-        "SELECT tgenabled FROM pg_trigger WHERE tgname = 'machines_mirror_state'"
+        "SELECT tgenabled FROM pg_trigger WHERE tgname = 'zz_machine_sync'"
     ).fetchone() == ("O",)
     assert_consistent(conn)
 
@@ -252,15 +252,15 @@ def test_a_later_migration_does_not_pass_off_a_hand_edit_as_shipped(db, conn, tm
     folder = copy_migrations(tmp_path)
     runner(conn, folder).apply()
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.reconcile() RETURNS integer "
-        "LANGUAGE sql SET search_path = '' AS 'SELECT 0'"
+        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "LANGUAGE sql SET search_path = '' AS $$SELECT 'compat'$$"
     )
     (folder / "29990101000000_comment.sql").write_text(
         "BEGIN;\nCOMMENT ON TABLE public.machines IS 'machines';\nCOMMIT;\n"
     )
     runner(conn, folder).apply()
     assert [(p.name, p.problem) for p in runner(conn, folder).status().definition_problems] == [
-        ("machine_sync.reconcile()", "changed")
+        ("machine_sync.mode()", "changed")
     ]
 
 

@@ -2,10 +2,12 @@
 :class:`~machine_sync.client.AsyncClient`, free of I/O.
 
 For every operation this module says which query to send with which
-parameters (:class:`Request`) and what the answer means (:func:`read_transition`
-and friends): a result, a typed error, or "run it again". The two client
-classes only carry requests over a connection, sync or async, so they cannot
-disagree about rules, results or errors.
+parameters (:class:`Request`) and what the answer means (:func:`read_written`
+and friends): a result, or, when a compare-and-set wrote nothing, which query
+says why (:func:`classify`) and what its answer means (:func:`refusal`). The
+rules themselves are the database's; nothing here decides whether a change is
+allowed. The two client classes only carry requests over a connection, sync or
+async, so they cannot disagree about results or errors.
 """
 
 from __future__ import annotations
@@ -18,10 +20,9 @@ from uuid import UUID
 
 from machine_sync._queries import Query, query
 from machine_sync.errors import (
-    ConcurrentUpdate,
     InvalidArgument,
     InvalidTransition,
-    MachineBusy,
+    MachineSyncError,
     NotCurrentProcess,
     PermissionDenied,
     UnknownMachine,
@@ -29,10 +30,6 @@ from machine_sync.errors import (
 
 Row = Mapping[str, Any]
 Operation = Literal["start", "complete", "fail", "stop", "set"]
-
-#: How often a transition is sent when concurrent writers keep overtaking it
-#: (see the ``stale`` outcome in queries.sql). Twice is the normal worst case.
-MAX_ATTEMPTS = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +49,12 @@ class Machine:
     """One machine as written (by an operation) or as stored (by get/list).
 
     ``state`` is the mirrored ``machine_state`` row. After an operation it is
-    what the mirror trigger wrote in the same statement. From :meth:`get` and
-    :meth:`list` it is the stored row, or None when the row is missing (drift)
-    or hidden from this role by row-level security.
+    read from the written machines row by the mirror's contract (current_state
+    = status, process_id = current_process_id, is_failure_mode = status is
+    error, the same failure fields, state_since = status_since): the trigger
+    wrote it in the same statement. From :meth:`get` and :meth:`list` it is the
+    stored row, or None when the row is missing (drift) or hidden from this
+    role by row-level security.
     """
 
     id: UUID
@@ -65,6 +65,7 @@ class Machine:
     current_process_id: UUID | None
     failure_description: str | None
     failure_component: UUID | None
+    status_since: datetime
     updated_at: datetime
     state: MachineState | None
 
@@ -84,6 +85,16 @@ class DriftRow:
     state_failure_description: str | None
     failure_component: UUID | None
     state_failure_component: UUID | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileRow:
+    """One row of ``machine_sync.reconcile()``: a drifted machine, repaired or why not."""
+
+    machine_id: UUID
+    problem: str
+    repaired: bool
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,44 +132,32 @@ def _optional_uuid(value: UUID | str | None, what: str) -> UUID | None:
     return None if value is None else as_uuid(value, what)
 
 
-def _transition(
-    operation: Operation,
-    machine_id: UUID | str,
-    *,
-    status: str,
-    process_id: UUID | None = None,
-    failure_description: str | None = None,
-    failure_component: UUID | None = None,
+def _write(
+    name: str, operation: Operation, machine: UUID, process: UUID | None, **params: Any
 ) -> Request:
-    machine = as_uuid(machine_id, "machine_id")
-    transition = query("transition")
-    params = transition.bind(
-        operation=operation,
-        machine_id=machine,
-        status=status,
-        process_id=process_id,
-        failure_description=failure_description,
-        failure_component=failure_component,
-    )
-    return Request(transition, params, machine, operation, process_id)
+    named = query(name)
+    return Request(named, named.bind(machine_id=machine, **params), machine, operation, process)
 
 
 def start(machine_id: UUID | str, process_id: UUID | str) -> Request:
     """Request for :meth:`Client.start_process`."""
+    machine = as_uuid(machine_id, "machine_id")
     process = as_uuid(process_id, "process_id")
-    return _transition("start", machine_id, status="processing", process_id=process)
+    return _write("start_process", "start", machine, process, process_id=process)
 
 
 def complete(machine_id: UUID | str, process_id: UUID | str | None) -> Request:
     """Request for :meth:`Client.complete_process`."""
+    machine = as_uuid(machine_id, "machine_id")
     process = _optional_uuid(process_id, "process_id")
-    return _transition("complete", machine_id, status="idle", process_id=process)
+    return _write("end_process", "complete", machine, process, process_id=process)
 
 
 def stop(machine_id: UUID | str, process_id: UUID | str | None) -> Request:
     """Request for :meth:`Client.stop_process`."""
+    machine = as_uuid(machine_id, "machine_id")
     process = _optional_uuid(process_id, "process_id")
-    return _transition("stop", machine_id, status="idle", process_id=process)
+    return _write("end_process", "stop", machine, process, process_id=process)
 
 
 def fail(
@@ -168,13 +167,16 @@ def fail(
     process_id: UUID | str | None,
 ) -> Request:
     """Request for :meth:`Client.fail_process`."""
+    machine = as_uuid(machine_id, "machine_id")
     if not isinstance(message, str) or not message.strip():
         raise InvalidArgument("fail_process needs a non-empty message saying what failed")
-    return _transition(
+    process = _optional_uuid(process_id, "process_id")
+    return _write(
+        "fail_process",
         "fail",
-        machine_id,
-        status="error",
-        process_id=_optional_uuid(process_id, "process_id"),
+        machine,
+        process,
+        process_id=process,
         failure_description=message,
         failure_component=_optional_uuid(component, "component"),
     )
@@ -182,9 +184,10 @@ def fail(
 
 def set_status(machine_id: UUID | str, status: str) -> Request:
     """Request for :meth:`Client.set_status`."""
+    machine = as_uuid(machine_id, "machine_id")
     if not isinstance(status, str):
         raise InvalidArgument(f"status must be a string, got {status!r}")
-    return _transition("set", machine_id, status=status)
+    return _write("set_status", "set", machine, None, status=status)
 
 
 def get(machine_id: UUID | str) -> Request:
@@ -220,8 +223,7 @@ def _state(row: Row) -> MachineState | None:
     )
 
 
-def machine(row: Row) -> Machine:
-    """A :class:`Machine` from a row of get_machine, list_machines or transition."""
+def _machine(row: Row, state: MachineState | None) -> Machine:
     return Machine(
         id=row["id"],
         serial_number=row["serial_number"],
@@ -231,8 +233,26 @@ def machine(row: Row) -> Machine:
         current_process_id=row["current_process_id"],
         failure_description=row["failure_description"],
         failure_component=row["failure_component"],
+        status_since=row["status_since"],
         updated_at=row["updated_at"],
-        state=_state(row),
+        state=state,
+    )
+
+
+def machine(row: Row) -> Machine:
+    """A :class:`Machine` from a row of get_machine or list_machines (both tables as stored)."""
+    return _machine(row, _state(row))
+
+
+def mirrored(row: Row) -> MachineState:
+    """The machine_state row the trigger wrote for this machines row, by the contract."""
+    return MachineState(
+        current_state=row["status"],
+        process_id=row["current_process_id"],
+        is_failure_mode=row["status"] == "error",
+        failure_description=row["failure_description"],
+        failure_component=row["failure_component"],
+        state_since=row["status_since"],
     )
 
 
@@ -243,93 +263,80 @@ def read_get(request: Request, rows: Sequence[Row]) -> Machine:
     return machine(rows[0])
 
 
-def read_transition(request: Request, rows: Sequence[Row]) -> Machine | None:
-    """The answer to a transition: the machine as written, an error, or None to resend."""
-    row = rows[0]  # the query always answers one row
-    outcome = row["outcome"]
-    if outcome == "unknown":
-        raise UnknownMachine(request.machine_id)
-    if outcome == "refused":
-        raise _refusal(request, row)
-    if outcome == "stale":
+def read_written(rows: Sequence[Row]) -> Machine | None:
+    """The machine a state change wrote, or None when it wrote no row (then classify)."""
+    if not rows:
         return None
-    if not row["written"]:
-        raise PermissionDenied(
-            f"machine {request.machine_id} was not written: a row-level security policy or "
-            "another trigger on public.machines skipped the update"
-        )
-    return machine(row)
+    row = rows[0]
+    return _machine(row, mirrored(row))
 
 
-def gave_up(request: Request) -> ConcurrentUpdate:
-    """The error when :data:`MAX_ATTEMPTS` sends all met a concurrent writer."""
-    return ConcurrentUpdate(
-        f"machine {request.machine_id} was changed by other writers during each of "
-        f"{MAX_ATTEMPTS} attempts to {request.operation} it; try again"
+def classify(request: Request) -> Request:
+    """The one read that says why ``request`` wrote no row (refusals only)."""
+    named = query("classify")
+    return Request(
+        named,
+        named.bind(machine_id=request.machine_id),
+        request.machine_id,
+        request.operation,
+        request.process_id,
     )
 
 
-def _current(status: str, process_id: UUID | None) -> str:
+def _doing(status: str, process_id: UUID | None) -> str:
     if process_id is None:
         return f"it is {status} with no current process"
     return f"it is {status} with process {process_id}"
 
 
-def _refusal(request: Request, row: Row) -> InvalidTransition:
-    status: str = row["previous_status"]
-    current_process: UUID | None = row["previous_process_id"]
+def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
+    """Why a state change wrote no row, from the answer to :func:`classify`."""
     machine_id = request.machine_id
     operation = request.operation
     assert machine_id is not None
     assert operation is not None
-
-    def details(error: type[InvalidTransition], message: str) -> InvalidTransition:
-        return error(
-            message,
+    if not rows:
+        return UnknownMachine(machine_id)
+    status: str = rows[0]["status"]
+    current: UUID | None = rows[0]["current_process_id"]
+    now = _doing(status, current)
+    process = request.process_id
+    if operation in ("complete", "stop") and process is None and status != "processing":
+        return InvalidTransition(
+            f"cannot {operation} the process of machine {machine_id}: {now}, and only a "
+            "processing machine has a process to end",
             machine_id=machine_id,
             operation=operation,
             status=status,
-            process_id=current_process,
+            process_id=current,
         )
-
-    now = _current(status, current_process)
-    if operation == "start":
-        if status == "processing":
-            return details(
-                MachineBusy,
-                f"machine {machine_id} is busy: it is processing process {current_process}; "
-                f"process {request.process_id} was not started",
-            )
-        return details(
-            InvalidTransition,
-            f"cannot start process {request.process_id} on machine {machine_id}: {now}, and "
-            "a process starts only from idle or offline (set_status(machine_id, 'idle') first)",
+    if (
+        process is not None
+        and operation != "start"
+        and (current != process or (operation != "fail" and status != "processing"))
+    ):
+        return NotCurrentProcess(
+            f"cannot {operation} process {process} on machine {machine_id}: it is not the "
+            f"machine's current process ({now})",
+            machine_id=machine_id,
+            operation=operation,
+            status=status,
+            process_id=current,
         )
-    if operation == "set":
-        requested = row["requested_status"]
-        instead = (
-            "start_process(machine_id, process_id)"
-            if requested == "processing"
-            else "fail_process(machine_id, message)"
-        )
-        return details(
-            InvalidTransition,
-            f"set_status cannot set machine {machine_id} to {requested!r}: use {instead}, "
-            "which records the process or the failure too",
-        )
-    if request.process_id is None:
-        return details(
-            InvalidTransition,
-            f"cannot {operation} the process of machine {machine_id}: {now}, and only a "
-            "processing machine has a process to end",
-        )
-    return details(
-        NotCurrentProcess,
-        f"cannot {operation} process {request.process_id} on machine {machine_id}: it is not the "
-        f"machine's current process ({now})",
+    # The row exists and matches now: a row-level security policy or another
+    # trigger skipped it, or it changed between the write and this read.
+    return PermissionDenied(
+        f"machine {machine_id} was not written ({now}): a row-level security policy or "
+        "another trigger on public.machines skipped the update, or another writer changed "
+        "it meanwhile"
     )
 
 
 def drift_row(row: Row) -> DriftRow:
     """A :class:`DriftRow` from a row of the drift query."""
     return DriftRow(**row)
+
+
+def reconcile_row(row: Row) -> ReconcileRow:
+    """A :class:`ReconcileRow` from a row of the reconcile query."""
+    return ReconcileRow(**row)

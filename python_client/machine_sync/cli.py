@@ -9,7 +9,8 @@ Exit codes: 0 success; 1 a finding (drift exists, migrations not up to date);
 2 bad input (DSN, machine id, mode, migrations folder, a usage error); 3 the
 database cannot be reached (or no server could be started); 4 the database
 refused or failed (unknown machine, migration refused or failed, missing
-privilege, lock held by another deployer), or anything else went wrong;
+privilege, lock held by another deployer, machines reconcile could not
+repair), or anything else went wrong;
 130 interrupted. Every failure, of every command, is one line on stderr: the
 group class below catches what a command did not.
 """
@@ -395,13 +396,30 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
 
 @app.command("reconcile")
 def reconcile(dsn: Dsn = None, as_json: AsJson = False) -> None:
-    """Repair all drift from machines (machine_sync.reconcile())."""
+    """Repair all drift from machines (machine_sync.reconcile()); exit 4 if any is left."""
     with _reported(), _connect(dsn, "reconcile") as conn:
-        repaired = Client(conn).reconcile()
+        rows = Client(conn).reconcile()
+    repaired = sum(1 for row in rows if row.repaired)
+    left = [row for row in rows if not row.repaired]
     if as_json:
-        _json({"repaired": repaired})
+        _json(
+            {
+                "repaired": repaired,
+                "not_repaired": [
+                    {"machine_id": row.machine_id, "problem": row.problem, "reason": row.reason}
+                    for row in left
+                ],
+            }
+        )
     else:
         typer.echo(f"repaired {repaired} drifted machine(s)")
+        for row in left:
+            typer.echo(f"not repaired: machine {row.machine_id} ({row.problem}): {row.reason}")
+    if left:
+        _fail(
+            f"{len(left)} machine(s) could not be repaired: fix them, then reconcile again",
+            ExitCode.FAILED,
+        )
 
 
 @app.command("mode")

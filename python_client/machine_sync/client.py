@@ -1,4 +1,4 @@
-"""The machine-sync client: every machine state change is one statement.
+"""The machine-sync client: every machine state change is one plain UPDATE.
 
 :class:`Client` (psycopg ``Connection`` or ``psycopg_pool.ConnectionPool``) and
 :class:`AsyncClient` (``AsyncConnection`` or ``AsyncConnectionPool``) have the
@@ -6,32 +6,41 @@ same methods with the same signatures; both are thin carriers around
 ``machine_sync._core``, which decides what to send and what the answer means,
 so the two cannot drift apart (a test compares their signatures too).
 
-Each operation is one ``UPDATE public.machines ... RETURNING`` inside one
-statement (queries.sql, ``transition``): the row is locked, the transition
-rules are checked against the locked row, the update is made, the mirror
-trigger writes ``machine_state`` in the same statement, and the result carries
-both. One round trip on an autocommit connection; no read-then-write.
-When another writer commits to the same machine while the statement waits for
-its row lock and the new write keeps the status unchanged, the statement writes
-nothing and is sent once more (see ``stale`` in queries.sql).
+The rules live in the database. Each operation is one ``UPDATE
+public.machines ... RETURNING`` (queries.sql); the trigger on machines
+normalizes the status, checks the transition (machine_sync.allowed_transition),
+refuses a busy machine, and writes ``machine_state`` inside the same
+statement. A refusal is the database's own error, mapped by SQLSTATE to a
+typed exception (errors.py). One round trip on an autocommit connection.
 
-Allowed transitions (anything else raises :class:`InvalidTransition`):
+=====================================  ======================  ======================
+operation                              the UPDATE writes       refused by
+=====================================  ======================  ======================
+``start_process(m, P)``                processing, P           the database: MS002
+                                                               (:class:`MachineBusy`),
+                                                               MS003
+``complete_process(m[, P])``,          idle (the database      WHERE status is
+``stop_process(m[, P])``               ends the run)           processing [and the
+                                                               run is P]
+``fail_process(m, msg, c[, P])``       error, msg, c           the database: MS003;
+                                                               WHERE the run is P
+``set_status(m, s)``                   s as given              the database: 23514,
+                                                               MS003
+=====================================  ======================  ======================
 
-==================================  ===========================================  =================
-operation                           allowed when the machine is                  writes
-==================================  ===========================================  =================
-``start_process(m, P)``             idle or offline (processing:                 processing, P
-                                    :class:`MachineBusy`)
-``complete_process(m, P)``          processing with current process P            idle, no process
-``stop_process(m, P)``              processing with current process P            idle, no process
-``fail_process(m, msg, c)``         any status                                   error, msg, c
-``fail_process(..., process_id=P)`` current process is P                         error, msg, c
-``set_status(m, s)``                any status; s may not be processing or       s, no process
-                                    error (they need a process or a message)
-==================================  ===========================================  =================
+The run id of complete, stop and fail is a compare-and-set in the UPDATE's
+WHERE (the database cannot know which run the caller means). Only when it
+matches no row does the client send one small SELECT to say why
+(:class:`~machine_sync.errors.UnknownMachine`,
+:class:`~machine_sync.errors.NotCurrentProcess`,
+:class:`~machine_sync.errors.InvalidTransition`): a refusal may take a second
+round trip, a success never does. Nothing is retried: a
+:class:`~machine_sync.errors.ConcurrentUpdate` (``retryable``) is the caller's
+to send again.
 
-Every write also clears the failure fields except ``fail_process``, and the
-database sets ``updated_at`` (and ``state_since`` when the status changes).
+Results: the returned ``machines`` row, and the ``machine_state`` row the
+trigger wrote for it, read from that row by the mirror's contract (``state_since``
+is ``status_since``). The database sets ``updated_at`` and ``status_since``.
 
 Connections: the client never opens one. Given a connection, it runs on it as
 it is: an autocommit connection commits each operation at once; otherwise the
@@ -42,9 +51,8 @@ adds ``BEGIN`` and ``COMMIT``). No query sets session state, so PgBouncer in
 transaction mode and prepared statements both work.
 
 Privileges: ``SELECT, UPDATE`` on ``public.machines``, ``SELECT`` on
-``public.machine_state`` (visible through RLS, as for the table owner or
-Supabase's ``service_role``), ``EXECUTE`` on ``machine_sync.normalize_status``
-and ``canonical_status`` (granted to everyone by the migrations).
+``public.machine_state`` for :meth:`Client.get` and :meth:`Client.list`
+(visible through RLS, as for the table owner or Supabase's ``service_role``).
 """
 
 from __future__ import annotations
@@ -58,8 +66,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from machine_sync import _core
-from machine_sync._core import DriftRow, Machine, MachineState, ModeChange
-from machine_sync.errors import translate
+from machine_sync._core import DriftRow, Machine, MachineState, ModeChange, ReconcileRow
+from machine_sync.errors import MachineSyncError, translate
 
 __all__ = [
     "AsyncClient",
@@ -69,6 +77,7 @@ __all__ = [
     "Machine",
     "MachineState",
     "ModeChange",
+    "ReconcileRow",
     "Source",
 ]
 
@@ -76,6 +85,17 @@ __all__ = [
 Source: TypeAlias = "psycopg.Connection[Any] | ConnectionPool[Any]"
 #: What :class:`AsyncClient` runs on.
 AsyncSource: TypeAlias = "psycopg.AsyncConnection[Any] | AsyncConnectionPool[Any]"
+
+
+def _translate(exc: psycopg.Error, request: _core.Request) -> MachineSyncError:
+    # Every query the client sends names only machine-sync's objects.
+    return translate(
+        exc,
+        machine_id=request.machine_id,
+        process_id=request.process_id,
+        operation=request.operation,
+        ours=True,
+    )
 
 
 def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[str, Any]]:
@@ -111,21 +131,24 @@ class Client:
                     return _fetch(conn, request)
             return _fetch(self._source, request)
         except psycopg.Error as exc:
-            raise translate(exc, machine_id=request.machine_id) from exc
+            raise _translate(exc, request) from exc
 
     def _transition(self, request: _core.Request) -> Machine:
-        for _attempt in range(_core.MAX_ATTEMPTS):
-            written = _core.read_transition(request, self._run(request))
-            if written is not None:
-                return written
-        raise _core.gave_up(request)
+        written = _core.read_written(self._run(request))
+        if written is None:
+            raise _core.refusal(request, self._run(_core.classify(request)))
+        return written
 
     def start_process(self, machine_id: UUID | str, process_id: UUID | str) -> Machine:
-        """Start run ``process_id`` on an idle or offline machine; returns it as written.
+        """Start run ``process_id``; returns the machine as written.
 
-        Raises :class:`~machine_sync.errors.MachineBusy` (naming the running
-        process) when it is processing, :class:`~machine_sync.errors.InvalidTransition`
-        from error or maintenance, :class:`~machine_sync.errors.UnknownMachine`.
+        The database decides (default rules: from idle or offline). It raises
+        :class:`~machine_sync.errors.MachineBusy` (MS002, naming the running
+        process) when another run holds the machine,
+        :class:`~machine_sync.errors.InvalidTransition` (MS003) when the rules
+        refuse the change, :class:`~machine_sync.errors.UnknownProcess` when a
+        legacy database's process_executions lacks the run. Starting the run
+        that is already current changes nothing.
         """
         return self._transition(_core.start(machine_id, process_id))
 
@@ -134,10 +157,10 @@ class Client:
     ) -> Machine:
         """Mark run ``process_id`` finished: the machine goes back to idle.
 
-        Refused with :class:`~machine_sync.errors.NotCurrentProcess` unless the
-        machine is processing exactly ``process_id``, so a late completion of an
-        old run never ends the run that replaced it. Without ``process_id`` it
-        ends whatever run is current (refused with
+        A compare-and-set: refused with :class:`~machine_sync.errors.NotCurrentProcess`
+        unless the machine is processing exactly ``process_id``, so a late
+        completion of an old run never ends the run that replaced it. Without
+        ``process_id`` it ends whatever run is current (refused with
         :class:`~machine_sync.errors.InvalidTransition` unless processing):
         pass the id whenever the caller knows it.
         """
@@ -153,8 +176,9 @@ class Client:
     ) -> Machine:
         """Put the machine in error with ``message`` (and the failed ``component``).
 
-        Allowed from any status. With ``process_id``, only while that run is the
-        machine's current process (else :class:`~machine_sync.errors.NotCurrentProcess`).
+        The database's rules decide (default: from any status); it ends the
+        run. With ``process_id``, only while that run is the machine's current
+        process (else :class:`~machine_sync.errors.NotCurrentProcess`).
         The message is stored as given: legacy code prefixed it with
         ``"Recipe execution error: "``.
         """
@@ -168,11 +192,15 @@ class Client:
         return self._transition(_core.stop(machine_id, process_id))
 
     def set_status(self, machine_id: UUID | str, status: str) -> Machine:
-        """Set any status but processing and error (operator override); clears the process.
+        """Set ``status`` (operator override), as any other writer would.
 
-        ``status`` is trimmed, lower-cased and aliases are resolved by the
-        database; an unknown one raises :class:`~machine_sync.errors.InvalidStatus`
-        naming the allowed statuses.
+        The database trims, lower-cases and resolves aliases; an unknown status
+        raises :class:`~machine_sync.errors.InvalidStatus` (23514) naming the
+        allowed ones; a change its rules refuse raises
+        :class:`~machine_sync.errors.InvalidTransition` (MS003), processing
+        among them (it needs a run: use :meth:`start_process`). Leaving
+        processing ends the run; leaving error clears the failure; prefer
+        :meth:`fail_process` for error, which records why.
         """
         return self._transition(_core.set_status(machine_id, status))
 
@@ -185,10 +213,13 @@ class Client:
         """Rows of ``machine_sync.drift``: machines whose two rows disagree (normally none)."""
         return [_core.drift_row(row) for row in self._run(_core.simple("drift"))]
 
-    def reconcile(self) -> int:
-        """Repair all drift from machines (``machine_sync.reconcile()``); how many were fixed."""
-        repaired: int = self._run(_core.simple("reconcile"))[0]["repaired"]
-        return repaired
+    def reconcile(self) -> builtins.list[ReconcileRow]:
+        """Repair all drift from machines (``machine_sync.reconcile()``).
+
+        One row per drifted machine: ``repaired``, or the ``reason`` it could not
+        be (a status outside the vocabulary, say). Empty when nothing drifted.
+        """
+        return [_core.reconcile_row(row) for row in self._run(_core.simple("reconcile"))]
 
     def mode(self) -> str:
         """The machine-sync mode: ``'compat'`` or ``'strict'``."""
@@ -227,14 +258,13 @@ class AsyncClient:
                     return await _afetch(conn, request)
             return await _afetch(self._source, request)
         except psycopg.Error as exc:
-            raise translate(exc, machine_id=request.machine_id) from exc
+            raise _translate(exc, request) from exc
 
     async def _transition(self, request: _core.Request) -> Machine:
-        for _attempt in range(_core.MAX_ATTEMPTS):
-            written = _core.read_transition(request, await self._run(request))
-            if written is not None:
-                return written
-        raise _core.gave_up(request)
+        written = _core.read_written(await self._run(request))
+        if written is None:
+            raise _core.refusal(request, await self._run(_core.classify(request)))
+        return written
 
     async def start_process(self, machine_id: UUID | str, process_id: UUID | str) -> Machine:
         """See :meth:`Client.start_process`."""
@@ -276,10 +306,9 @@ class AsyncClient:
         """See :meth:`Client.drift`."""
         return [_core.drift_row(row) for row in await self._run(_core.simple("drift"))]
 
-    async def reconcile(self) -> int:
+    async def reconcile(self) -> builtins.list[ReconcileRow]:
         """See :meth:`Client.reconcile`."""
-        repaired: int = (await self._run(_core.simple("reconcile")))[0]["repaired"]
-        return repaired
+        return [_core.reconcile_row(row) for row in await self._run(_core.simple("reconcile"))]
 
     async def mode(self) -> str:
         """See :meth:`Client.mode`."""

@@ -576,17 +576,19 @@ class _Demo:
             f"  [dim]faults injected: {faults} (= faulted); errors callers saw: {errors} "
             f"(= failed)[/]"
         )
-        if result.double_starts and result.path == "legacy":
+        if result.path == "legacy" and result.schema == "migrated":
+            self.out.say(
+                "  [dim]The legacy start still reads machines.status, checks it in Python, then "
+                "writes; but the rules now live in the database, so when two writers both read "
+                "'idle' the second write is refused (SQLSTATE MS002, machine busy) and counts "
+                "as refused, not as a double start.[/]"
+            )
+        elif result.double_starts and result.path == "legacy":
             self.out.say(
                 "  [dim]Double starts: the legacy start reads machines.status, checks it in "
                 "Python, then writes, so two writers can both read 'idle' and both start. "
-                + (
-                    "compat keeps the two tables agreeing, but it cannot make the legacy code's "
-                    "read-then-write one step; the client's start decides inside its single "
-                    "UPDATE, which is why it counts none.[/]"
-                    if result.schema == "migrated"
-                    else "The client's start decides inside its single UPDATE instead.[/]"
-                )
+                "On the migrated database the trigger refuses the second start (MS002), "
+                "whoever writes it.[/]"
             )
         if total.left_drift_unfaulted and result.schema == "legacy":
             self.out.say(
@@ -899,9 +901,8 @@ class _Demo:
         self.out.table(table)
         if runs["compat"]["double_starts"]:
             self.out.say(
-                "  [dim]compat's double starts are the legacy start's read-then-write race "
-                "(step 5): the tables agree throughout, but only the client's start is one "
-                "step.[/]"
+                "  [dim]compat's double starts: starts the database's busy rule (MS002) did "
+                "not catch (step 5).[/]"
             )
 
 

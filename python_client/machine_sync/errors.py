@@ -1,38 +1,55 @@
 """The errors machine_sync raises: one class per thing a caller can act on.
 
 Everything derives from :class:`MachineSyncError`, so ``except MachineSyncError``
-catches all of it. Errors that come from PostgreSQL keep their SQLSTATE in
-``sqlstate`` and the psycopg exception as ``__cause__``; :func:`translate` maps
-them by SQLSTATE (like psycopg's own ``psycopg.errors``), never by message text.
+catches all of it. The rules live in the database: a refused write is
+PostgreSQL's own error, and :func:`translate` maps it to a class by its
+SQLSTATE alone (:data:`BY_SQLSTATE`, the way ``psycopg.errors`` does), never by
+message text. Each class keeps the SQLSTATE in ``sqlstate`` and the psycopg
+exception as ``__cause__``; its message is the database's.
 
-=============================  ===================================================
-class                          raised when
-=============================  ===================================================
-:class:`DatabaseUnreachable`   no connection (refused, closed, pool timeout), 08xxx
-:class:`UnknownMachine`        no machine with that id (or RLS hides it), P0002
-:class:`InvalidStatus`         a status outside machine_sync.allowed_status, 23514
-:class:`InvalidTransition`     the transition rules refuse the operation
-:class:`MachineBusy`           start on a machine that is already processing
-:class:`NotCurrentProcess`     complete/stop/fail of a run that is not current
-:class:`InvalidArgument`       a bad argument (not a UUID, empty message), 22023
-:class:`DirectWriteRefused`    a direct write to machine_state, MS001
-:class:`PermissionDenied`      the role may not do this, 42501
-:class:`NotInstalled`          machine-sync objects are missing: migrate first
-:class:`ConcurrentUpdate`      deadlock, serialization or lock timeout: retry
-:class:`DatabaseError`         any other PostgreSQL error
-:class:`MigrationError`        the migration runner refused or failed (subclasses)
-=============================  ===================================================
+=============================  ========  =========================================
+class                          SQLSTATE  raised when
+=============================  ========  =========================================
+:class:`DirectWriteRefused`    MS001     a direct write to machine_state (strict)
+:class:`MachineBusy`           MS002     a machine running process P given Q
+:class:`InvalidTransition`     MS003     the transition rules refuse the change
+:class:`UnknownMachine`        MS004     no machine with that id (or RLS hides it)
+:class:`NotCurrentProcess`     (none)    complete/stop/fail of a run not current
+:class:`InvalidStatus`         23514     a status outside machine_sync.allowed_status
+:class:`UnknownProcess`        23503     a process id process_executions lacks
+:class:`InvalidArgument`       22023     a bad argument (not a UUID, empty message)
+:class:`PermissionDenied`      42501     the role may not do this (or RLS skipped it)
+:class:`ConcurrentUpdate`      55P03,    lock wait capped, deadlock, serialization
+                               40P01,    failure: rolled back, retry (``retryable``)
+                               40001
+:class:`NotInstalled`          42P01,    a machine-sync table, schema, function or
+                               3F000,    column is missing: run the migrations
+                               42883,
+                               42703
+:class:`DatabaseUnreachable`   08xxx     no connection (refused, closed, pool timeout)
+:class:`DatabaseError`         other     any other PostgreSQL error
+:class:`MigrationError`        (none)    the migration runner refused or failed
+=============================  ========  =========================================
+
+``NotCurrentProcess`` and the UnknownMachine of a client operation come from
+the client's own compare-and-set (an UPDATE that matched no row), classified
+by one SELECT. ``NotInstalled`` needs to know the statement names only
+machine-sync's objects (the client's statements do), so it is decided by the
+caller of :func:`translate` (``ours=True``), not by parsing the message.
 """
 
 from __future__ import annotations
 
+import re
 from enum import IntEnum
+from typing import ClassVar
 from uuid import UUID
 
 import psycopg
 import psycopg.errors
 
 __all__ = [
+    "BY_SQLSTATE",
     "ChecksumMismatch",
     "ConcurrentUpdate",
     "DatabaseError",
@@ -51,6 +68,7 @@ __all__ = [
     "NotInstalled",
     "PermissionDenied",
     "UnknownMachine",
+    "UnknownProcess",
     "translate",
 ]
 
@@ -60,6 +78,8 @@ class MachineSyncError(Exception):
 
     #: The SQLSTATE when PostgreSQL raised the underlying error, else None.
     sqlstate: str | None = None
+    #: Whether sending the same operation again may succeed.
+    retryable: ClassVar[bool] = False
 
     def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
         super().__init__(message)
@@ -69,47 +89,65 @@ class MachineSyncError(Exception):
 
 
 class DatabaseUnreachable(MachineSyncError):
-    """The database cannot be reached: connection refused or lost, pool exhausted."""
+    """Raised when the database cannot be reached: connection refused or lost,
+    the server shutting down, too many clients, a pool that timed out."""
 
 
 class InvalidArgument(MachineSyncError, ValueError):
-    """An argument is malformed (not a UUID, an empty message, an unknown mode)."""
+    """Raised for a malformed argument: before any I/O when the client can tell
+    (not a UUID, an empty failure message), else by the database (22023, an
+    unknown mode)."""
+
+    sqlstate = "22023"
 
 
 class UnknownMachine(MachineSyncError, LookupError):
-    """No machine has this id (or row-level security hides it from this role)."""
+    """Raised when no machine has this id, or row-level security hides it from
+    this role: by the legacy RPCs (MS004), by :meth:`Client.get`, and by a state
+    change whose UPDATE found no row."""
 
-    def __init__(self, machine_id: UUID | None, message: str | None = None) -> None:
+    sqlstate = "MS004"
+
+    def __init__(
+        self, machine_id: UUID | None, message: str | None = None, *, sqlstate: str | None = None
+    ) -> None:
         super().__init__(
             message or f"machine {machine_id} does not exist (or this role cannot see it)",
-            sqlstate="P0002",
+            sqlstate=sqlstate,
         )
         self.machine_id = machine_id
 
 
 class InvalidStatus(MachineSyncError, ValueError):
-    """A status that is neither canonical nor an alias; the message lists the allowed ones."""
+    """Raised when a status is neither canonical nor an alias (23514, constraint
+    machines_status_allowed); the message lists the allowed ones."""
 
     sqlstate = "23514"
 
 
 class InvalidTransition(MachineSyncError):
-    """The transition rules refuse this operation in the machine's current state.
+    """Raised when the database's transition rules refuse a change (MS003):
+    a status change outside machine_sync.allowed_transition, processing without
+    a process, a process for a machine that is not processing.
 
-    ``status`` and ``process_id`` are the machine's current values, read under
-    the row lock by the refused statement itself (not a separate read).
+    ``machine_id`` and ``operation`` say what was refused. ``status`` and
+    ``process_id`` are the machine's values when the client read them to
+    classify a refusal, else None (the database's message says what it saw).
     """
+
+    sqlstate: str | None = "MS003"
 
     def __init__(
         self,
         message: str,
         *,
-        machine_id: UUID,
-        operation: str,
-        status: str,
-        process_id: UUID | None,
+        machine_id: UUID | None = None,
+        operation: str | None = None,
+        status: str | None = None,
+        process_id: UUID | None = None,
+        sqlstate: str | None = None,
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, sqlstate=sqlstate)
         self.machine_id = machine_id
         self.operation = operation
         self.status = status
@@ -117,35 +155,65 @@ class InvalidTransition(MachineSyncError):
 
 
 class MachineBusy(InvalidTransition):
-    """``start_process`` on a machine that is already processing ``process_id``."""
+    """Raised when a machine running process P is given another process (MS002),
+    by ``start_process`` or any other writer; ``process_id`` is P, the run that
+    holds the machine, as the database named it."""
+
+    sqlstate = "MS002"
 
 
 class NotCurrentProcess(InvalidTransition):
-    """``complete/stop/fail_process`` named a run that is not the machine's current one."""
+    """Raised when ``complete/stop/fail_process`` named a run that is not the
+    machine's current one (the compare-and-set wrote nothing); ``status`` and
+    ``process_id`` are what the machine is doing instead."""
+
+    sqlstate = None
+
+
+class UnknownProcess(MachineSyncError, LookupError):
+    """Raised when a process id is not in process_executions (23503: the legacy
+    database's foreign key from machines.current_process_id); ``process_id``
+    names it."""
+
+    sqlstate = "23503"
+
+    def __init__(
+        self, message: str, *, process_id: UUID | None, sqlstate: str | None = None
+    ) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.process_id = process_id
 
 
 class DirectWriteRefused(MachineSyncError):
-    """A direct write to machine_state was refused (SQLSTATE MS001): write machines."""
+    """Raised when a direct write to machine_state is refused (MS001: strict
+    mode, or a DELETE of a machine's state row): write machines instead."""
 
     sqlstate = "MS001"
 
 
 class PermissionDenied(MachineSyncError):
-    """The connected role lacks a privilege this operation needs (SQLSTATE 42501)."""
+    """Raised when the connected role lacks a privilege (42501), or when a
+    row-level security policy or another trigger silently skipped the write."""
 
     sqlstate = "42501"
 
 
 class NotInstalled(MachineSyncError):
-    """machine-sync's schema, view or functions are missing: run the migrations."""
+    """Raised when machine-sync's schema, tables, columns or functions are
+    missing (42P01, 3F000, 42883, 42703 from a statement that names only
+    machine-sync's objects): run the migrations."""
 
 
 class ConcurrentUpdate(MachineSyncError):
-    """A deadlock, serialization failure, lock timeout or endless contention: retry."""
+    """Raised when the transaction was rolled back because of other writers: a
+    legacy write that could not lock its machine in time or a lock_timeout
+    (55P03), a deadlock (40P01), a serialization failure (40001). Retryable."""
+
+    retryable = True
 
 
 class DatabaseError(MachineSyncError):
-    """Any other error reported by PostgreSQL; ``sqlstate`` says which."""
+    """Raised for any other error reported by PostgreSQL; ``sqlstate`` says which."""
 
 
 class MigrationError(MachineSyncError):
@@ -177,8 +245,26 @@ class MigrationFailed(MigrationError):
 
 
 _UNREACHABLE_STATES = {"57P01", "57P02", "57P03", "53300"}  # shutdown, too many clients
-# undefined table, schema, function, column
-_NOT_INSTALLED_STATES = {"42P01", "3F000", "42883", "42703"}
+
+#: The class for each SQLSTATE PostgreSQL (or machine-sync's SQL) raises.
+BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
+    "MS001": DirectWriteRefused,
+    "MS002": MachineBusy,
+    "MS003": InvalidTransition,
+    "MS004": UnknownMachine,
+    "23514": InvalidStatus,
+    "23503": UnknownProcess,
+    "22023": InvalidArgument,
+    "42501": PermissionDenied,
+    "55P03": ConcurrentUpdate,
+    "40P01": ConcurrentUpdate,
+    "40001": ConcurrentUpdate,
+}
+#: SQLSTATEs that mean an object is missing: NotInstalled when the statement
+#: names only machine-sync's objects.
+NOT_INSTALLED_STATES = frozenset({"42P01", "3F000", "42883", "42703"})
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
 class ExitCode(IntEnum):
@@ -205,8 +291,37 @@ def describe(exc: psycopg.Error) -> str:
     return one_line(f"{primary} (hint: {hint})" if hint else primary)
 
 
-def translate(exc: psycopg.Error, *, machine_id: UUID | None = None) -> MachineSyncError:
-    """Map a psycopg error to the machine_sync error a caller can act on."""
+def _uuids(text: str | None) -> list[UUID]:
+    return [UUID(found) for found in _UUID.findall(text or "")]
+
+
+def _running_process(exc: psycopg.Error, machine_id: UUID | None) -> UUID | None:
+    """The run holding a busy machine: the id the database's MS002 message names.
+
+    The message names the machine and its running process; the DETAIL names
+    the refused one. The running process is the id in the message that is
+    neither the machine nor the refused process.
+    """
+    others = {machine_id, *_uuids(exc.diag.message_detail)}
+    running = [found for found in _uuids(exc.diag.message_primary) if found not in others]
+    return running[-1] if running else None
+
+
+def translate(
+    exc: psycopg.Error,
+    *,
+    machine_id: UUID | None = None,
+    process_id: UUID | None = None,
+    operation: str | None = None,
+    ours: bool = False,
+) -> MachineSyncError:
+    """Map a psycopg error to the machine_sync error a caller can act on.
+
+    The class comes from the SQLSTATE alone (:data:`BY_SQLSTATE`). The
+    keywords say what was attempted, to fill the error's fields: the machine,
+    the process sent, the operation; ``ours`` says the statement names only
+    machine-sync's objects, so that a missing object means NotInstalled.
+    """
     state = exc.sqlstate
     message = describe(exc)
     if isinstance(exc, psycopg.InterfaceError) or (
@@ -216,34 +331,47 @@ def translate(exc: psycopg.Error, *, machine_id: UUID | None = None) -> MachineS
         # libpq's connection messages span lines and name host and port only
         # (never the password), so they are safe and useful to show.
         return DatabaseUnreachable(f"cannot reach the database: {one_line(str(exc))}")
-    if state == "23514" and exc.diag.constraint_name == "machines_status_allowed":
-        return InvalidStatus(message, sqlstate=state)
-    if state == "P0002":
-        return UnknownMachine(machine_id, message)
-    if state == "MS001":
-        return DirectWriteRefused(message, sqlstate=state)
-    if state == "42501":
+    if ours and state in NOT_INSTALLED_STATES:
+        return NotInstalled(
+            f"{message}: machine-sync is not installed here (or not up to date); "
+            "run `machine-sync migrate apply`",
+            sqlstate=state,
+        )
+    error = BY_SQLSTATE.get(state or "", DatabaseError)
+    if issubclass(error, InvalidTransition) and exc.diag.message_detail:
+        message = one_line(f"{message} ({exc.diag.message_detail})")
+    if issubclass(error, MachineBusy):
+        return MachineBusy(
+            message,
+            machine_id=machine_id,
+            operation=operation,
+            status="processing",
+            process_id=_running_process(exc, machine_id),
+            sqlstate=state,
+        )
+    if issubclass(error, InvalidTransition):
+        return error(message, machine_id=machine_id, operation=operation, sqlstate=state)
+    if issubclass(error, UnknownMachine):
+        return UnknownMachine(machine_id, message, sqlstate=state)
+    if issubclass(error, UnknownProcess) and exc.diag.table_name == "machines":
+        named = process_id
+        if named is None:
+            found = _uuids(exc.diag.message_detail)
+            named = found[0] if found else None
+        return UnknownProcess(
+            f"process {named} is not in process_executions: start a run that exists ({message})",
+            process_id=named,
+            sqlstate=state,
+        )
+    if issubclass(error, PermissionDenied):
         return PermissionDenied(
             f"{message}: connect as a role with this privilege (the table owner or service_role)",
             sqlstate=state,
         )
-    primary = exc.diag.message_primary or ""
-    if state in _NOT_INSTALLED_STATES and (
-        "machine_sync" in message
-        # A legacy database lacks machines' new columns; an empty one, the tables.
-        or any(table in primary for table in ("machines", "machine_state", "failure_"))
-    ):
-        return NotInstalled(
-            f"{primary or message}: machine-sync is not installed here; "
-            "run `machine-sync migrate apply`",
-            sqlstate=state,
-        )
-    if state == "22023":
-        return InvalidArgument(message, sqlstate=state)
-    # Deadlock, serialization failure, or a lock wait capped by lock_timeout
-    # (compat caps a legacy write's waits): all rolled back, all retryable.
-    if state in ("40001", "40P01", "55P03"):
+    if issubclass(error, ConcurrentUpdate):
         return ConcurrentUpdate(
             f"{message}; the transaction was rolled back, retry it", sqlstate=state
         )
-    return DatabaseError(f"{message} (SQLSTATE {state})", sqlstate=state)
+    if error in (DatabaseError, UnknownProcess):
+        return DatabaseError(f"{message} (SQLSTATE {state})", sqlstate=state)
+    return error(message, sqlstate=state)

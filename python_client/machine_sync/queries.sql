@@ -6,174 +6,107 @@
 -- as a prepared statement.
 
 
--- name: transition
--- One guarded state change of one machine (start, complete, fail, stop, set).
---
--- The whole operation is this one statement: it locks the machine's row,
--- decides from the row it locked whether the transition is allowed, writes
--- machines (the mirror trigger writes machine_state in the same statement)
--- and returns what was written together with the mirrored machine_state
--- values. Exactly one row comes back, with `outcome`:
---   unknown  -- no such machine (or row-level security hides it)
---   refused  -- the rules below say no; previous_* is the current row
---   stale    -- see `moved` below; nothing was written, run it again
---   write    -- written; `written` is false only if a policy or another
---               trigger silently skipped the row
---
--- Races: `target` locks the row before anything is decided. A writer that
--- got there first makes this statement wait; when it commits, the lock
--- returns its committed row (READ COMMITTED re-reads a row it had to wait
--- for), so the loser of two simultaneous starts sees the winner's process.
---
--- Mirrored values are not read back from machine_state: its row is written
--- by an AFTER trigger that fires when this statement ends, so nothing in the
--- statement could see it. By contract (sql/40_mirror.sql) the mirror equals
--- the machines row, so current_state, process_id, is_failure_mode and the
--- failure fields are taken from the row written here. state_since follows
--- the mirror's own rule: kept when the state row already had this status,
--- else now() (the trigger runs in this transaction: the same now()).
--- `prior` reads the state row from this statement's snapshot. That is the
--- row the trigger will see unless another writer committed after the
--- snapshot was taken (`moved`: the row we locked is not the row we saw).
--- Then the prior state row was rewritten by that writer's mirror from the
--- locked row, so its status is `previous_status`: a write that changes the
--- status gets now(); one that keeps it cannot know when the status began
--- and answers `stale` instead, writing nothing, and the client runs it again
--- with a fresh snapshot.
-WITH request AS MATERIALIZED (
-    -- normalize_status raises 23514 for an unknown status, before any lock.
-    SELECT
-        :operation::text AS op,
-        machine_sync.normalize_status(:status::text) AS status,
-        :process_id::uuid AS process_id,
-        :failure_description::text AS failure_description,
-        :failure_component::uuid AS failure_component
-),
+-- The state changes below are each one plain UPDATE of machines. The rules
+-- (statuses, transitions, busy machines, processing <=> process id) are the
+-- database's own: the trigger on machines enforces them for every writer and
+-- refuses with an SQLSTATE the client maps to a typed error (errors.py). The
+-- trigger writes machine_state inside the same statement, so the returned
+-- machines row is what both tables now hold (machine_state mirrors it by
+-- contract: current_state = status, state_since = status_since, ...).
+-- Where the operation names a run (complete/stop/fail of process P), the
+-- WHERE makes it a compare-and-set: no row back means it was refused, and
+-- only then does the client send `classify` to say why.
 
-target AS MATERIALIZED (
-    SELECT
-        m.id,
-        m.status,
-        m.current_process_id,
-        m.xmin::text AS row_version
-    FROM public.machines AS m
-    WHERE m.id = :machine_id::uuid
-    FOR NO KEY UPDATE OF m
-),
 
-seen AS (
-    SELECT m.xmin::text AS row_version
-    FROM public.machines AS m
-    WHERE m.id = :machine_id::uuid
-),
+-- name: start_process
+-- Start run :process_id; the database refuses a busy machine or a bad transition.
+UPDATE public.machines AS m
+SET
+    status = 'processing',
+    current_process_id = :process_id::uuid
+WHERE m.id = :machine_id::uuid
+RETURNING
+    m.id,
+    m.serial_number,
+    m.location,
+    m.lab_name,
+    m.status,
+    m.current_process_id,
+    m.failure_description,
+    m.failure_component,
+    m.status_since,
+    m.updated_at;
 
-decision AS MATERIALIZED (
-    SELECT
-        t.id,
-        t.status AS previous_status,
-        t.current_process_id AS previous_process_id,
-        r.status,
-        r.failure_description,
-        r.failure_component,
-        (t.row_version IS DISTINCT FROM s.row_version) AS moved,
-        CASE r.op WHEN 'start' THEN r.process_id END AS new_process_id,
-        -- The transition rules (MIGRATING.md has them as a table).
-        CASE
-            WHEN
-                r.op = 'start'
-                AND t.status IN ('idle', 'offline')
-                THEN 'allowed'
-            WHEN
-                r.op IN ('complete', 'stop')
-                AND t.status = 'processing'
-                AND (r.process_id IS NULL OR t.current_process_id = r.process_id)
-                THEN 'allowed'
-            WHEN
-                r.op = 'fail'
-                AND (r.process_id IS NULL OR t.current_process_id = r.process_id)
-                THEN 'allowed'
-            WHEN
-                r.op = 'set'
-                AND r.status NOT IN ('processing', 'error')
-                THEN 'allowed'
-            ELSE 'refused'
-        END AS verdict
-    FROM target AS t
-    CROSS JOIN request AS r
-    LEFT JOIN seen AS s ON TRUE
-),
 
-outcome AS MATERIALIZED (
-    SELECT
-        d.*,
-        CASE
-            WHEN d.verdict = 'refused' THEN 'refused'
-            WHEN d.moved AND d.status = d.previous_status THEN 'stale'
-            ELSE 'write'
-        END AS outcome
-    FROM decision AS d
-),
+-- name: end_process
+-- Complete or stop the current run (only run :process_id when it is given).
+UPDATE public.machines AS m
+SET status = 'idle'
+WHERE
+    m.id = :machine_id::uuid
+    AND m.status = 'processing'
+    AND (:process_id::uuid IS NULL OR m.current_process_id = :process_id::uuid)
+RETURNING
+    m.id,
+    m.serial_number,
+    m.location,
+    m.lab_name,
+    m.status,
+    m.current_process_id,
+    m.failure_description,
+    m.failure_component,
+    m.status_since,
+    m.updated_at;
 
-written AS (
-    UPDATE public.machines AS m
-    SET
-        status = o.status,
-        current_process_id = o.new_process_id,
-        failure_description = o.failure_description,
-        failure_component = o.failure_component
-    FROM outcome AS o
-    WHERE m.id = o.id AND o.outcome = 'write'
-    RETURNING
-        m.id,
-        m.serial_number,
-        m.location,
-        m.lab_name,
-        m.status,
-        m.current_process_id,
-        m.failure_description,
-        m.failure_component,
-        m.updated_at
-),
 
-prior AS (
-    SELECT
-        s.current_state,
-        s.state_since
-    FROM public.machine_state AS s
-    WHERE s.machine_id = :machine_id::uuid
-)
+-- name: fail_process
+-- Put the machine in error with a message (only while run :process_id is current, when given).
+UPDATE public.machines AS m
+SET
+    status = 'error',
+    failure_description = :failure_description::text,
+    failure_component = :failure_component::uuid
+WHERE
+    m.id = :machine_id::uuid
+    AND (:process_id::uuid IS NULL OR m.current_process_id = :process_id::uuid)
+RETURNING
+    m.id,
+    m.serial_number,
+    m.location,
+    m.lab_name,
+    m.status,
+    m.current_process_id,
+    m.failure_description,
+    m.failure_component,
+    m.status_since,
+    m.updated_at;
 
+
+-- name: set_status
+-- Set a status as given; the database normalizes it and checks the transition.
+UPDATE public.machines AS m
+SET status = :status::text
+WHERE m.id = :machine_id::uuid
+RETURNING
+    m.id,
+    m.serial_number,
+    m.location,
+    m.lab_name,
+    m.status,
+    m.current_process_id,
+    m.failure_description,
+    m.failure_component,
+    m.status_since,
+    m.updated_at;
+
+
+-- name: classify
+-- Why a state change wrote no row: the machine's status and run, if it exists.
 SELECT
-    w.id,
-    w.serial_number,
-    w.location,
-    w.lab_name,
-    w.status,
-    w.current_process_id,
-    w.failure_description,
-    w.failure_component,
-    w.updated_at,
-    w.status AS current_state,
-    w.current_process_id AS process_id,
-    w.failure_description AS state_failure_description,
-    w.failure_component AS state_failure_component,
-    o.previous_status,
-    o.previous_process_id,
-    r.status AS requested_status,
-    w.status = 'error' AS is_failure_mode,
-    w.id IS NOT NULL AS has_state,
-    w.id IS NOT NULL AS written,
-    coalesce(o.outcome, 'unknown') AS outcome,
-    CASE
-        WHEN w.id IS NULL THEN NULL
-        WHEN o.moved THEN now()
-        WHEN machine_sync.canonical_status(p.current_state) = w.status THEN p.state_since
-        ELSE now()
-    END AS state_since
-FROM request AS r
-LEFT JOIN outcome AS o ON TRUE
-LEFT JOIN written AS w ON TRUE
-LEFT JOIN prior AS p ON TRUE;
+    m.status,
+    m.current_process_id
+FROM public.machines AS m
+WHERE m.id = :machine_id::uuid;
 
 
 -- name: get_machine
@@ -187,6 +120,7 @@ SELECT
     m.current_process_id,
     m.failure_description,
     m.failure_component,
+    m.status_since,
     m.updated_at,
     s.current_state,
     s.process_id,
@@ -211,6 +145,7 @@ SELECT
     m.current_process_id,
     m.failure_description,
     m.failure_component,
+    m.status_since,
     m.updated_at,
     s.current_state,
     s.process_id,
@@ -243,8 +178,13 @@ ORDER BY d.machine_id;
 
 
 -- name: reconcile
--- Repair all drift from machines; how many drift rows were repaired.
-SELECT machine_sync.reconcile() AS repaired;
+-- Repair all drift from machines; one row per drifted machine, repaired or why not.
+SELECT
+    r.machine_id,
+    r.problem,
+    r.repaired,
+    r.reason
+FROM machine_sync.reconcile() AS r;
 
 
 -- name: mode

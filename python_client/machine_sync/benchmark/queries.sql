@@ -115,6 +115,14 @@ TRUNCATE public.machines, machine_sync_bench.floor_machines,
 machine_sync_bench.legacy_machines, machine_sync_bench.legacy_machine_state
 CASCADE;
 
+-- name: idle_machines
+-- Before each run, untimed: every machine idle with no run, so that a run's
+-- first start of a machine is a start the rules allow (a machine left
+-- processing by the previous run is busy: the database refuses another run).
+UPDATE public.machines
+SET status = 'idle'
+WHERE status <> 'idle';
+
 -- name: update_floor
 -- Floor: the same single UPDATE on a table with no trigger.
 UPDATE machine_sync_bench.floor_machines

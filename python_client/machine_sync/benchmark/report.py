@@ -72,7 +72,7 @@ def _fmt_machines(n: int) -> str:
 
 
 def headlines(result: BenchResult) -> list[Headline]:
-    """The four targets of the issue, on the local connection with one client."""
+    """The four targets compared, on the local connection with one client."""
     groups = _groups(result.cells)
     single = {
         f"{d} {_fmt_machines(n)}": g

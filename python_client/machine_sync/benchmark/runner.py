@@ -208,6 +208,13 @@ def _drift(conn: psycopg.Connection[Any], schemas: Schemas, workload: Workload) 
     return int(row[0]) if row is not None else None
 
 
+def _all_idle(conn: psycopg.Connection[Any], schemas: Schemas) -> None:
+    """Every machine idle before a run (untimed); its writes are counted before it starts."""
+    conn.execute(query("idle_machines", schemas))
+    if conn.info.server_version >= 150000:  # this session's counts, now
+        conn.execute(query("flush_statistics", schemas))
+
+
 def _group(
     place: Scratch,
     workloads: Sequence[Workload],
@@ -225,6 +232,7 @@ def _group(
             warm = round_no == 0  # not recorded: prepares statements, fills caches
             for workload in _rotated(workloads, round_no):
                 cell = cells[workload.key]
+                _all_idle(conn, schemas)
                 before = drivers.table_writes(conn, schemas)
                 run = run_one(workload, warm)
                 expected, seen, stray, hot = _check_writes(conn, schemas, before, workload, run.ops)
@@ -309,9 +317,10 @@ def _bulk(place: Scratch, config: BenchConfig, machines: int, echo: Echo) -> lis
             for round_no in range(config.bulk_rounds):
                 for workload in _rotated(BULK_WORKLOADS, round_no):
                     cell = cells[workload.key]
+                    _all_idle(conn, schemas)
                     before = drivers.table_writes(conn, schemas)
-                    # Step 1 starts a recipe on every machine (a change whatever
-                    # they held); later steps alternate, so each is a real change.
+                    # Step 1 starts a recipe on every (idle) machine; later
+                    # steps alternate, so each is a real change.
                     times = [
                         drivers.bulk_statement(conn, workload, schemas, ids, step)
                         for step in range(1, reps + 1)

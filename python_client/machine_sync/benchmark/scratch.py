@@ -134,6 +134,11 @@ def install(place: Scratch) -> None:
                         f"{path.name}, relocated to scratch schemas, changed objects in "
                         "public or machine_sync; rolled back"
                     )
+        if schemas.relocated:
+            # The mirror runs as machine_sync_mirror (created by the
+            # migrations): it must reach the relocated tables' schema.
+            with conn.transaction():
+                conn.execute(_compose(q.GRANT_MIRROR_USAGE, schemas.tables))
         with conn.transaction():
             conn.execute(q.setup_script(schemas))
 

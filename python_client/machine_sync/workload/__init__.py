@@ -3,7 +3,7 @@
 A *write path* turns the five events of a recipe's life (start, complete,
 error, stop and an operator's reset) into SQL:
 
-* :class:`LegacyPath` is the production code of ``legacy-system.md``: two
+* :class:`LegacyPath` is the production code as it runs today: two
   separate autocommit statements per event, in its order (error writes
   ``machine_state`` first), and a start that reads ``machines.status`` and
   checks it in Python before writing.

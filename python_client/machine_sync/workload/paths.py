@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Final
 
+import psycopg
+
 from machine_sync.client import Client
-from machine_sync.errors import InvalidTransition
+from machine_sync.errors import InvalidTransition, translate
 
 from .events import (
     ERROR_DESCRIPTION,
@@ -37,21 +39,27 @@ def _now() -> datetime:
 
 
 class LegacyPath:
-    """Production's code: two autocommit statements per event (legacy-system.md)."""
+    """Production's code: two autocommit statements per event, as it runs today."""
 
     name = "legacy"
 
     def start(
         self, conn: Conn, machine: uuid.UUID, process: uuid.UUID, second: SecondWrite
     ) -> None:
-        """Read status, check it in Python, then write machines, then machine_state."""
+        """Read status, check it in Python, then write machines, then machine_state.
+
+        On a migrated database the rules are the database's, for this code too:
+        when another writer started the machine between the read and the write,
+        the write is refused (MS002, busy) and the start counts as refused.
+        """
         row = conn.execute(LEGACY_READ_STATUS, {"machine": machine}).fetchone()
         if row is None or row[0] not in STARTABLE:
             raise Refused(f"machine is {row[0] if row else 'missing'}")
         args = {"machine": machine, "process": process, "now": _now()}
-        conn.execute(LEGACY_START_MACHINES, args)
-        with second("machine_state"):
-            conn.execute(LEGACY_START_STATE, args)
+        with _database_refusals():
+            conn.execute(LEGACY_START_MACHINES, args)
+            with second("machine_state"):
+                conn.execute(LEGACY_START_STATE, args)
 
     def complete(
         self, conn: Conn, machine: uuid.UUID, process: uuid.UUID, second: SecondWrite
@@ -69,7 +77,10 @@ class LegacyPath:
             conn.execute(LEGACY_ERROR_MACHINES, args)
 
     def stop(self, conn: Conn, machine: uuid.UUID, process: uuid.UUID, second: SecondWrite) -> None:
-        """machines loses its process (its status stays), then machine_state idle."""
+        """machines loses its process, then machine_state idle.
+
+        Migrated, clearing the process of a processing machine stops it: idle.
+        """
         conn.execute(LEGACY_STOP_MACHINES, {"machine": machine})
         with second("machine_state"):
             conn.execute(LEGACY_STOP_STATE, {"machine": machine})
@@ -89,7 +100,8 @@ class LegacyPath:
 class ClientPath:
     """machine-sync: :class:`machine_sync.client.Client`, one statement per event.
 
-    Refusals by the transition rules (busy machine, a run that is no longer
+    Refusals by the database's rules (busy machine, a transition they do not
+    allow) and by the client's compare-and-set (a run that is no longer
     current) become :class:`Refused`; every other error is raised as the
     client raises it.
     """
@@ -99,7 +111,7 @@ class ClientPath:
     def start(
         self, conn: Conn, machine: uuid.UUID, process: uuid.UUID, second: SecondWrite
     ) -> None:
-        """Start only from idle or offline, decided inside the statement."""
+        """Start as the database's rules allow (from idle or offline), decided in the statement."""
         with second("machine_state"), _refusals():
             Client(conn).start_process(machine, process)
 
@@ -126,6 +138,17 @@ class ClientPath:
         """An operator override: idle, no process."""
         with second("machine_state"), _refusals():
             Client(conn).set_status(machine, "idle")
+
+
+@contextmanager
+def _database_refusals() -> Iterator[None]:
+    """The database's rules refusing a raw statement (MS002 busy, MS003) as :class:`Refused`."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        if isinstance(translate(exc), InvalidTransition):
+            raise Refused(str(exc)) from exc
+        raise
 
 
 @contextmanager

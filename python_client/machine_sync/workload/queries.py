@@ -19,7 +19,7 @@ _SQL: Final = _queries.parse(
     files("machine_sync.workload").joinpath("workload.sql").read_text(encoding="utf-8")
 )
 
-# The legacy call sites, exactly as legacy-system.md lists them.
+# The legacy call sites, exactly as production runs them.
 LEGACY_READ_STATUS: Final = _SQL["legacy_read_status"].text
 LEGACY_START_MACHINES: Final = _SQL["legacy_start_machines"].text
 LEGACY_START_STATE: Final = _SQL["legacy_start_state"].text
@@ -49,7 +49,7 @@ TERMINATE: Final = _SQL["terminate"].text
 LEGACY_DRIFT: Final = _SQL["legacy_drift"].text
 MIGRATED_DRIFT: Final = _SQL["migrated_drift"].text
 
-# The audit of legacy-system.md and the demo's checks.
+# The audit of production's tables and the demo's checks.
 AUDIT_COUNTS: Final = _SQL["audit_counts"].text
 AUDIT_STATUSES: Final = _SQL["audit_statuses"].text
 LEGACY_RPCS_PRESENT: Final = _SQL["legacy_rpcs_present"].text

@@ -4,7 +4,7 @@
 -- `:name` placeholders are bound parameters, never formatted text.
 
 
--- The legacy call sites, exactly as legacy-system.md lists them. The client's
+-- The legacy call sites, exactly as production runs them. The client's
 -- clock goes into updated_at/state_since, as production's code does.
 
 -- name: legacy_read_status
@@ -195,7 +195,7 @@ FROM machine_sync.drift
 WHERE :ids::uuid[] IS NULL OR machine_id = any(:ids);
 
 
--- The audit of legacy-system.md: how many machines, how many state rows, and
+-- The audit of production's tables: how many machines, how many state rows, and
 -- which statuses each table holds.
 
 -- name: audit_counts
