@@ -18,15 +18,27 @@ CREATE SCHEMA IF NOT EXISTS machine_sync;
 COMMENT ON SCHEMA machine_sync IS
 'machine-sync internals: status vocabulary, transitions, mode, triggers, drift view.';
 
+-- Two databases of one cluster migrated at once may both try: whichever
+-- loses the race finds the role made and granted by the other.
 DO $$
 BEGIN
     IF NOT EXISTS (
         SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror'
     ) THEN
-        CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+        BEGIN
+            CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL;
+        END;
     END IF;
     IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
-        GRANT machine_sync_mirror TO CURRENT_USER;
+        BEGIN
+            GRANT machine_sync_mirror TO CURRENT_USER;
+        EXCEPTION WHEN insufficient_privilege THEN
+            IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
+                RAISE;
+            END IF;
+        END;
     END IF;
 END
 $$;
