@@ -36,7 +36,10 @@ BEGIN
             GRANT machine_sync_mirror TO CURRENT_USER;
         EXCEPTION WHEN insufficient_privilege THEN
             IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
-                RAISE;
+                RAISE EXCEPTION 'role machine_sync_mirror exists, but % may not take it (it was made by another role)',
+                    current_user
+                USING ERRCODE = 'insufficient_privilege',
+                      HINT = format('As a superuser: GRANT machine_sync_mirror TO %I; then migrate again.', current_user);
             END IF;
         END;
     END IF;
