@@ -20,17 +20,21 @@
 --   before any trigger on it runs, and every machines writer locks its
 --   machines row first: a legacy write and a machines write of the same
 --   machine, each in the instant between its two row locks, would wait for
---   each other. The legacy write therefore waits for its machines row at
---   most half of deadlock_timeout (or the caller's lower lock_timeout):
---   in such a cycle it is always the one that gives up, with SQLSTATE 55P03
---   (retry), before PostgreSQL would have to pick a victim. Nothing waits
---   for a table lock; only writers of that one machine ever wait.
+--   each other. So a legacy write never waits for a lock while it holds the
+--   state row: it takes its machine's row at once or polls for it, for at
+--   most half of deadlock_timeout (or the caller's lower lock_timeout), and
+--   gives up the moment another transaction waits for it. It then fails
+--   with a retryable error (40001 in a cycle, 55P03 when time is up) and
+--   nothing is half-applied. No mix of writers can deadlock, nothing takes a
+--   table lock, and only writers of that one machine ever wait.
 -- * mode 'strict': a direct INSERT or UPDATE fails with SQLSTATE MS001.
 -- * A direct DELETE fails while the machine exists (delete the machine).
 -- * TRUNCATE of machine_state alone fails; TRUNCATE machines CASCADE works.
 
--- Checks a direct write and, when it changes what machines says, locks
--- that machine for the carry below. Runs with the caller's privileges.
+-- Checks a direct write and locks its machine for the carry below (or, when
+-- it changes nothing mirrored, so that a later write of machines in the same
+-- transaction takes no lock while it holds this row). Runs with the
+-- caller's privileges.
 CREATE OR REPLACE FUNCTION machine_sync.machine_state_direct_write()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -56,62 +60,105 @@ BEGIN
     END IF;
     NEW.is_failure_mode := (NEW.current_state = 'error');
     NEW.updated_at := now();
+    IF NEW.machine_id IS NULL THEN
+        RETURN NEW;  -- the NOT NULL constraint answers (23502)
+    END IF;
+    since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
     IF TG_OP = 'UPDATE' AND (
         NEW.current_state, NEW.process_id, NEW.failure_description, NEW.failure_component
     ) IS NOT DISTINCT FROM (
         OLD.current_state, OLD.process_id, OLD.failure_description, OLD.failure_component
     ) THEN
+        -- Nothing mirrored changes: machines is not written.
         NEW.state_since := OLD.state_since;
-        RETURN NEW;
+    ELSIF since IS NULL AND TG_OP = 'UPDATE' THEN
+        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
+            NEW.machine_id, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Write public.machines directly.';
+    ELSE
+        -- The carry changes the machine, and its mirror rewrites this row
+        -- when the status changes; until then it keeps the machine's since.
+        -- (An INSERT for a machine the caller cannot see, or that does not
+        -- exist, goes on to the foreign key and the carry, which refuse it.)
+        NEW.state_since := coalesce(since, NEW.state_since);
     END IF;
-
-    since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
-    -- The carry will change the machine and its mirror rewrites this row
-    -- when the status changes; until then the row keeps the machine's since.
-    NEW.state_since := since;
     RETURN NEW;
 END
 $$;
 
--- Locks a machine's row for a legacy write, waiting at most half of
--- deadlock_timeout (or the caller's own lower lock_timeout, passed in: this
--- function's SET clause hides it, and restores it on return). Returns the
--- machine's status_since; raises 42501 when the caller may not write it.
+-- Locks a machine's row for a legacy write without ever waiting for a lock:
+-- the caller holds the machine's state row already, and every writer of
+-- machines takes the two rows the other way round, so a wait here could
+-- close a cycle. It polls instead, every millisecond, for at most half of
+-- deadlock_timeout (or the caller's own lower lock_timeout), and gives up at
+-- once when some transaction is waiting for this one (that transaction holds
+-- the machine and wants the state row: neither could go on). Either way it
+-- raises a retryable error and nothing is half-applied: 40001 for the cycle,
+-- 55P03 when the time is up. Returns the machine's status_since, or NULL
+-- when the caller may not lock the row (not visible, or not writable).
 CREATE OR REPLACE FUNCTION machine_sync.lock_machine(machine_id uuid, caller_lock_timeout text)
 RETURNS timestamptz
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
-SET lock_timeout = 0
 AS $$
 DECLARE
     caller_ms numeric := extract(epoch FROM caller_lock_timeout::interval) * 1000;
     bound_ms numeric := extract(
         epoch FROM current_setting('deadlock_timeout')::interval
     ) * 500;
+    deadline timestamptz;
     since timestamptz;
 BEGIN
-    IF caller_ms > 0 AND caller_ms < bound_ms THEN
-        bound_ms := caller_ms;
+    SELECT m.status_since INTO since
+    FROM public.machines AS m
+    WHERE m.id = lock_machine.machine_id
+    FOR NO KEY UPDATE SKIP LOCKED;
+    IF FOUND THEN
+        RETURN since;
     END IF;
-    PERFORM set_config('lock_timeout', ceil(bound_ms)::bigint::text || 'ms', TRUE);
+    -- Locked by another transaction, or not ours to lock: NOWAIT tells.
     BEGIN
         SELECT m.status_since INTO since
         FROM public.machines AS m
         WHERE m.id = lock_machine.machine_id
-        FOR NO KEY UPDATE;
+        FOR NO KEY UPDATE NOWAIT;
+        RETURN since;  -- NULL when not found: not visible or not writable
     EXCEPTION WHEN lock_not_available THEN
-        RAISE EXCEPTION 'machine % is being written by another transaction: this write to machine_state waited % ms for it and gave up; retry',
-            lock_machine.machine_id, ceil(bound_ms)::bigint
-        USING ERRCODE = 'lock_not_available',
-              HINT = 'In compat mode a write to machine_state also writes machines; write public.machines directly to wait as long as any writer.';
+        NULL;
     END;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
-            lock_machine.machine_id, current_user
-        USING ERRCODE = 'insufficient_privilege',
-              HINT = 'Write public.machines directly.';
+    IF caller_ms > 0 AND caller_ms < bound_ms THEN
+        bound_ms := caller_ms;
     END IF;
-    RETURN since;
+    deadline := clock_timestamp() + make_interval(secs => bound_ms / 1000);
+    LOOP
+        IF EXISTS (
+            SELECT
+            FROM pg_catalog.pg_locks AS l
+            WHERE
+                NOT l.granted
+                AND pg_catalog.pg_backend_pid() = ANY (pg_catalog.pg_blocking_pids(l.pid))
+        ) THEN
+            RAISE EXCEPTION 'machine % is being written by another transaction that waits for this one: this write to machine_state gave up; retry',
+                lock_machine.machine_id
+            USING ERRCODE = 'serialization_failure',
+                  HINT = 'In compat mode a write to machine_state also writes machines; write public.machines directly and no such conflict arises.';
+        END IF;
+        IF clock_timestamp() >= deadline THEN
+            RAISE EXCEPTION 'machine % is being written by another transaction: this write to machine_state waited % ms for it and gave up; retry',
+                lock_machine.machine_id, ceil(bound_ms)::bigint
+            USING ERRCODE = 'lock_not_available',
+                  HINT = 'In compat mode a write to machine_state also writes machines; write public.machines directly to wait as long as any writer.';
+        END IF;
+        PERFORM pg_catalog.pg_sleep(0.001);
+        SELECT m.status_since INTO since
+        FROM public.machines AS m
+        WHERE m.id = lock_machine.machine_id
+        FOR NO KEY UPDATE SKIP LOCKED;
+        IF FOUND THEN
+            RETURN since;
+        END IF;
+    END LOOP;
 END
 $$;
 
