@@ -524,3 +524,45 @@ def test_a_retried_legacy_write_succeeds_once_the_machine_is_free(db):
         assert legacy.execute(statement, [machine_id]).rowcount == 1
         assert machine(legacy, machine_id)["status"] == "maintenance"
         assert_consistent(legacy)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=psycopg.errors.DeadlockDetected,
+    reason="SQL bug: a legacy write that changes nothing mirrored locks the state row but"
+    " not the machine, so a later machines write in the same transaction takes the rows"
+    " in the opposite order to every machines writer, unbounded",
+)
+def test_a_no_op_legacy_write_then_a_machines_write_in_one_transaction_does_not_deadlock(db):
+    """The stop path reversed in one transaction on an idle machine: the state
+    write agrees (no machine lock), a new writer of the machine then waits for
+    the state row, and the transaction's machines write waits for the writer."""
+    with db.connect() as setup:
+        machine_id = add_machine(setup)
+    with (
+        db.connect(autocommit=False) as legacy,
+        db.connect() as writer,
+        db.connect() as observer,
+    ):
+        legacy.execute(
+            "UPDATE machine_state SET current_state = 'idle', process_id = NULL"
+            " WHERE machine_id = %s",
+            [machine_id],
+        )
+        thread, outcome = in_thread(
+            lambda: writer.execute(
+                "UPDATE machines SET status = 'maintenance' WHERE id = %s", [machine_id]
+            )
+        )
+        wait_until_lock_waiting(observer, writer.info.backend_pid)
+        try:
+            legacy.execute(
+                "UPDATE machines SET current_process_id = NULL WHERE id = %s", [machine_id]
+            )
+            legacy.commit()
+        finally:
+            thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        assert machine(observer, machine_id)["status"] == "maintenance"
+        assert_consistent(observer)
