@@ -18,7 +18,7 @@ UNIQUE = "23505"
 FOREIGN_KEY = "23503"
 NOT_NULL_PARAM = "22004"
 INVALID_PARAM = "22023"
-NO_DATA = "P0002"
+NO_DATA = "MS004"  # legacy RPC: no such machine (or hidden)
 GUARD = "MS001"
 
 

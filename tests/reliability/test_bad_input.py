@@ -157,12 +157,12 @@ def test_bad_machine_ids(conn: Conn, subtests: Any) -> None:
             "22P02",
             "invalid input syntax for type uuid",
         ),
-        ("rpc-unknown", RPC_CALLS["complete"], {"m": unknown}, "P0002", str(unknown)),
+        ("rpc-unknown", RPC_CALLS["complete"], {"m": unknown}, "MS004", str(unknown)),
         (
             "rpc-unknown-error",
             RPC_CALLS["error"],
             {"m": unknown, "msg": "x"},
-            "P0002",
+            "MS004",
             "does not exist",
         ),
         (
@@ -176,8 +176,8 @@ def test_bad_machine_ids(conn: Conn, subtests: Any) -> None:
             "machine-id-change",
             "UPDATE machines SET id = gen_random_uuid() WHERE id = %s",
             [machine_id],
-            "23503",
-            "machine_state_machine_id_fkey",
+            "MS003",
+            "machines.id cannot change",
         ),
         (
             "state-machine-id-change",

@@ -22,15 +22,19 @@ import pytest
 from psycopg import sql
 
 from .workload import (
+    BUSY,
     DEADLOCK,
     LEGACY_EFFECT,
     LEGACY_PATHS,
+    REFUSALS,
     RPC_CALLS,
+    RULE,
     SERIALIZATION,
     Expect,
     Tx,
     WriterLog,
     check_against_audit,
+    double_starts,
     install_audit,
     install_sleep_triggers,
     legacy_params,
@@ -122,6 +126,58 @@ class Hot:
             )
         return txs
 
+    def legacy_in_one_transaction(
+        self, rng: random.Random, paths: tuple[str, ...], *, reverse: bool
+    ) -> list[Tx]:
+        """Both statements of a legacy path in one transaction, as written or
+        reversed; the transaction must leave what the path's last statement
+        says."""
+        machine_id = rng.choice(self.ids)
+        name = rng.choice(paths)
+        params = legacy_params(machine_id)
+        statements = list(LEGACY_PATHS[name])
+        effects = list(LEGACY_EFFECT[name])
+        if reverse:
+            statements.reverse()
+            effects.reverse()
+        table = statements[-1][0]
+        status, process = effects[-1]
+        expected: uuid.UUID | str | None = {"P": params["p"], "NULL": None}.get(
+            process or "", "any"
+        )
+        return [
+            Tx(
+                "legacy-reversed" if reverse else "legacy-in-one-tx",
+                [(statement, params) for _table, statement in statements],
+                [Expect(table, machine_id, status, expected)],
+                isolation="READ COMMITTED",
+            )
+        ]
+
+    def machines_then_state(self, rng: random.Random) -> list[Tx]:
+        """A transaction that writes machines (an unwatched column) first and
+        then machine_state: it holds the machine row before the state row."""
+        machine_id = rng.choice(self.ids)
+        status = rng.choice(("idle", "maintenance", "offline"))
+        return [
+            Tx(
+                "machines-then-state",
+                [
+                    (
+                        "UPDATE machines SET location = %(l)s WHERE id = %(m)s",
+                        {"m": machine_id, "l": f"Bay {rng.randrange(9)}"},
+                    ),
+                    (
+                        "UPDATE machine_state SET current_state = %(s)s, process_id = NULL"
+                        " WHERE machine_id = %(m)s",
+                        {"m": machine_id, "s": status},
+                    ),
+                ],
+                [Expect("machines", machine_id, status, None)],
+                isolation="READ COMMITTED",
+            )
+        ]
+
     def repeatable_read(self, rng: random.Random) -> list[Tx]:
         # Read, then write, in one snapshot: 40001 when someone wrote in between.
         machine_id = rng.choice(self.ids)
@@ -148,12 +204,13 @@ class Hot:
 def hot(db: Any) -> tuple[str, Hot]:
     """A database with the audit log, hot machines, and a short deadlock_timeout
     so that deadlocks (which are expected in some tests) cost 50 ms, not 1 s."""
-    with db.connect() as conn:
-        conn.execute(
+    with db.connect(admin=True) as admin:
+        admin.execute(
             sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
                 sql.Identifier(db.name)
             )
         )
+    with db.connect() as conn:
         install_audit(conn)
         ids = [add_machine(conn, status="idle") for _ in range(HOT)]
     return db.dsn, Hot(ids)
@@ -192,20 +249,25 @@ def test_new_writers_alone_never_deadlock(hot: tuple[str, Hot]) -> None:
             return h.rpc(rng)
         return h.bulk(rng, ordered=True)
 
-    # allowed=(): any error at all, deadlocks included, fails the test.
-    log = hammer(dsn, workload, "new writers only", allowed=())
-    assert log.failed == {}
+    # Only the rules may refuse (a start on a busy machine, a start from error
+    # or maintenance); any other error, a deadlock included, fails the test.
+    log = hammer(dsn, workload, "new writers only", allowed=(BUSY, RULE))
+    assert set(log.errors_by_state()) <= {BUSY, RULE}
 
 
 def test_legacy_writers_of_one_path_end_consistent(hot: tuple[str, Hot]) -> None:
     """The recipe-start path only (machines first, then machine_state), racing
     on the hot machines: every statement is atomic and mirrored, so the tables
-    agree at the end, and the compat lock order (sql/50_guard.sql) means no
-    deadlock at all."""
+    agree at the end, and the bounded wait of a legacy write for its machine
+    (sql/60_guard.sql) means no deadlock at all: a second start is refused as
+    busy (MS002) or gives up in a lock cycle (55P03)."""
     dsn, h = hot
-    # allowed=(): any error at all, deadlocks included, fails the test.
-    log = hammer(dsn, lambda rng: h.legacy(rng, ("start",)), "legacy start path only", allowed=())
-    assert log.failed == {}
+    # A deadlock or any undocumented error fails the test.
+    log = hammer(dsn, lambda rng: h.legacy(rng, ("start",)), "legacy start path only", REFUSALS)
+    assert set(log.errors_by_state()) <= set(REFUSALS)
+    assert len(log.acked) > 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert double_starts(conn) == []
 
 
 def mixed(h: Hot) -> Callable[[random.Random], list[Tx]]:
@@ -229,7 +291,8 @@ def mixed(h: Hot) -> Callable[[random.Random], list[Tx]]:
 
 def test_mixed_writers_end_consistent_and_lose_nothing(hot: tuple[str, Hot]) -> None:
     dsn, h = hot
-    log = hammer(dsn, mixed(h), "mixed writers", (DEADLOCK, SERIALIZATION))
+    # Unordered bulk updates may deadlock each other (see Hot.bulk).
+    log = hammer(dsn, mixed(h), "mixed writers", (DEADLOCK, SERIALIZATION, *REFUSALS))
     # Each acknowledged kind really ran; the audit check above proved the rest.
     assert {"new", "repeatable-read", "bulk", "bulk-ordered"} <= set(log.kinds())
     assert any(kind.startswith("legacy-error") for kind in log.kinds())
@@ -238,7 +301,58 @@ def test_mixed_writers_end_consistent_and_lose_nothing(hot: tuple[str, Hot]) -> 
 @pytest.mark.soak
 def test_mixed_writers_soak(hot: tuple[str, Hot]) -> None:
     dsn, h = hot
-    hammer(dsn, mixed(h), "mixed writers (soak)", (DEADLOCK, SERIALIZATION), threads=16, ops=600)
+    hammer(
+        dsn,
+        mixed(h),
+        "mixed writers (soak)",
+        (DEADLOCK, SERIALIZATION, *REFUSALS),
+        threads=16,
+        ops=600,
+    )
+
+
+def compat_mix(h: Hot) -> Callable[[random.Random], list[Tx]]:
+    """Every writer compat must make safe together: the new single UPDATE,
+    the four legacy paths statement by statement, in one transaction and in
+    the reverse order, the RPCs, and a transaction that writes machines first
+    and then machine_state."""
+    paths = tuple(LEGACY_PATHS)
+
+    def workload(rng: random.Random) -> list[Tx]:
+        roll = rng.random()
+        if roll < 0.2:
+            return h.new_single(rng)
+        if roll < 0.45:
+            return h.legacy(rng, paths)
+        if roll < 0.65:
+            return h.legacy_in_one_transaction(rng, paths, reverse=rng.random() < 0.5)
+        if roll < 0.8:
+            return h.rpc(rng)
+        return h.machines_then_state(rng)
+
+    return workload
+
+
+@pytest.mark.xfail(
+    strict=False,
+    raises=psycopg.errors.DeadlockDetected,
+    reason="SQL bug: a legacy path in one transaction whose state write changes nothing"
+    " locks the state row before the machine (see test_compat's no-op legacy write test);"
+    " a third writer already queued for the machine can also run the deadlock check before"
+    " the legacy write's bounded wait ends",
+)
+def test_compat_writers_never_deadlock_and_never_double_start(hot: tuple[str, Hot]) -> None:
+    """No bulk updates here: with row-at-a-time writers, compat adds no
+    deadlock of its own. Every error is a documented refusal."""
+    dsn, h = hot
+    log = hammer(dsn, compat_mix(h), "compat writers", REFUSALS)
+    assert DEADLOCK not in log.errors_by_state()
+    assert set(log.errors_by_state()) <= set(REFUSALS)
+    kinds = set(log.kinds())
+    assert {"new", "legacy-in-one-tx", "legacy-reversed", "machines-then-state"} <= kinds
+    assert any(kind.startswith("rpc-") for kind in kinds)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert double_starts(conn) == []
 
 
 # ---------------------------------------------------------------------------
@@ -261,14 +375,17 @@ def _in_thread(target: Callable[[], None]) -> tuple[threading.Thread, list[BaseE
 
 def test_legacy_writers_racing_one_path_do_not_deadlock(db: Any) -> None:
     """Writer A runs the start path's first statement (machines) and is held
-    after the row is written, before the mirror; writer B runs its own start
-    path's second statement (machine_state) for another process meanwhile."""
-    with db.connect() as admin:
-        admin.execute(
+    after the row and its mirror are written; writer B runs its own start
+    path's second statement (machine_state) for another process meanwhile.
+    B waits for the state row A wrote, then finds the machine busy with A's
+    process: MS002, not a deadlock, and A's start stands."""
+    with db.connect(admin=True) as superuser:
+        superuser.execute(
             sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '50ms'").format(
                 sql.Identifier(db.name)
             )
         )
+    with db.connect() as admin:
         install_sleep_triggers(admin)
         machine_id = add_machine(admin, status="idle")
         a_process, b_process = uuid.uuid4(), uuid.uuid4()
@@ -280,18 +397,16 @@ def test_legacy_writers_racing_one_path_do_not_deadlock(db: Any) -> None:
                 lambda: a.execute(start_a, legacy_params(machine_id, a_process))
             )
             try:
-                # A holds the machines row and sleeps before mirroring it.
+                # A holds the machines row and its state row, and sleeps.
                 wait_until_sleeping(admin, a_pid)
-                b.execute(LEGACY_PATHS["start"][1][1], legacy_params(machine_id, b_process))
-            except psycopg.errors.DeadlockDetected as err:
-                failures.append(err)
+                with pytest.raises(psycopg.Error) as refused:
+                    b.execute(LEGACY_PATHS["start"][1][1], legacy_params(machine_id, b_process))
             finally:
                 thread.join()
-            # Whoever lost rolled back completely.
+            assert failures == []
+            assert refused.value.sqlstate == BUSY, refused.value
             assert_consistent(admin)
-            if failures:
-                raise failures[0]
-            assert machine(admin, machine_id)["current_process_id"] in (a_process, b_process)
+            assert machine(admin, machine_id)["current_process_id"] == a_process
 
 
 def test_legacy_state_insert_racing_a_machines_write_leaves_no_drift(db: Any) -> None:

@@ -90,7 +90,7 @@ def test_roles_that_may_not_write_machines_change_nothing(conn: Conn, subtests: 
         # RLS with no policy: the row is invisible, so nothing matches.
         before = snapshot(conn)
         assert as_role(conn, "authenticated", update, [machine_id]).rowcount == 0
-        refused_as(conn, "authenticated", RPC_CALLS["complete"], {"m": machine_id}, "P0002")
+        refused_as(conn, "authenticated", RPC_CALLS["complete"], {"m": machine_id}, "MS004")
         with conn.transaction():
             conn.execute("SET LOCAL ROLE authenticated")
             with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():

@@ -130,8 +130,10 @@ CREATE TABLE reliability.audit (
     process_id uuid,
     failure_description text
 );
+-- SECURITY DEFINER: the mirror writes machine_state as machine_sync_mirror,
+-- which may not write this schema.
 CREATE FUNCTION reliability.audit_row() RETURNS trigger
-LANGUAGE plpgsql SET search_path = '' AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$
 BEGIN
     IF TG_TABLE_NAME = 'machines' THEN
         INSERT INTO reliability.audit
@@ -240,6 +242,12 @@ def snapshot(conn: psycopg.Connection[Any]) -> tuple[list[tuple[Any, ...]], list
 # SQLSTATEs a concurrent writer may legitimately get; anything else fails the test.
 DEADLOCK = "40P01"  # errors.DeadlockDetected
 SERIALIZATION = "40001"  # errors.SerializationFailure
+# The documented refusals: busy machine, rule refused, legacy write could not
+# lock its machine in time (retry).
+BUSY = "MS002"
+RULE = "MS003"
+LOCK_NOT_AVAILABLE = "55P03"
+REFUSALS = (BUSY, RULE, LOCK_NOT_AVAILABLE)
 
 
 @dataclass(frozen=True)
@@ -402,3 +410,25 @@ def check_against_audit(conn: psycopg.Connection[Any], log: WriterLog) -> None:
                 assert last[(table, machine_id)] == (status, process_id), (
                     f"{table} {machine_id} changed after its last audited write"
                 )
+
+
+def double_starts(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """Committed machines versions that gave a processing machine another
+    process without ending the first run: must be none. Writers of one
+    machine are serialized by its row lock, so the audit's order per machine
+    is the order the versions were written."""
+    return conn.execute(
+        """
+        SELECT machine_id, prev_process, process_id, token
+        FROM (
+            SELECT machine_id, status, process_id, token,
+                   lag(status) OVER w AS prev_status,
+                   lag(process_id) OVER w AS prev_process
+            FROM reliability.audit
+            WHERE tbl = 'machines'
+            WINDOW w AS (PARTITION BY machine_id ORDER BY seq)
+        ) AS versions
+        WHERE status = 'processing' AND prev_status = 'processing'
+          AND process_id IS DISTINCT FROM prev_process
+        """
+    ).fetchall()
