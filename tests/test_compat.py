@@ -433,17 +433,33 @@ def _deadlock_timeout_ms(conn):
     return row.fetchone()[0]
 
 
-def _lock_cycle_attempt(db, caller_lock_timeout, bound_ms, deadlock_ms):
-    """One try at the cycle; True when the writer was seen waiting for the
-    legacy write's row (the cycle really formed)."""
+def _wait_until_polling(observer, pid):
+    """Until backend ``pid`` sleeps in the legacy write's poll for its machine."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        row = observer.execute(
+            "SELECT wait_event FROM pg_stat_activity WHERE pid = %s", [pid]
+        ).fetchone()
+        if row is not None and row[0] == "PgSleep":
+            return
+    raise AssertionError(f"backend {pid} never polled for its machine")
+
+
+def test_a_legacy_write_in_a_lock_cycle_gives_up_at_once(db):
+    """A machines writer holds the machine's row (a write of an unwatched
+    column) when a legacy write locks the state row and polls for the machine;
+    the writer then changes the status, which needs the state row: each needs
+    the other. The legacy write sees a transaction waiting for it and gives up
+    at once (40001, retry), never waiting in the lock manager, so PostgreSQL's
+    deadlock detector has nothing to find; the machines writer goes on."""
     with db.connect() as setup:
         machine_id = add_machine(setup)
+        deadlock_ms = _deadlock_timeout_ms(setup)
     with (
         db.connect(autocommit=False) as writer,
         db.connect() as legacy,
         db.connect() as observer,
     ):
-        legacy.execute("SELECT set_config('lock_timeout', %s, false)", [caller_lock_timeout])
         writer.execute("UPDATE machines SET location = 'Bay 2' WHERE id = %s", [machine_id])
         timing = {}
 
@@ -462,52 +478,45 @@ def _lock_cycle_attempt(db, caller_lock_timeout, bound_ms, deadlock_ms):
             writer.commit()
 
         legacy_thread, legacy_outcome = in_thread(legacy_write)
-        wait_until_lock_waiting(observer, legacy.info.backend_pid)
+        _wait_until_polling(observer, legacy.info.backend_pid)
         writer_thread, writer_outcome = in_thread(machines_write)
-        cycle = False
-        while legacy_thread.is_alive():
-            row = observer.execute(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                [writer.info.backend_pid],
-            ).fetchone()
-            cycle = cycle or (row is not None and row[0] == "Lock")
-            time.sleep(0.005)
         legacy_thread.join()
         finishes(writer_thread, writer_outcome)
-
         error = legacy_outcome.get("error")
-        assert isinstance(error, psycopg.errors.LockNotAvailable), legacy_outcome
-        assert f"waited {bound_ms} ms" in str(error)
+        assert isinstance(error, psycopg.errors.SerializationFailure), legacy_outcome
         assert "retry" in str(error)
-        assert timing["elapsed"] < deadlock_ms / 1000
-        # It did wait: it did not give up at once.
-        assert timing["elapsed"] >= 0.9 * bound_ms / 1000
-        # The caller's own setting is back once the statement ended.
-        assert legacy.execute("SHOW lock_timeout").fetchone() == (caller_lock_timeout,)
+        assert timing["elapsed"] < deadlock_ms / 2000
         assert machine(observer, machine_id)["status"] == "offline"
         assert_consistent(observer)
-    return cycle
 
 
 @pytest.mark.parametrize("caller_lock_timeout", ["0", "200ms"])
-def test_a_legacy_write_in_a_lock_cycle_gives_up_before_deadlock_detection(db, caller_lock_timeout):
-    """A machines writer holds the machine's row (a write of an unwatched
-    column) when a legacy write locks the state row and waits for the machine;
-    the writer then changes the status, which writes the state row: each waits
-    for the other. The legacy write gives up (55P03) within its bound, long
-    before PostgreSQL's deadlock detector (40P01) would act, and the machines
-    writer goes on."""
+def test_a_legacy_write_waits_for_a_busy_machine_within_its_bound(db, caller_lock_timeout):
+    """A transaction holds the machine's row and stays idle: the legacy write
+    polls for it at most half of deadlock_timeout (or the caller's lower
+    lock_timeout), then gives up with 55P03 naming the wait; the caller's own
+    setting is unchanged and nothing was written."""
     with db.connect() as setup:
+        machine_id = add_machine(setup)
         deadlock_ms = _deadlock_timeout_ms(setup)
     bound_ms = deadlock_ms // 2 if caller_lock_timeout == "0" else min(200, deadlock_ms // 2)
-    # The cycle forms only when the writer's second statement arrives while
-    # the legacy write still waits; on a slow machine retry until it did.
-    cycle = False
-    for _attempt in range(5):
-        cycle = _lock_cycle_attempt(db, caller_lock_timeout, bound_ms, deadlock_ms)
-        if cycle:
-            break
-    assert cycle, "the writer never waited for the legacy write's row"
+    with db.connect(autocommit=False) as holder, db.connect() as legacy:
+        legacy.execute("SELECT set_config('lock_timeout', %s, false)", [caller_lock_timeout])
+        holder.execute("UPDATE machines SET location = 'Bay 2' WHERE id = %s", [machine_id])
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.LockNotAvailable) as caught:
+            legacy.execute(
+                "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+                [machine_id],
+            )
+        elapsed = time.monotonic() - started
+        assert f"waited {bound_ms} ms" in str(caught.value)
+        assert "retry" in str(caught.value)
+        assert 0.9 * bound_ms / 1000 <= elapsed < deadlock_ms / 1000
+        assert legacy.execute("SHOW lock_timeout").fetchone() == (caller_lock_timeout,)
+        holder.rollback()
+        assert state(legacy, machine_id)["current_state"] == "idle"
+        assert_consistent(legacy)
 
 
 def test_a_retried_legacy_write_succeeds_once_the_machine_is_free(db):
@@ -526,17 +535,12 @@ def test_a_retried_legacy_write_succeeds_once_the_machine_is_free(db):
         assert_consistent(legacy)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.errors.DeadlockDetected,
-    reason="SQL bug: a legacy write that changes nothing mirrored locks the state row but"
-    " not the machine, so a later machines write in the same transaction takes the rows"
-    " in the opposite order to every machines writer, unbounded",
-)
 def test_a_no_op_legacy_write_then_a_machines_write_in_one_transaction_does_not_deadlock(db):
     """The stop path reversed in one transaction on an idle machine: the state
     write agrees (no machine lock), a new writer of the machine then waits for
-    the state row, and the transaction's machines write waits for the writer."""
+    the state row, and the transaction's machines write waits for the writer.
+    The state write locks the machine too, so the new writer waits for the
+    machine instead and no cycle can form."""
     with db.connect() as setup:
         machine_id = add_machine(setup)
     with (

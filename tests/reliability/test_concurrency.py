@@ -333,14 +333,6 @@ def compat_mix(h: Hot) -> Callable[[random.Random], list[Tx]]:
     return workload
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=psycopg.errors.DeadlockDetected,
-    reason="SQL bug: a legacy path in one transaction whose state write changes nothing"
-    " locks the state row before the machine (see test_compat's no-op legacy write test);"
-    " a third writer already queued for the machine can also run the deadlock check before"
-    " the legacy write's bounded wait ends",
-)
 def test_compat_writers_never_deadlock_and_never_double_start(hot: tuple[str, Hot]) -> None:
     """No bulk updates here: with row-at-a-time writers, compat adds no
     deadlock of its own. Every error is a documented refusal."""

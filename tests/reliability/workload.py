@@ -247,7 +247,10 @@ SERIALIZATION = "40001"  # errors.SerializationFailure
 BUSY = "MS002"
 RULE = "MS003"
 LOCK_NOT_AVAILABLE = "55P03"
-REFUSALS = (BUSY, RULE, LOCK_NOT_AVAILABLE)
+# What a writer may be told instead of a deadlock: the rules' refusals, and a
+# compat write to machine_state that gave up its machine to a writer waiting
+# for it (40001) or after its bounded poll (55P03); both say retry.
+REFUSALS = (BUSY, RULE, SERIALIZATION, LOCK_NOT_AVAILABLE)
 
 
 @dataclass(frozen=True)
