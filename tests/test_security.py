@@ -216,9 +216,14 @@ def test_a_fresh_install_is_closed_to_anonymous_visitors(db):
         assert state(conn, machine_id) is not None
 
 
-def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db):
+@pytest.mark.parametrize("enabled", [True, False])
+def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db, enabled):
+    with legacy_db.connect() as conn:
+        conn.execute(
+            f"ALTER TABLE machines {'ENABLE' if enabled else 'DISABLE'} ROW LEVEL SECURITY"
+        )
     legacy_db.migrate()
     with legacy_db.connect() as conn:
         assert conn.execute(
             "SELECT relrowsecurity FROM pg_class WHERE oid = 'machines'::regclass"
-        ).fetchone() == (False,)
+        ).fetchone() == (enabled,)
