@@ -6,6 +6,7 @@ from typing import Any
 
 import psycopg
 
+
 # An ACL as a sorted array: the order of its items depends on the order of
 # the GRANTs that made it, not on what it grants.
 def _acl(column: str) -> str:

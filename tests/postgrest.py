@@ -71,9 +71,7 @@ def patch(
     return list(rows)
 
 
-def upsert(
-    conn: psycopg.Connection[Any], table: str, body: dict[str, Any]
-) -> list[dict[str, Any]]:
+def upsert(conn: psycopg.Connection[Any], table: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     """POST /table with Prefer: resolution=merge-duplicates (an upsert)."""
     names = ", ".join(f'"{column}"' for column in body)
     updates = ", ".join(f'"{column}" = excluded."{column}"' for column in body)

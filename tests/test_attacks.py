@@ -14,8 +14,9 @@ import uuid
 import psycopg
 import pytest
 
-from machines import add_machine, assert_consistent, machine, state
 from postgrest import ASSIGNED, LEGACY_MACHINE, patch, request, rpc, upsert
+
+from machines import assert_consistent, machine
 
 IDLE = LEGACY_MACHINE.format(1)
 SPARE = LEGACY_MACHINE.format(2)
@@ -103,9 +104,7 @@ def arm(conn: psycopg.Connection) -> list[str]:
         base = BASES.get(name, f'pg_catalog."{name}"')
         if base is None:
             continue  # pseudo-types: no domain over them; the names are tried below
-        conn.execute(
-            f'CREATE DOMAIN pg_temp."{name}" AS {base} CHECK (pg_temp.hostile())'
-        )
+        conn.execute(f'CREATE DOMAIN pg_temp."{name}" AS {base} CHECK (pg_temp.hostile())')
         planted.append(name)
     for name in ("record", "trigger"):
         # A composite type may take a pseudo-type's name.
@@ -188,7 +187,12 @@ def write_paths(role: str):
             )
 
     def rpcs(tx):
-        rpc(tx, "atomic_processing_machine_state", p_machine_id=uuid.UUID(SPARE), p_process_id=process)
+        rpc(
+            tx,
+            "atomic_processing_machine_state",
+            p_machine_id=uuid.UUID(SPARE),
+            p_process_id=process,
+        )
         rpc(tx, "atomic_error_machine_state", p_machine_id=uuid.UUID(SPARE), p_error_message="x")
         rpc(tx, "atomic_complete_machine_state", p_machine_id=uuid.UUID(SPARE))
         rpc(
@@ -276,7 +280,8 @@ def test_pg_temp_types_and_tables_never_run_hostile_code_in_any_write_path(
     assert len(hostile) == runs
     for warning in hostile:
         assert warning.startswith(f"HOSTILE CODE RAN AS {role} VIA"), warning
-        assert "machine_sync." not in warning and "atomic_" not in warning, warning
+        assert "machine_sync." not in warning, warning
+        assert "atomic_" not in warning, warning
     if search_path == "pg_temp last" or role == "service_role":
         assert hostile == []  # service_role bypasses RLS: no auth.uid() either
     with legacy_db.connect() as owner:

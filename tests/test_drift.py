@@ -87,7 +87,8 @@ def test_reconcile_repairs_a_stored_row_that_breaks_the_rules(db, conn):
     """A restored machine 'idle' with a process: the rules end the run."""
     machine_id = add_machine(conn)
     bypassing_triggers(
-        db, ("UPDATE machines SET current_process_id = %s WHERE id = %s", [uuid.uuid4(), machine_id])
+        db,
+        ("UPDATE machines SET current_process_id = %s WHERE id = %s", [uuid.uuid4(), machine_id]),
     )
     assert problems(conn) == {machine_id: "value_mismatch"}
     assert reconcile(conn) == {machine_id: ("value_mismatch", True, None)}
@@ -151,7 +152,8 @@ def test_reconcile_reports_an_unknown_status_and_repairs_the_others(db, conn):
     assert report[other] == ("missing_state", True, None)
     problem, repaired, reason = report[unknown]
     assert (problem, repaired) == ("noncanonical_status", False)
-    assert "'warming'" in reason and "allowed_status" in reason
+    assert "'warming'" in reason
+    assert "allowed_status" in reason
     assert machine(conn, unknown)["status"] == "warming"  # nothing guessed
     assert problems(conn) == {unknown: "noncanonical_status"}
     conn.execute("INSERT INTO machine_sync.allowed_status VALUES ('warming', 'Heating up.')")

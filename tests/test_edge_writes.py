@@ -49,7 +49,10 @@ def test_one_statement_writing_both_tables_ends_consistent(conn):
     # same statement changed already: one of the two writes lands whole,
     # never a mix of them (the legacy part runs first here).
     m = machine(conn, machine_id)
-    assert (m["status"], m["current_process_id"]) in {("processing", process), ("maintenance", None)}
+    assert (m["status"], m["current_process_id"]) in {
+        ("processing", process),
+        ("maintenance", None),
+    }
     assert_consistent(conn)
 
 
@@ -71,7 +74,9 @@ def test_a_trigger_of_the_application_writing_machine_state_is_guarded(conn, mod
     machine_id = add_machine(conn)
     conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
     if mode == "strict":
-        with pytest.raises(psycopg.errors.DatabaseError, match="read-only in strict mode") as caught:
+        with pytest.raises(
+            psycopg.errors.DatabaseError, match="read-only in strict mode"
+        ) as caught:
             conn.execute("INSERT INTO public.events VALUES (%s, 'MAINTENANCE')", [machine_id])
         assert caught.value.sqlstate == "MS001"
         assert machine(conn, machine_id)["status"] == "idle"
@@ -79,8 +84,8 @@ def test_a_trigger_of_the_application_writing_machine_state_is_guarded(conn, mod
         conn.execute("INSERT INTO public.events VALUES (%s, 'MAINTENANCE')", [machine_id])
         assert machine(conn, machine_id)["status"] == "maintenance"
         # The rules apply to the carried write: no processing without a process.
+        conn.execute("INSERT INTO public.events VALUES (%s, 'idle')", [machine_id])
         with pytest.raises(psycopg.Error) as caught:
-            conn.execute("INSERT INTO public.events VALUES (%s, 'idle')", [machine_id])
             conn.execute("INSERT INTO public.events VALUES (%s, 'PROCESSING')", [machine_id])
         assert caught.value.sqlstate == "MS003"
     assert_consistent(conn)

@@ -54,7 +54,7 @@ def test_status_is_normalized_on_insert(conn, spelling):
     assert_consistent(conn)
 
 
-@pytest.mark.parametrize("spelling", ["İDLE", "ｉｄｌｅ", "idle\u200b"])
+@pytest.mark.parametrize("spelling", ["İDLE", "\uff49\uff44\uff4c\uff45", "idle\u200b"])
 def test_only_ascii_case_and_white_space_are_folded(conn, spelling):
     machine_id = add_machine(conn, status="offline")
     with pytest.raises(psycopg.errors.CheckViolation):
@@ -91,9 +91,7 @@ def test_operators_extend_the_vocabulary_without_editing_functions(conn):
         conn.execute("UPDATE machines SET status = ' CAL' WHERE id = %s", [machine_id])
     assert caught.value.sqlstate == "MS003"
     assert "cannot go from idle to calibrating" in str(caught.value)
-    conn.execute(
-        "INSERT INTO machine_sync.allowed_transition VALUES ('idle', 'calibrating')"
-    )
+    conn.execute("INSERT INTO machine_sync.allowed_transition VALUES ('idle', 'calibrating')")
     conn.execute("UPDATE machines SET status = ' CAL' WHERE id = %s", [machine_id])
     assert state(conn, machine_id)["current_state"] == "calibrating"
     assert_consistent(conn)

@@ -13,8 +13,9 @@ import uuid
 import psycopg
 import pytest
 
-from machines import assert_consistent, machine, state
 from postgrest import ASSIGNED, LEGACY_MACHINE, patch, request, rpc
+
+from machines import assert_consistent, machine, state
 
 IDLE = LEGACY_MACHINE.format(1)
 
@@ -145,10 +146,12 @@ def test_a_legacy_state_write_the_user_may_not_carry_into_machines_is_refused(mi
     with migrated.connect() as owner:
         owner.execute('DROP POLICY "users update their machines" ON machines')
         before = (machine(owner, uuid.UUID(IDLE)), state(owner, uuid.UUID(IDLE)))
-    with migrated.connect(autocommit=False) as api:
-        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not visible or not writable"):
-            with request(api) as tx:
-                patch(tx, "machine_state", IDLE, {"current_state": "maintenance"})
+    with (
+        migrated.connect(autocommit=False) as api,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="not visible or not writable"),
+        request(api) as tx,
+    ):
+        patch(tx, "machine_state", IDLE, {"current_state": "maintenance"})
     with migrated.connect() as owner:
         assert (machine(owner, uuid.UUID(IDLE)), state(owner, uuid.UUID(IDLE))) == before
         assert_consistent(owner)
@@ -162,9 +165,11 @@ def test_strict_refuses_the_legacy_state_write_through_postgrest_with_ms001(migr
         (first, body), (second, state_body) = legacy_path("start", process)
         with request(api) as tx:
             assert len(patch(tx, first, IDLE, body)) == 1
-        with pytest.raises(psycopg.Error, match="read-only in strict mode") as caught:
-            with request(api) as tx:
-                patch(tx, second, IDLE, state_body)
+        with (
+            pytest.raises(psycopg.Error, match="read-only in strict mode") as caught,
+            request(api) as tx,
+        ):
+            patch(tx, second, IDLE, state_body)
         assert caught.value.sqlstate == "MS001"
     with migrated.connect() as owner:
         assert machine(owner, uuid.UUID(IDLE))["current_process_id"] == process
@@ -174,9 +179,8 @@ def test_strict_refuses_the_legacy_state_write_through_postgrest_with_ms001(migr
 def test_rpc_on_a_machine_whose_state_row_rls_hides_returns_machine_state_null(migrated):
     with migrated.connect() as owner:
         owner.execute('DROP POLICY "users see assigned machines" ON machine_state')
-    with migrated.connect(autocommit=False) as api:
-        with request(api) as tx:
-            result = rpc(tx, "atomic_complete_machine_state", p_machine_id=uuid.UUID(IDLE))
+    with migrated.connect(autocommit=False) as api, request(api) as tx:
+        result = rpc(tx, "atomic_complete_machine_state", p_machine_id=uuid.UUID(IDLE))
     assert result["success"] is True
     assert result["machine"]["id"] == IDLE
     assert result["machine_state"] is None
@@ -187,7 +191,9 @@ def test_rpc_on_a_machine_whose_state_row_rls_hides_returns_machine_state_null(m
 def test_rpc_on_a_missing_or_hidden_machine_is_ms004_not_p0002(migrated):
     with migrated.connect(autocommit=False) as api:
         for machine_id, sub in ((uuid.uuid4(), ASSIGNED), (uuid.UUID(IDLE), uuid.uuid4())):
-            with pytest.raises(psycopg.Error, match="does not exist or is not writable") as caught:
-                with request(api, sub=sub) as tx:
-                    rpc(tx, "atomic_complete_machine_state", p_machine_id=machine_id)
+            with (
+                pytest.raises(psycopg.Error, match="does not exist or is not writable") as caught,
+                request(api, sub=sub) as tx,
+            ):
+                rpc(tx, "atomic_complete_machine_state", p_machine_id=machine_id)
             assert caught.value.sqlstate == "MS004"
