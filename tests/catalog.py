@@ -6,15 +6,22 @@ from typing import Any
 
 import psycopg
 
+
+# An ACL as a sorted array: the order of its items depends on the order of
+# the GRANTs that made it, not on what it grants.
+def _acl(column: str) -> str:
+    return f"(SELECT array_agg(i::text ORDER BY i::text) FROM unnest({column}) AS i)"
+
+
 # Tables the product owns or reshapes. Foreign keys from them to tables outside
 # the product (process_executions, machine_components) and RLS policies belong to
 # the application and are left out, as are row-level security flags.
 SNAPSHOT_QUERIES = {
     "schemas": """
-        SELECT nspname, nspacl::text, obj_description(oid, 'pg_namespace')
+        SELECT nspname, {nspacl}, obj_description(oid, 'pg_namespace')
         FROM pg_namespace WHERE nspname = 'machine_sync'""",
     "relations": """
-        SELECT c.oid::regclass::text, c.relkind, c.relacl::text, c.reloptions::text,
+        SELECT c.oid::regclass::text, c.relkind, {relacl}, c.reloptions::text,
                obj_description(c.oid, 'pg_class')
         FROM pg_class c
         WHERE c.relnamespace = 'machine_sync'::regnamespace
@@ -22,7 +29,7 @@ SNAPSHOT_QUERIES = {
     "columns": """
         SELECT a.attrelid::regclass::text, a.attname, format_type(a.atttypid, a.atttypmod),
                a.attnotnull, pg_get_expr(d.adbin, d.adrelid), col_description(a.attrelid, a.attnum),
-               a.attacl::text
+               {attacl}
         FROM pg_attribute a
         JOIN pg_class c ON c.oid = a.attrelid
         LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
@@ -44,7 +51,7 @@ SNAPSHOT_QUERIES = {
            OR indrelid IN (SELECT oid FROM pg_class
                            WHERE relnamespace = 'machine_sync'::regnamespace)""",
     "functions": """
-        SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid), p.proacl::text,
+        SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid), {proacl},
                obj_description(p.oid, 'pg_proc')
         FROM pg_proc p
         WHERE p.pronamespace = 'machine_sync'::regnamespace
@@ -58,6 +65,14 @@ SNAPSHOT_QUERIES = {
         SELECT c.oid::regclass::text, pg_get_viewdef(c.oid)
         FROM pg_class c
         WHERE c.relkind = 'v' AND c.relnamespace = 'machine_sync'::regnamespace""",
+}
+
+SNAPSHOT_QUERIES = {
+    name: query.replace("{nspacl}", _acl("nspacl"))
+    .replace("{relacl}", _acl("c.relacl"))
+    .replace("{attacl}", _acl("a.attacl"))
+    .replace("{proacl}", _acl("p.proacl"))
+    for name, query in SNAPSHOT_QUERIES.items()
 }
 
 

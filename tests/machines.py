@@ -91,3 +91,18 @@ def wait_until_lock_waiting(conn: psycopg.Connection[Any], pid: int, timeout: fl
             return
         time.sleep(0.01)
     raise AssertionError(f"backend {pid} never waited for a lock")
+
+
+def start(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> uuid.UUID:
+    """Start a fresh process on a machine (the only way into 'processing'); return its id."""
+    process = uuid.uuid4()
+    conn.execute(
+        "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+        [process, machine_id],
+    )
+    return process
+
+
+def sqlstate_of(error: BaseException) -> str | None:
+    """The SQLSTATE of a psycopg error (machine-sync's MS00x codes have no class)."""
+    return getattr(error, "sqlstate", None)

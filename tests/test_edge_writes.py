@@ -22,7 +22,7 @@ def test_a_later_write_by_another_trigger_is_not_overwritten_by_a_stale_mirror(c
                RETURN NULL;
            END $$"""
     )
-    # Named to sort before machines_mirror_state, so it fires first.
+    # An AFTER trigger that writes machines again: the second write is mirrored too.
     conn.execute(
         "CREATE TRIGGER a_auto_maintenance AFTER UPDATE ON machines FOR EACH ROW"
         " WHEN (NEW.status = 'error') EXECUTE FUNCTION public.auto_maintenance()"
@@ -36,11 +36,23 @@ def test_a_later_write_by_another_trigger_is_not_overwritten_by_a_stale_mirror(c
 
 def test_one_statement_writing_both_tables_ends_consistent(conn):
     machine_id = add_machine(conn)
+    process = uuid.uuid4()
     conn.execute(
-        """WITH m AS (UPDATE machines SET status = 'processing' WHERE id = %(id)s RETURNING id)
+        """WITH m AS (
+               UPDATE machines SET status = 'processing', current_process_id = %(p)s
+               WHERE id = %(id)s RETURNING id
+           )
            UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %(id)s""",
-        {"id": machine_id},
+        {"id": machine_id, "p": process},
     )
+    # Both parts see the statement's snapshot and PostgreSQL skips a row the
+    # same statement changed already: one of the two writes lands whole,
+    # never a mix of them (the legacy part runs first here).
+    m = machine(conn, machine_id)
+    assert (m["status"], m["current_process_id"]) in {
+        ("processing", process),
+        ("maintenance", None),
+    }
     assert_consistent(conn)
 
 
@@ -62,12 +74,20 @@ def test_a_trigger_of_the_application_writing_machine_state_is_guarded(conn, mod
     machine_id = add_machine(conn)
     conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
     if mode == "strict":
-        with pytest.raises(psycopg.errors.DatabaseError, match="read-only in strict mode"):
-            conn.execute("INSERT INTO public.events VALUES (%s, 'PROCESSING')", [machine_id])
+        with pytest.raises(
+            psycopg.errors.DatabaseError, match="read-only in strict mode"
+        ) as caught:
+            conn.execute("INSERT INTO public.events VALUES (%s, 'MAINTENANCE')", [machine_id])
+        assert caught.value.sqlstate == "MS001"
         assert machine(conn, machine_id)["status"] == "idle"
     else:
-        conn.execute("INSERT INTO public.events VALUES (%s, 'PROCESSING')", [machine_id])
-        assert machine(conn, machine_id)["status"] == "processing"
+        conn.execute("INSERT INTO public.events VALUES (%s, 'MAINTENANCE')", [machine_id])
+        assert machine(conn, machine_id)["status"] == "maintenance"
+        # The rules apply to the carried write: no processing without a process.
+        conn.execute("INSERT INTO public.events VALUES (%s, 'idle')", [machine_id])
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute("INSERT INTO public.events VALUES (%s, 'PROCESSING')", [machine_id])
+        assert caught.value.sqlstate == "MS003"
     assert_consistent(conn)
 
 
@@ -126,15 +146,34 @@ def test_upsert_do_nothing_keeps_the_existing_state(conn):
 
 def test_partial_upsert_changes_only_the_columns_it_names(conn):
     # PostgREST's merge-duplicates upsert sets only the columns it was given.
-    process = uuid.uuid4()
-    machine_id = add_machine(conn, status="processing", current_process_id=uuid.uuid4())
+    running = uuid.uuid4()
+    machine_id = add_machine(conn, status="processing", current_process_id=running)
     conn.execute(
-        """INSERT INTO machine_state (machine_id, process_id) VALUES (%s, %s)
-           ON CONFLICT (machine_id) DO UPDATE SET process_id = excluded.process_id""",
-        [machine_id, process],
+        """INSERT INTO machine_state (machine_id, failure_description) VALUES (%s, 'note')
+           ON CONFLICT (machine_id) DO UPDATE
+           SET failure_description = excluded.failure_description""",
+        [machine_id],
     )
     m = machine(conn, machine_id)
-    assert (m["status"], m["current_process_id"]) == ("processing", process)
+    assert (m["status"], m["current_process_id"], m["failure_description"]) == (
+        "processing",
+        running,
+        "note",
+    )
+    assert_consistent(conn)
+
+
+def test_an_upsert_giving_a_busy_machine_another_process_is_ms002(conn):
+    running = uuid.uuid4()
+    machine_id = add_machine(conn, status="processing", current_process_id=running)
+    with pytest.raises(psycopg.Error, match=f"running process {running}") as caught:
+        conn.execute(
+            """INSERT INTO machine_state (machine_id, process_id) VALUES (%s, %s)
+               ON CONFLICT (machine_id) DO UPDATE SET process_id = excluded.process_id""",
+            [machine_id, uuid.uuid4()],
+        )
+    assert caught.value.sqlstate == "MS002"
+    assert machine(conn, machine_id)["current_process_id"] == running
     assert_consistent(conn)
 
 

@@ -8,7 +8,7 @@ import uuid
 import psycopg
 import pytest
 
-from machines import add_machine, assert_consistent, machine
+from machines import add_machine, assert_consistent, machine, start, state
 
 
 def call(conn, function, **arguments):
@@ -77,10 +77,30 @@ def test_update_with_every_parameter(conn):
         ("atomic_update_machine_state", {"p_machine_status": "idle"}),
     ],
 )
-def test_a_missing_machine_is_an_error(conn, function, arguments):
+def test_a_missing_machine_is_ms004_not_p0002(conn, function, arguments):
+    """MS004: PostgREST answers 400 (P0002 would be a 500)."""
     missing = uuid.uuid4()
-    with pytest.raises(psycopg.errors.NoDataFound, match=f"machine {missing} does not exist"):
+    with pytest.raises(psycopg.Error, match=f"machine {missing} does not exist") as caught:
         call(conn, function, p_machine_id=missing, **arguments)
+    assert caught.value.sqlstate == "MS004"
+    assert conn.execute("SELECT count(*) FROM machines").fetchone() == (0,)
+
+
+def test_a_start_on_a_busy_machine_is_refused_naming_the_running_process(conn):
+    machine_id = add_machine(conn)
+    running = start(conn, machine_id)
+    other = uuid.uuid4()
+    with pytest.raises(psycopg.Error, match=f"running process {running}") as caught:
+        call(conn, "atomic_processing_machine_state", p_machine_id=machine_id, p_process_id=other)
+    assert caught.value.sqlstate == "MS002"
+    assert str(other) in (caught.value.diag.message_detail or "")
+    assert state(conn, machine_id)["process_id"] == running
+    # The same process again is a no-op, not a refusal.
+    result = call(
+        conn, "atomic_processing_machine_state", p_machine_id=machine_id, p_process_id=running
+    )
+    assert result["machine"]["current_process_id"] == str(running)
+    assert_consistent(conn)
 
 
 @pytest.mark.parametrize(
@@ -111,10 +131,14 @@ def test_null_arguments_are_refused(conn):
 
 
 def test_error_with_no_message_still_records_the_error(conn):
-    machine_id = add_machine(conn, status="processing")
+    machine_id = add_machine(conn)
+    start(conn, machine_id)
     result = call(conn, "atomic_error_machine_state", p_machine_id=machine_id, p_error_message=None)
     assert result["machine"]["status"] == "error"
     assert result["machine"]["failure_description"] == "Recipe execution error: (no message)"
+    assert result["machine"]["current_process_id"] is None
+    assert result["machine_state"]["process_id"] is None
+    assert_consistent(conn)
 
 
 def test_invalid_status_through_the_rpc(conn):

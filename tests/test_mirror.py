@@ -7,7 +7,7 @@ import uuid
 import psycopg
 import pytest
 
-from machines import add_machine, assert_consistent, machine, state
+from machines import add_machine, assert_consistent, machine, start, state
 
 
 def test_insert_creates_an_agreeing_state_row(conn):
@@ -33,11 +33,33 @@ def test_insert_creates_an_agreeing_state_row(conn):
     ],
 )
 def test_status_is_normalized(conn, given, stored):
-    machine_id = add_machine(conn, status="idle")
-    conn.execute("UPDATE machines SET status = %s WHERE id = %s", [given, machine_id])
+    machine_id = add_machine(conn, status="offline")
+    # 'processing' needs its process: give one with every spelling (unused otherwise).
+    conn.execute(
+        """UPDATE machines SET status = %s,
+               current_process_id = CASE WHEN %s = 'processing' THEN gen_random_uuid() END
+           WHERE id = %s""",
+        [given, stored, machine_id],
+    )
     assert machine(conn, machine_id)["status"] == stored
     assert state(conn, machine_id)["current_state"] == stored
     assert_consistent(conn)
+
+
+@pytest.mark.parametrize("spelling", ["IDLE", " idle", "idle\n"])
+def test_status_is_normalized_on_insert(conn, spelling):
+    machine_id = add_machine(conn, status=spelling)
+    assert machine(conn, machine_id)["status"] == "idle"
+    assert state(conn, machine_id)["current_state"] == "idle"
+    assert_consistent(conn)
+
+
+@pytest.mark.parametrize("spelling", ["İDLE", "\uff49\uff44\uff4c\uff45", "idle\u200b"])
+def test_only_ascii_case_and_white_space_are_folded(conn, spelling):
+    machine_id = add_machine(conn, status="offline")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        conn.execute("UPDATE machines SET status = %s WHERE id = %s", [spelling, machine_id])
+    assert machine(conn, machine_id)["status"] == "offline"
 
 
 @pytest.mark.parametrize("bad", ["busy", "", "   ", "idle!", "run ning"])
@@ -65,6 +87,11 @@ def test_operators_extend_the_vocabulary_without_editing_functions(conn):
         "INSERT INTO machine_sync.allowed_status VALUES ('calibrating', 'Running a calibration.')"
     )
     conn.execute("INSERT INTO machine_sync.status_alias VALUES ('cal', 'calibrating')")
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute("UPDATE machines SET status = ' CAL' WHERE id = %s", [machine_id])
+    assert caught.value.sqlstate == "MS003"
+    assert "cannot go from idle to calibrating" in str(caught.value)
+    conn.execute("INSERT INTO machine_sync.allowed_transition VALUES ('idle', 'calibrating')")
     conn.execute("UPDATE machines SET status = ' CAL' WHERE id = %s", [machine_id])
     assert state(conn, machine_id)["current_state"] == "calibrating"
     assert_consistent(conn)
@@ -72,20 +99,31 @@ def test_operators_extend_the_vocabulary_without_editing_functions(conn):
 
 def test_update_mirrors_every_paired_column(conn):
     machine_id = add_machine(conn)
-    process, component = uuid.uuid4(), uuid.uuid4()
-    conn.execute(
-        """UPDATE machines SET status = 'error', current_process_id = %s,
-           failure_description = 'valve stuck', failure_component = %s WHERE id = %s""",
-        [process, component, machine_id],
+    process = start(conn, machine_id)
+    m, s = machine(conn, machine_id), state(conn, machine_id)
+    assert (s["current_state"], s["process_id"], s["state_since"]) == (
+        "processing",
+        process,
+        m["status_since"],
     )
-    row = state(conn, machine_id)
+    component = uuid.uuid4()
+    conn.execute(
+        """UPDATE machines SET status = 'error',
+           failure_description = 'valve stuck', failure_component = %s WHERE id = %s""",
+        [component, machine_id],
+    )
+    m, row = machine(conn, machine_id), state(conn, machine_id)
+    # Leaving processing ends the run: the process is cleared in both tables.
     assert (
         row["current_state"],
         row["process_id"],
         row["is_failure_mode"],
         row["failure_description"],
         row["failure_component"],
-    ) == ("error", process, True, "valve stuck", component)
+        row["state_since"],
+    ) == ("error", None, True, "valve stuck", component, m["status_since"])
+    assert m["current_process_id"] is None
+    assert_consistent(conn)
 
 
 def test_leaving_error_clears_the_failure_fields(conn):
@@ -105,22 +143,28 @@ def test_leaving_error_clears_the_failure_fields(conn):
 def test_state_since_moves_only_when_the_state_changes(conn):
     machine_id = add_machine(conn, status="idle")
     since = state(conn, machine_id)["state_since"]
+    assert machine(conn, machine_id)["status_since"] == since
     conn.execute(
         "UPDATE machines SET status = 'IDLE', location = 'Bay 9' WHERE id = %s", [machine_id]
     )
     conn.execute(
-        "UPDATE machines SET current_process_id = %s WHERE id = %s", [uuid.uuid4(), machine_id]
+        "UPDATE machines SET status_since = '2001-01-01', failure_description = 'x' WHERE id = %s",
+        [machine_id],
     )
     assert state(conn, machine_id)["state_since"] == since
-    conn.execute("UPDATE machines SET status = 'processing' WHERE id = %s", [machine_id])
+    assert machine(conn, machine_id)["status_since"] == since
+    start(conn, machine_id)
     assert state(conn, machine_id)["state_since"] > since
+    assert machine(conn, machine_id)["status_since"] == state(conn, machine_id)["state_since"]
+    assert_consistent(conn)
 
 
 def test_updated_at_comes_from_the_database_clock(conn):
     machine_id = add_machine(conn, updated_at="2001-01-01T00:00:00Z")
     assert machine(conn, machine_id)["updated_at"].year > 2001
     conn.execute(
-        "UPDATE machines SET status = 'processing', updated_at = '1999-01-01' WHERE id = %s",
+        """UPDATE machines SET status = 'processing', current_process_id = gen_random_uuid(),
+               updated_at = '1999-01-01' WHERE id = %s""",
         [machine_id],
     )
     m, s = machine(conn, machine_id), state(conn, machine_id)
@@ -149,7 +193,7 @@ def test_mirror_is_visible_inside_the_open_transaction_and_rolls_back(db):
     with db.connect() as setup:
         machine_id = add_machine(setup, status="idle")
     with db.connect(autocommit=False) as writer, db.connect() as observer:
-        writer.execute("UPDATE machines SET status = 'processing' WHERE id = %s", [machine_id])
+        start(writer, machine_id)
         assert state(writer, machine_id)["current_state"] == "processing"
         assert state(observer, machine_id)["current_state"] == "idle"
         writer.rollback()
@@ -162,8 +206,9 @@ def test_a_failed_statement_changes_neither_table(conn):
     good, other = add_machine(conn), add_machine(conn)
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute(
-            "UPDATE machines SET status = CASE WHEN id = %s THEN 'processing' ELSE 'nope' END",
-            [good],
+            """UPDATE machines SET status = CASE WHEN id = %s THEN 'maintenance' ELSE 'nope' END
+               WHERE id IN (%s, %s)""",
+            [good, good, other],
         )
     assert {machine(conn, good)["status"], machine(conn, other)["status"]} == {"idle"}
     assert {state(conn, good)["current_state"], state(conn, other)["current_state"]} == {"idle"}
@@ -175,7 +220,8 @@ def test_savepoint_rollback_undoes_the_mirror(db):
     with db.connect(autocommit=False) as conn:
         conn.execute("UPDATE machines SET status = 'maintenance' WHERE id = %s", [machine_id])
         conn.execute("SAVEPOINT before_processing")
-        conn.execute("UPDATE machines SET status = 'processing' WHERE id = %s", [machine_id])
+        conn.execute("UPDATE machines SET status = 'idle' WHERE id = %s", [machine_id])
+        start(conn, machine_id)
         assert state(conn, machine_id)["current_state"] == "processing"
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("UPDATE machines SET status = 'bogus' WHERE id = %s", [machine_id])
@@ -198,16 +244,29 @@ def test_multi_row_update(conn):
 
 def test_insert_on_conflict_do_update(conn):
     machine_id = add_machine(conn, status="idle")
+    process = uuid.uuid4()
+    # BEFORE INSERT sees the proposed row: it must obey the rules on its own.
     conn.execute(
         """INSERT INTO machines (id, serial_number, location, lab_name, lab_institution, model,
-               machine_type, install_date, last_maintenance_date, admin_id, status)
+               machine_type, install_date, last_maintenance_date, admin_id, status,
+               current_process_id)
            SELECT id, serial_number, location, lab_name, lab_institution, model, machine_type,
-               install_date, last_maintenance_date, admin_id, 'Running' FROM machines WHERE id = %s
-           ON CONFLICT (id) DO UPDATE SET status = excluded.status""",
-        [machine_id],
+               install_date, last_maintenance_date, admin_id, 'Running', %s
+           FROM machines WHERE id = %s
+           ON CONFLICT (id) DO UPDATE
+           SET status = excluded.status, current_process_id = excluded.current_process_id""",
+        [process, machine_id],
     )
     assert state(conn, machine_id)["current_state"] == "processing"
+    assert state(conn, machine_id)["process_id"] == process
     assert_consistent(conn)
+
+
+def test_a_new_machine_cannot_be_processing_without_a_process(conn):
+    with pytest.raises(psycopg.Error) as caught:
+        add_machine(conn, status="processing")
+    assert caught.value.sqlstate == "MS003"
+    assert conn.execute("SELECT count(*) FROM machines").fetchone() == (0,)
 
 
 def test_merge(conn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import uuid
 
 import psycopg
 import pytest
@@ -53,9 +54,38 @@ def test_every_function_pins_search_path_and_public_rpcs_are_invokers(conn):
     ).fetchall()
     assert rows
     for name, security_definer, config in rows:
-        assert config == ['search_path=""'], name
+        # pg_catalog first: no temporary type, table or operator can shadow
+        # a built-in one; every other name in the bodies is schema-qualified.
+        assert "search_path=pg_catalog, pg_temp" in config, name
+        assert [c for c in config if c.startswith("search_path=")] == [
+            "search_path=pg_catalog, pg_temp"
+        ], name
         if name.startswith("atomic_"):
             assert not security_definer, name
+
+
+def test_the_mirror_runs_as_its_own_role_and_the_client_paths_as_the_caller(conn):
+    definers = dict(
+        conn.execute(
+            """SELECT p.proname, pg_get_userbyid(p.proowner) FROM pg_proc p
+               WHERE p.prosecdef AND (p.pronamespace = 'machine_sync'::regnamespace
+                                      OR p.proname LIKE 'atomic\\_%')"""
+        ).fetchall()
+    )
+    assert definers.pop("machines_sync") == "machine_sync_mirror"
+    assert set(definers) == {
+        "reconcile",
+        "machine_state_direct_delete",
+        "machine_state_after_truncate",
+    }
+    # Nobody logs in as the mirror and no API role can become it.
+    assert conn.execute(
+        "SELECT rolcanlogin, rolinherit FROM pg_roles WHERE rolname = 'machine_sync_mirror'"
+    ).fetchone() == (False, False)
+    for role in ("anon", "authenticated", "service_role"):
+        assert conn.execute(
+            "SELECT pg_has_role(%s, 'machine_sync_mirror', 'MEMBER')", [role]
+        ).fetchone() == (False,), role
 
 
 @pytest.mark.parametrize(
@@ -79,34 +109,39 @@ def test_only_trusted_roles_reconcile_or_switch_mode(conn, role, allowed):
     trusted = {"machine_sync.reconcile()", "machine_sync.set_mode(text)"}
     assert executable & trusted == allowed
     # Trigger functions fire without EXECUTE; nobody needs to call them.
-    assert not any("machines_before_write" in name or "mirror" in name for name in executable)
+    assert not any(
+        name.startswith(("machine_sync.machines_sync", "machine_sync.machine_state_"))
+        for name in executable
+    ), executable
+
+
+def table_privileges(conn, role, table):
+    candidates = ["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"]
+    if conn.execute("SELECT current_setting('server_version_num')::int >= 170000").fetchone()[0]:
+        candidates.append("MAINTAIN")
+    return {
+        privilege
+        for privilege in candidates
+        if conn.execute(
+            "SELECT has_table_privilege(%s, %s, %s)", [role, table, privilege]
+        ).fetchone()[0]
+    }
 
 
 @pytest.mark.parametrize(
-    ("role", "privileges"),
+    ("role", "state_privileges", "machine_privileges"),
     [
-        ("anon", {"SELECT"}),
-        ("authenticated", {"SELECT"}),
-        ("service_role", {"SELECT", "INSERT", "UPDATE"}),
+        ("anon", {"SELECT"}, {"SELECT"}),
+        # Legacy writers keep writing machine_state (compat carries it into
+        # machines); deleting state rows, TRUNCATE, TRIGGER, REFERENCES and
+        # MAINTAIN are the owner's only.
+        ("authenticated", {"SELECT", "INSERT", "UPDATE"}, {"SELECT", "INSERT", "UPDATE", "DELETE"}),
+        ("service_role", {"SELECT", "INSERT", "UPDATE"}, {"SELECT", "INSERT", "UPDATE", "DELETE"}),
     ],
 )
-def test_machine_state_grants_follow_least_privilege(conn, role, privileges):
-    granted = {
-        privilege
-        for privilege in (
-            "SELECT",
-            "INSERT",
-            "UPDATE",
-            "DELETE",
-            "TRUNCATE",
-            "REFERENCES",
-            "TRIGGER",
-        )
-        if conn.execute(
-            "SELECT has_table_privilege(%s, 'public.machine_state', %s)", [role, privilege]
-        ).fetchone()[0]
-    }
-    assert granted == privileges
+def test_table_grants_follow_least_privilege(conn, role, state_privileges, machine_privileges):
+    assert table_privileges(conn, role, "public.machine_state") == state_privileges
+    assert table_privileges(conn, role, "public.machines") == machine_privileges
 
 
 def test_anon_cannot_call_the_legacy_rpcs_but_authenticated_can(conn):
@@ -117,25 +152,28 @@ def test_anon_cannot_call_the_legacy_rpcs_but_authenticated_can(conn):
     assert conn.execute(check, ["authenticated"]).fetchone() == (True,)
 
 
-def test_a_writer_without_machine_state_rights_is_mirrored_under_rls(db):
+def test_a_writer_whose_state_rows_rls_hides_is_still_mirrored(db):
     with db.connect() as conn:
         machine_id = add_machine(conn)
-        # A fresh install starts with RLS on machines and no policy; the
-        # application grants its users what they may do.
+        # A fresh install starts with RLS on both tables and no policy for
+        # clients; the application grants its users what they may do.
         conn.execute(
             "CREATE POLICY operators ON machines FOR ALL TO authenticated"
             " USING (true) WITH CHECK (true)"
         )
     with db.connect(autocommit=False) as conn:
         conn.execute("SET LOCAL ROLE authenticated")
-        with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            conn.execute("UPDATE machine_state SET current_state = 'idle'")
-        conn.rollback()
-        conn.execute("SET LOCAL ROLE authenticated")
-        conn.execute("UPDATE machines SET status = 'processing' WHERE id = %s", [machine_id])
+        # machine_state hides every row from it: a direct write finds nothing.
+        assert conn.execute("UPDATE machine_state SET current_state = 'error'").rowcount == 0
+        assert conn.execute("SELECT count(*) FROM machine_state").fetchone() == (0,)
+        conn.execute(
+            "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+            [process := uuid.uuid4(), machine_id],
+        )
         conn.commit()
     with db.connect() as conn:
         assert state(conn, machine_id)["current_state"] == "processing"
+        assert state(conn, machine_id)["process_id"] == process
         assert_consistent(conn)
 
 
@@ -178,9 +216,14 @@ def test_a_fresh_install_is_closed_to_anonymous_visitors(db):
         assert state(conn, machine_id) is not None
 
 
-def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db):
+@pytest.mark.parametrize("enabled", [True, False])
+def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db, enabled):
+    with legacy_db.connect() as conn:
+        conn.execute(
+            f"ALTER TABLE machines {'ENABLE' if enabled else 'DISABLE'} ROW LEVEL SECURITY"
+        )
     legacy_db.migrate()
     with legacy_db.connect() as conn:
         assert conn.execute(
             "SELECT relrowsecurity FROM pg_class WHERE oid = 'machines'::regclass"
-        ).fetchone() == (False,)
+        ).fetchone() == (enabled,)
