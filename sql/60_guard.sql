@@ -155,10 +155,9 @@ BEGIN
         FROM public.machines AS m
         WHERE m.id = lock_machine.machine_id
         FOR NO KEY UPDATE SKIP LOCKED;
-        IF FOUND THEN
-            RETURN since;
-        END IF;
+        EXIT WHEN FOUND;
     END LOOP;
+    RETURN since;
 END
 $$;
 

@@ -211,7 +211,12 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
         with psycopg.connect(server.dsn) as conn:
             superuser = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
         owner = "postgres" if superuser != "postgres" else "app_owner"
-        yield Cluster(server, pgserver.find_psql(server), owner)
+        cluster = Cluster(server, pgserver.find_psql(server), owner)
+        # The owner migrates first, so that it creates (and may take) the
+        # mirror role: a superuser that creates it first (the demo, run on
+        # this server) would not grant it to the owner.
+        cluster.template("migrated")
+        yield cluster
 
 
 def _database(cluster: Cluster, template: str) -> Iterator[Database]:

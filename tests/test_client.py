@@ -805,11 +805,12 @@ def test_overtaken_write_that_changes_the_status_is_written_at_once(db, conn):
     assert_consistent(conn)
 
 
-def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
+def test_compat_writer_racing_a_machines_writer_gives_up_cleanly(db, conn):
     """Rollout hazard, pinned: a transaction that row-locks a machine before writing it,
-    racing a legacy machine_state write (compat), waits in a cycle with it. The legacy
-    write gives up (its wait for its machine is capped, or PostgreSQL picks it as the
-    deadlock victim); nothing is half-applied and it is reported as retryable."""
+    racing a legacy machine_state write (compat), would wait in a cycle with it. The
+    legacy write polls for its machine instead of waiting, sees the client's write
+    waiting for it and gives up (40001); nothing is half-applied, it is reported as
+    retryable, and no deadlock (40P01) happens."""
     machine_id = add_machine(conn, status="idle")
     legacy: list[Any] = []
 
@@ -832,7 +833,7 @@ def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
         deadline = time.monotonic() + 10
         while conn.execute(
             "SELECT count(*) FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND query LIKE 'UPDATE machine_state%%'"
+            " WHERE wait_event = 'PgSleep' AND query LIKE 'UPDATE machine_state%%'"
         ).fetchone() == (0,):
             assert time.monotonic() < deadline
             time.sleep(0.01)
@@ -842,9 +843,7 @@ def test_compat_writer_racing_a_machines_writer_deadlocks_cleanly(db, conn):
     [victim] = legacy
     assert isinstance(victim, ConcurrentUpdate)
     assert victim.retryable
-    # Compat caps the legacy write's wait for its machine (55P03) at half of
-    # deadlock_timeout, before the deadlock detector would pick a victim (40P01).
-    assert victim.sqlstate in ("40P01", "55P03")
+    assert victim.sqlstate == "40001"
     assert "retry" in str(victim)
     assert machine(conn, machine_id)["status"] == "offline"
     assert_consistent(conn)

@@ -12,7 +12,7 @@ import pytest
 
 from machines import add_machine, assert_consistent, machine, state, wait_until_lock_waiting
 
-# The four legacy write paths of legacy-system.md, statement by statement, in
+# The four legacy write paths (README, "The system it replaces"), statement by statement, in
 # their original order. Each statement is its own autocommit transaction.
 LEGACY_PATHS = {
     "start": [

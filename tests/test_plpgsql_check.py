@@ -19,15 +19,7 @@ from conftest import Cluster, Database
 SCHEMAS = ["machine_sync", "public"]
 
 # (function, SQLSTATE, message) -> why this finding is accepted.
-ALLOWED: dict[tuple[str, str, str], str] = {
-    (
-        "machine_sync.lock_machine(uuid,text)",
-        "42804",
-        "target type is different type than source type",
-    ): "extract() returns numeric and the two millisecond bounds are double precision: "
-    "two casts once per legacy write that changes a machine, next to a row lock "
-    "(a performance warning about hidden casts in hot paths)",
-}
+ALLOWED: dict[tuple[str, str, str], str] = {}
 
 FUNCTIONS = """
 SELECT
