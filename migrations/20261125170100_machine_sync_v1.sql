@@ -332,7 +332,7 @@ COMMENT ON TABLE machine_sync.allowed_status IS
 
 CREATE TABLE IF NOT EXISTS machine_sync.status_alias (
     alias text PRIMARY KEY CHECK (
-        alias = lower(btrim(alias, E' \t\n\r\f\v') COLLATE "C")
+        alias = lower(btrim(alias, E' \t\n\r\f\x0b') COLLATE "C")
     ),
     status text NOT NULL REFERENCES machine_sync.allowed_status (status)
 );
@@ -370,6 +370,7 @@ AS $$
 $$;
 
 -- The canonical spelling of a status, or NULL when it is not known.
+-- (The vertical tab is written \x0b: before PostgreSQL 16, E'\v' is a 'v'.)
 CREATE OR REPLACE FUNCTION machine_sync.canonical_status(raw text)
 RETURNS text
 LANGUAGE sql
@@ -378,7 +379,7 @@ PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH spelled AS (
-        SELECT lower(btrim(raw, E' \t\n\r\f\v') COLLATE "C") AS spelling
+        SELECT lower(btrim(raw, E' \t\n\r\f\x0b') COLLATE "C") AS spelling
     )
     SELECT coalesce(
         (SELECT a.status FROM machine_sync.allowed_status AS a, spelled
@@ -512,7 +513,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v') COLLATE "C");
+    wanted text := lower(btrim(new_mode, E' \t\n\r\f\x0b') COLLATE "C");
 BEGIN
     IF wanted IS NULL OR wanted NOT IN ('compat', 'strict') THEN
         RAISE EXCEPTION 'invalid machine-sync mode %: use ''compat'' or ''strict''',

@@ -24,7 +24,7 @@ COMMENT ON TABLE machine_sync.allowed_status IS
 
 CREATE TABLE IF NOT EXISTS machine_sync.status_alias (
     alias text PRIMARY KEY CHECK (
-        alias = lower(btrim(alias, E' \t\n\r\f\v') COLLATE "C")
+        alias = lower(btrim(alias, E' \t\n\r\f\x0b') COLLATE "C")
     ),
     status text NOT NULL REFERENCES machine_sync.allowed_status (status)
 );
@@ -62,6 +62,7 @@ AS $$
 $$;
 
 -- The canonical spelling of a status, or NULL when it is not known.
+-- (The vertical tab is written \x0b: before PostgreSQL 16, E'\v' is a 'v'.)
 CREATE OR REPLACE FUNCTION machine_sync.canonical_status(raw text)
 RETURNS text
 LANGUAGE sql
@@ -70,7 +71,7 @@ PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
 AS $$
     WITH spelled AS (
-        SELECT lower(btrim(raw, E' \t\n\r\f\v') COLLATE "C") AS spelling
+        SELECT lower(btrim(raw, E' \t\n\r\f\x0b') COLLATE "C") AS spelling
     )
     SELECT coalesce(
         (SELECT a.status FROM machine_sync.allowed_status AS a, spelled

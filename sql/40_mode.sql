@@ -37,7 +37,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    wanted text := lower(btrim(new_mode, E' \t\n\r\f\v') COLLATE "C");
+    wanted text := lower(btrim(new_mode, E' \t\n\r\f\x0b') COLLATE "C");
 BEGIN
     IF wanted IS NULL OR wanted NOT IN ('compat', 'strict') THEN
         RAISE EXCEPTION 'invalid machine-sync mode %: use ''compat'' or ''strict''',

@@ -1,6 +1,13 @@
 """A model of what each write means, shared by the property test and the
 migration-under-load test: given the rows before a statement, the rows after
-it, or the one SQLSTATE it must fail with."""
+it, or the one SQLSTATE it must fail with.
+
+The rules are the database's (v2), applied to every writer alike: the status
+vocabulary and its ASCII-only folding, the transitions table, processing and
+a process id going together, the busy rule, a cleared process stopping a
+processing machine, leaving error clearing the failure fields. A legacy write
+to machine_state (compat) is carried into machines and meets the same rules.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +17,28 @@ from typing import Any
 
 ALLOWED = ("offline", "idle", "processing", "error", "maintenance")
 ALIASES = {"running": "processing"}
-TRIM = " \t\n\r\f\v"  # what canonical_status() trims
+TRIM = " \t\n\r\f\v"  # what canonical_status() trims: ASCII white space only
+
+# machine_sync.allowed_transition as seeded: any status may go offline, idle,
+# into maintenance or into error; only idle and offline may start processing.
+TRANSITIONS = frozenset(
+    (a, b)
+    for a in ALLOWED
+    for b in ALLOWED
+    if a != b and (b in ("offline", "idle", "maintenance", "error") or a in ("idle", "offline"))
+)
 
 # SQLSTATEs the model predicts.
 CHECK = "23514"  # unknown status
 UNIQUE = "23505"
 FOREIGN_KEY = "23503"
+NOT_NULL = "23502"
 NOT_NULL_PARAM = "22004"
 INVALID_PARAM = "22023"
+GUARD = "MS001"  # direct write refused (strict), state row deleted alone
+BUSY = "MS002"  # the machine runs another process
+RULE = "MS003"  # transition or processing/process rule refused
 NO_DATA = "MS004"  # legacy RPC: no such machine (or hidden)
-GUARD = "MS001"
 
 
 class Refused(Exception):
@@ -30,10 +49,15 @@ class Refused(Exception):
         self.sqlstate = sqlstate
 
 
+def ascii_lower(text: str) -> str:
+    """Lower-case the ASCII letters only (lower(... COLLATE "C"))."""
+    return "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in text)
+
+
 def canonical(raw: str | None) -> str | None:
     if raw is None:
         return None
-    spelling = raw.strip(TRIM).lower()
+    spelling = ascii_lower(raw.strip(TRIM))
     if spelling in ALLOWED:
         return spelling
     return ALIASES.get(spelling)
@@ -56,22 +80,57 @@ class Row:
     failure_component: uuid.UUID | None = None
 
 
+def insert_machine(**values: Any) -> Row:
+    """INSERT INTO machines (BEFORE INSERT trigger): a new machine."""
+    new = Row(**{**values, "status": normalize(values.get("status", "offline"))})
+    if new.status == "processing" and new.process_id is None:
+        raise Refused(RULE)
+    if new.status != "processing" and new.process_id is not None:
+        raise Refused(RULE)
+    return new
+
+
 def write_machine(old: Row, **changes: Any) -> Row:
-    """UPDATE machines SET ... (machines_before_write, then the mirror)."""
+    """UPDATE machines SET ... as machine_sync.machines_sync() decides it.
+    ``changes`` holds the columns the statement sets (status as spelled)."""
     new = replace(old, **changes)
-    if "status" in changes and changes["status"] != old.status:
+    if new == old:
+        return old  # no watched column changes: the trigger does not run
+    was = old.status
+    if "status" in changes:
         new = replace(new, status=normalize(changes["status"]))
-    if old.status == "error" and new.status != "error":
+    if new.status == "processing":
+        if new.process_id is None:
+            if was != "processing":
+                raise Refused(RULE)
+            new = replace(new, status="idle")  # the process was cleared: stopped
+        elif was == "processing" and old.process_id not in (None, new.process_id):
+            raise Refused(BUSY)
+    elif new.process_id is not None:
+        if new.process_id != old.process_id:
+            raise Refused(RULE)
+        new = replace(new, process_id=None)  # the run ends with the status it ran in
+    if new.status != was and (was, new.status) not in TRANSITIONS:
+        raise Refused(RULE)
+    if was == "error" and new.status != "error":
         new = replace(new, failure_description=None, failure_component=None)
     return new
 
 
 def write_state(old: Row, mode: str, **changes: Any) -> Row:
-    """A direct UPDATE of machine_state in compat: carried into machines."""
+    """A direct UPDATE of machine_state: refused in strict; in compat its
+    status is normalized and, when anything mirrored changes, the whole
+    mirrored row is carried into machines, rules included."""
     if mode == "strict":
         raise Refused(GUARD)
-    new = replace(old, **changes)
-    new = replace(new, status=normalize(new.status))
-    if old.status == "error" and new.status != "error":
-        new = replace(new, failure_description=None, failure_component=None)
-    return new
+    written = replace(old, **changes)
+    written = replace(written, status=normalize(written.status))
+    if written == old:
+        return old  # nothing mirrored changes: machines is not written
+    return write_machine(
+        old,
+        status=written.status,
+        process_id=written.process_id,
+        failure_description=written.failure_description,
+        failure_component=written.failure_component,
+    )

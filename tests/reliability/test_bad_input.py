@@ -46,7 +46,29 @@ BAD_STATUSES = [
     "idle\u00a0",  # a no-break space is not whitespace the trim removes
     "💥",
     "x" * 10_000,
+    # Folding is ASCII-only, the same in every locale: none of these is a status.
+    "\u0130DLE",  # capital I with dot above (Turkish): not folded to 'idle'
+    "\u0131dle",  # small dotless i
+    "\u0131DLE",
+    "idleß",
+    "\uff29\uff24\uff2c\uff25",  # full-width IDLE
+    "\u00a0idle",  # no-break space
+    "\u2003idle",  # em space
+    "\u3000idle",  # ideographic space
+    "idle\u200b",  # zero-width space
+    "\ufeffidle",  # zero-width no-break space (byte order mark)
+    "i\u0307dle",  # combining dot above
+    "idle\u0301",  # combining acute accent
+    "\u1680idle",  # ogham space mark
+    "idle\x85",  # next line (C1), not ASCII white space
+    # Letters are never trimmed (E'\v' in a trim set is the letter v before PostgreSQL 16).
+    "vidle",
+    "idlev",
+    "vOffline",
 ]
+
+# ASCII white space and ASCII case are folded on every path.
+GOOD_SPELLINGS = [" IDLE", "\tIdle\n", "\r\f\vidle \v", "iDlE", "MAINTENANCE ", " Offline"]
 
 STATUS_PATHS = {
     "update": "UPDATE machines SET status = %(s)s WHERE id = %(m)s",
@@ -69,6 +91,54 @@ def test_unknown_statuses_are_refused_on_every_path(conn: Conn, subtests: Any) -
                 err = refused(conn, statement, params, "23514", "invalid machine status")
                 assert ALLOWED in str(err)
                 assert err.diag.constraint_name == "machines_status_allowed"
+
+
+def test_ascii_spellings_are_folded_on_every_path(conn: Conn, subtests: Any) -> None:
+    machine_id = add_machine(conn, status="offline")
+    for path, statement in STATUS_PATHS.items():
+        if path == "legacy-insert":
+            continue  # a plain INSERT of an existing state row is a unique violation
+        for spelling in GOOD_SPELLINGS:
+            with subtests.test(path=path, status=spelling):
+                expected = spelling.strip(" \t\n\r\f\v").lower()
+                params = {"m": machine_id, "s": spelling, "p": None, "f": None, "msg": None}
+                conn.execute(statement, params)
+                m, s = machine(conn, machine_id), state(conn, machine_id)
+                assert m is not None
+                assert s is not None
+                assert (m["status"], s["current_state"]) == (expected, expected)
+                assert_consistent(conn)
+
+
+def test_error_messages_quote_at_most_40_characters(conn: Conn, subtests: Any) -> None:
+    """A huge bad value makes a short message: 40 characters of it and its length."""
+    machine_id = add_machine(conn, status="idle")
+    for size in (41, 10_000, 1_000_000):
+        value = "y" * size
+        for path in ("update", "rpc", "insert"):
+            with subtests.test(path=path, size=size):
+                params = {"m": machine_id, "s": value, "p": None, "f": None, "msg": None}
+                if path == "insert":
+                    before = snapshot(conn)
+                    with pytest.raises(psycopg.errors.CheckViolation) as caught:
+                        add_machine(conn, status=value)
+                    assert snapshot(conn) == before
+                    err: psycopg.Error = caught.value
+                else:
+                    err = refused(conn, STATUS_PATHS[path], params, "23514", "invalid machine")
+                primary = err.diag.message_primary or ""
+                assert f"'{'y' * 40}'... ({size} characters)" in primary
+                assert "y" * 41 not in str(err)
+                assert len(str(err)) < 1_000
+    with subtests.test(path="exactly 40"):
+        err = refused(
+            conn,
+            STATUS_PATHS["update"],
+            {"m": machine_id, "s": "z" * 40},
+            "23514",
+            f"invalid machine status '{'z' * 40}':",
+        )
+        assert "characters)" not in str(err)
 
 
 def test_null_status_is_refused_where_it_means_a_status(conn: Conn, subtests: Any) -> None:
@@ -130,8 +200,25 @@ def test_bad_machine_ids(conn: Conn, subtests: Any) -> None:
             "machine_state_machine_id_fkey",
         ),
         (
+            "legacy-upsert-unknown",
+            "INSERT INTO machine_state (machine_id, current_state, process_id)"
+            " VALUES (%s, 'processing', gen_random_uuid()) ON CONFLICT (machine_id)"
+            " DO UPDATE SET current_state = excluded.current_state",
+            [unknown],
+            "23503",
+            "machine_state_machine_id_fkey",
+        ),
+        (
             "legacy-insert-null",
             "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'idle')",
+            [None],
+            "23502",
+            "machine_id",
+        ),
+        (
+            "legacy-upsert-null",
+            "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'IDLE')"
+            " ON CONFLICT (machine_id) DO NOTHING",
             [None],
             "23502",
             "machine_id",

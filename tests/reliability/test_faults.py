@@ -67,9 +67,14 @@ def test_backend_killed_between_the_two_legacy_statements(db: Any, subtests: Any
     with db.connect() as admin:
         for path in LEGACY_PATHS:
             with subtests.test(path=path):
-                machine_id = add_machine(
-                    admin, status="processing", current_process_id=uuid.uuid4()
-                )
+                # A start begins on an idle machine (a processing one is busy:
+                # MS002); the other paths end a run.
+                if path == "start":
+                    machine_id = add_machine(admin, status="idle")
+                else:
+                    machine_id = add_machine(
+                        admin, status="processing", current_process_id=uuid.uuid4()
+                    )
                 params = legacy_params(machine_id, message="died")
                 with db.connect() as victim:
                     victim.execute(LEGACY_PATHS[path][0][1], params)

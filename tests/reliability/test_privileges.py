@@ -65,10 +65,14 @@ def test_roles_that_may_write_machines_are_mirrored(conn: Conn, subtests: Any) -
                     [machine_id],
                 )
             assert state(conn, machine_id)["current_state"] == "error"
+            assert state(conn, machine_id)["failure_description"] == "x"
+            # Leaving error clears the failure; a process starts from idle.
+            as_role(conn, role, RPC_CALLS["complete"], {"m": machine_id})
+            assert state(conn, machine_id)["failure_description"] is None
             process = uuid.uuid4()
             as_role(conn, role, RPC_CALLS["processing"], {"m": machine_id, "p": process})
             assert state(conn, machine_id)["process_id"] == process
-            assert state(conn, machine_id)["failure_description"] is None
+            assert state(conn, machine_id)["current_state"] == "processing"
             # The cascade runs as the table owner: no DELETE grant on machine_state needed.
             as_role(conn, role, "DELETE FROM machines WHERE id = %s", [machine_id])
             assert state(conn, machine_id) is None
@@ -109,15 +113,23 @@ def test_direct_writes_to_machine_state_by_role(conn: Conn, subtests: Any, mode:
         " ON CONFLICT (machine_id) DO UPDATE SET current_state = excluded.current_state"
     )
     delete = "DELETE FROM machine_state WHERE machine_id = %s"
-    for role in ("anon", "authenticated"):
-        for statement in (update, insert, delete, "TRUNCATE machine_state"):
-            with subtests.test(role=role, statement=statement.split()[0]):
-                params = [] if statement.startswith("TRUNCATE") else [machine_id]
-                refused_as(conn, role, statement, params, "42501")
-    for statement in (delete, "TRUNCATE machine_state"):
-        with subtests.test(role="service_role", statement=statement.split()[0]):
-            params = [] if statement.startswith("TRUNCATE") else [machine_id]
-            refused_as(conn, "service_role", statement, params, "42501")
+    truncate = "TRUNCATE machine_state"
+    # anon only reads; no API role deletes or truncates machine_state.
+    refusals = [("anon", statement, "42501") for statement in (update, insert)]
+    for role in CLIENT_ROLES:
+        refusals += [(role, delete, "42501"), (role, truncate, "42501")]
+    # authenticated keeps its grants, but machine_state has RLS and no policy
+    # for it: its upsert is refused (the guard answers first in strict) ...
+    refusals.append(("authenticated", insert, "MS001" if mode == "strict" else "42501"))
+    for role, statement, sqlstate in refusals:
+        with subtests.test(role=role, statement=statement.split()[0]):
+            params = [] if statement is truncate else [machine_id]
+            refused_as(conn, role, statement, params, sqlstate)
+    with subtests.test(role="authenticated", statement="UPDATE"):
+        # ... and its UPDATE sees no row, so it changes nothing.
+        before = snapshot(conn)
+        assert as_role(conn, "authenticated", update, [machine_id]).rowcount == 0
+        assert snapshot(conn) == before
     for statement in (update, insert):
         with subtests.test(role="service_role", statement=statement.split()[0]):
             if mode == "strict":
@@ -133,22 +145,46 @@ def test_client_roles_cannot_switch_mode_reconcile_or_bypass(conn: Conn, subtest
     add_machine(conn, status="idle")
     attempts = {
         "set_mode": "SELECT machine_sync.set_mode('strict')",
-        "reconcile": "SELECT machine_sync.reconcile()",
-        "settings": "UPDATE machine_sync.settings SET mode = 'strict'",
+        "reconcile": "SELECT * FROM machine_sync.reconcile()",
+        "drift": "SELECT * FROM machine_sync.drift",
+        "settings": "UPDATE machine_sync.settings SET mode = 'strict' WHERE singleton",
         "vocabulary": "INSERT INTO machine_sync.allowed_status VALUES ('hacked', 'x')",
+        "transitions": "INSERT INTO machine_sync.allowed_transition VALUES ('error', 'processing')",
         "replica": "SET LOCAL session_replication_role = replica",
-        "disable-trigger": "ALTER TABLE machines DISABLE TRIGGER machines_mirror_state",
-        "drop-trigger": "DROP TRIGGER machines_mirror_state ON machines",
+        "disable-trigger": "ALTER TABLE machines DISABLE TRIGGER zz_machine_sync",
+        "drop-trigger": "DROP TRIGGER zz_machine_sync ON machines",
+        "disable-guard": "ALTER TABLE machine_state DISABLE TRIGGER machine_state_direct_write",
         "truncate": "TRUNCATE machines CASCADE",
+        "mirror-function": "SELECT machine_sync.machines_sync()",
     }
     for role in ("anon", "authenticated"):
         for name, statement in attempts.items():
             with subtests.test(role=role, attempt=name):
                 refused_as(conn, role, statement, None, "42501")
-    for name in ("replica", "disable-trigger", "drop-trigger", "vocabulary", "settings"):
+    service_refused = (
+        "replica",
+        "disable-trigger",
+        "drop-trigger",
+        "disable-guard",
+        "vocabulary",
+        "transitions",
+        "truncate",
+        "mirror-function",
+    )
+    for name in service_refused:
         with subtests.test(role="service_role", attempt=name):
             refused_as(conn, "service_role", attempts[name], None, "42501")
     assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+    with subtests.test(role="service_role", attempt="its own tools"):
+        # service_role switches the mode (set_mode or its UPDATE(mode) grant),
+        # reads drift and reconciles.
+        assert as_role(conn, "service_role", attempts["set_mode"]).fetchall() == [("strict",)]
+        as_role(
+            conn, "service_role", "UPDATE machine_sync.settings SET mode = 'compat' WHERE singleton"
+        )
+        assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+        assert as_role(conn, "service_role", attempts["drift"]).fetchall() == []
+        assert as_role(conn, "service_role", attempts["reconcile"]).fetchall() == []
     assert_consistent(conn)
 
 
@@ -233,8 +269,9 @@ def test_hostile_search_path_cannot_hijack_the_functions(evil: Conn, subtests: A
     path = "SET LOCAL search_path = evil, pg_temp, pg_catalog, public"
     hostile = {
         ("authenticated", "update"): (
-            f"UPDATE public.machines SET status = ' Processing ' WHERE id {EQ} %s",
-            [machine_id],
+            "UPDATE public.machines SET status = ' Processing ', current_process_id = %s"
+            f" WHERE id {EQ} %s",
+            [uuid.uuid4(), machine_id],
         ),
         ("authenticated", "rpc"): (
             "SELECT public.atomic_update_machine_state(p_machine_id => %s,"
@@ -252,7 +289,7 @@ def test_hostile_search_path_cannot_hijack_the_functions(evil: Conn, subtests: A
             [machine_id],
         ),
         ("service_role", "set_mode"): ("SELECT machine_sync.set_mode(' Compat ')", None),
-        ("service_role", "reconcile"): ("SELECT machine_sync.reconcile()", None),
+        ("service_role", "reconcile"): ("SELECT * FROM machine_sync.reconcile()", None),
         ("service_role", "drift"): ("SELECT count(*) FROM machine_sync.drift", None),
     }
     expected_status = {
@@ -280,7 +317,9 @@ def test_hostile_search_path_cannot_hijack_the_functions(evil: Conn, subtests: A
                 assert result[0][0]["success"] is True
             if name == "set_mode":
                 assert result == [("compat",)]
-            if name in ("reconcile", "drift"):
+            if name == "reconcile":
+                assert result == []
+            if name == "drift":
                 assert result == [(0,)]
             assert conn.execute("SELECT * FROM evil.calls").fetchall() == []
             row = machine(conn, machine_id)
@@ -305,18 +344,113 @@ def test_hostile_search_path_cannot_hijack_the_functions(evil: Conn, subtests: A
     }
 
 
-def test_hostile_search_path_during_reconcile_repairs_real_drift(evil: Conn) -> None:
+def test_hostile_search_path_during_reconcile_repairs_real_drift(db: Any, evil: Conn) -> None:
     conn = evil
     machine_id = add_machine(conn, status="idle")
-    with conn.transaction():
-        conn.execute("SET LOCAL session_replication_role = replica")
-        conn.execute("UPDATE machines SET status = 'IDLE ' WHERE id = %s", [machine_id])
-        conn.execute("DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
+    with db.connect(admin=True) as admin, admin.transaction():
+        # A data-only restore's way of bypassing the triggers (superuser only).
+        admin.execute("SET LOCAL session_replication_role = replica")
+        admin.execute("UPDATE machines SET status = 'IDLE ' WHERE id = %s", [machine_id])
+        admin.execute("DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
     with conn.transaction():
         conn.execute("SET LOCAL ROLE service_role")
         conn.execute("SET LOCAL search_path = evil, pg_catalog, public")
-        repaired = conn.execute("SELECT machine_sync.reconcile()").fetchone()
-    assert repaired == (1,)
+        repaired = conn.execute(
+            "SELECT machine_id, problem, repaired, reason FROM machine_sync.reconcile()"
+        ).fetchall()
+    assert repaired == [(machine_id, "missing_state", True, None)]
     assert machine(conn, machine_id)["status"] == "idle"
     assert conn.execute("SELECT * FROM evil.calls").fetchall() == []
     assert_consistent(conn)
+
+
+# ---------------------------------------------------------------------------
+# The catalog: v2's triggers and grants, as the database reports them.
+
+V2_TRIGGERS = {
+    # name: (table, function, SECURITY DEFINER)
+    "zz_machine_sync": ("machines", "machines_sync", True),
+    "zz_machine_sync_insert": ("machines", "machines_sync", True),
+    "zz_machine_sync_insert_state": ("machines", "machines_sync", True),
+    "machine_state_direct_write": ("machine_state", "machine_state_direct_write", False),
+    "machine_state_carry_update": ("machine_state", "machine_state_carry_to_machines", False),
+    "machine_state_carry_insert": ("machine_state", "machine_state_carry_to_machines", False),
+    "machine_state_direct_delete": ("machine_state", "machine_state_direct_delete", True),
+    "machine_state_truncate_alone": ("machine_state", "machine_state_after_truncate", True),
+}
+
+
+def test_the_v2_triggers_and_who_their_functions_run_as(conn: Conn) -> None:
+    found = {
+        name: (table, function, definer, owner)
+        for name, table, function, definer, owner in conn.execute(
+            "SELECT t.tgname, c.relname, p.proname, p.prosecdef, pg_get_userbyid(p.proowner)"
+            " FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
+            " JOIN pg_proc p ON p.oid = t.tgfoid"
+            " WHERE c.oid IN ('public.machines'::regclass, 'public.machine_state'::regclass)"
+            " AND NOT t.tgisinternal"
+        )
+    }
+    assert {name: row[:3] for name, row in found.items()} == V2_TRIGGERS
+    # The mirror's marker is its role: only the mirror function runs as it.
+    assert {name for name, row in found.items() if row[3] == "machine_sync_mirror"} == {
+        "zz_machine_sync",
+        "zz_machine_sync_insert",
+        "zz_machine_sync_insert_state",
+    }
+    # Every trigger is enabled (origin and local).
+    assert conn.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(%s) AND tgenabled <> 'O'",
+        [list(V2_TRIGGERS)],
+    ).fetchone() == (0,)
+
+
+def test_the_v2_grants(conn: Conn, subtests: Any) -> None:
+    privileges = ["SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER"]
+    version = conn.execute("SHOW server_version_num").fetchone()
+    assert version is not None
+    if int(version[0]) >= 170000:
+        privileges.append("MAINTAIN")
+    expected = {
+        ("anon", "machines"): {"SELECT"},
+        ("anon", "machine_state"): {"SELECT"},
+        ("authenticated", "machines"): {"SELECT", "INSERT", "UPDATE", "DELETE"},
+        ("authenticated", "machine_state"): {"SELECT", "INSERT", "UPDATE"},
+        ("service_role", "machines"): {"SELECT", "INSERT", "UPDATE", "DELETE"},
+        ("service_role", "machine_state"): {"SELECT", "INSERT", "UPDATE"},
+        ("machine_sync_mirror", "machines"): {"SELECT"},
+        ("machine_sync_mirror", "machine_state"): {"SELECT", "INSERT", "UPDATE"},
+    }
+    for (role, table), allowed in expected.items():
+        with subtests.test(role=role, table=table):
+            held = {
+                privilege
+                for privilege in privileges
+                if conn.execute(
+                    "SELECT has_table_privilege(%s, %s, %s)", [role, f"public.{table}", privilege]
+                ).fetchone()
+                == (True,)
+            }
+            assert held == allowed
+    functions = {
+        "machine_sync.machines_sync()": set(),
+        "machine_sync.machine_state_direct_write()": set(),
+        "machine_sync.machine_state_carry_to_machines()": set(),
+        "machine_sync.machine_state_direct_delete()": set(),
+        "machine_sync.reconcile()": {"service_role"},
+        "machine_sync.set_mode(text)": {"service_role"},
+        "machine_sync.mode()": set(CLIENT_ROLES),
+        "machine_sync.lock_machine(uuid, text)": set(CLIENT_ROLES),
+        "public.atomic_complete_machine_state(uuid)": {"authenticated", "service_role"},
+    }
+    for function, callers in functions.items():
+        with subtests.test(function=function):
+            may = {
+                role
+                for role in CLIENT_ROLES
+                if conn.execute(
+                    "SELECT has_function_privilege(%s, %s, 'EXECUTE')", [role, function]
+                ).fetchone()
+                == (True,)
+            }
+            assert may == callers

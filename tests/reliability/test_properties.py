@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
+    initialize,
     invariant,
     rule,
     run_state_machine_as_test,
@@ -32,10 +34,11 @@ from .model import (
     INVALID_PARAM,
     NO_DATA,
     NOT_NULL_PARAM,
+    RULE,
     UNIQUE,
     Refused,
     Row,
-    canonical,
+    insert_machine,
     normalize,
     write_machine,
     write_state,
@@ -48,12 +51,6 @@ Conn = psycopg.Connection[Any]
 POOL = [uuid.UUID(int=0xA000 + n) for n in range(4)]  # machine ids, existing or not
 PROCESSES = [uuid.UUID(int=0xB000 + n) for n in range(2)]
 COMPONENTS = [uuid.UUID(int=0xC000)]
-
-# The documented compat contract today: a plain INSERT of an existing machine's
-# state row replaces it. The fix proposed for
-# test_upsert_inside_a_function_keeps_postgresql_meaning (no replace at all) makes
-# it a unique violation instead; flip this with that fix.
-PLAIN_INSERT_REPLACES = False
 
 machine_index = st.integers(0, len(POOL) - 1)
 status_input = st.sampled_from(
@@ -132,6 +129,17 @@ class MachineSync(RuleBasedStateMachine):
                     f"{machine_id}: {old_status}@{old_since} -> {status}@{since}"
                 )
 
+    # -- a start with machines in every status --------------------------------
+
+    @initialize(statuses=st.lists(st.sampled_from(ALLOWED), min_size=3, max_size=3))
+    def seed(self, statuses: list[str]) -> None:
+        """Most of the pool exists from the start, in random statuses (a
+        processing one runs PROCESSES[0]), so that the rules are met early."""
+        for machine_id, status in zip(POOL, statuses, strict=False):
+            process_id = PROCESSES[0] if status == "processing" else None
+            add_machine(conn=self.conn, id=machine_id, status=status, current_process_id=process_id)
+            self.rows[machine_id] = insert_machine(status=status, process_id=process_id)
+
     # -- new-style writes ----------------------------------------------------
 
     @rule(i=machine_index, status=status_input, description=failure)
@@ -139,7 +147,8 @@ class MachineSync(RuleBasedStateMachine):
         machine_id = POOL[i]
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
-            row = Row(normalize(status), failure_description=description)
+            # The BEFORE INSERT trigger runs before the unique index is checked.
+            row = insert_machine(status=status, failure_description=description)
             if machine_id in rows:
                 raise Refused(UNIQUE)
             rows[machine_id] = row
@@ -235,12 +244,13 @@ class MachineSync(RuleBasedStateMachine):
         machine_id = POOL[i]
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
-            proposed = normalize(status)  # BEFORE INSERT runs even on a conflict
+            # BEFORE INSERT runs even on a conflict: excluded is its result.
+            proposed = insert_machine(status=status, failure_description=description)
             if machine_id not in rows:
-                rows[machine_id] = Row(proposed, failure_description=description)
+                rows[machine_id] = proposed
             elif not do_nothing:
                 rows[machine_id] = write_machine(
-                    rows[machine_id], status=proposed, failure_description=description
+                    rows[machine_id], status=proposed.status, failure_description=description
                 )
 
         action = (
@@ -268,7 +278,7 @@ class MachineSync(RuleBasedStateMachine):
             elif machine_id in rows:
                 rows[machine_id] = write_machine(rows[machine_id], status=status)
             else:
-                rows[machine_id] = Row(normalize(status))
+                rows[machine_id] = insert_machine(status=status)
 
         self.run(
             "MERGE INTO machines AS m"
@@ -290,7 +300,7 @@ class MachineSync(RuleBasedStateMachine):
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
             if machine_id in rows:
-                raise Refused(FOREIGN_KEY)  # the state row still names the old id
+                raise Refused(RULE)  # machines.id cannot change
 
         self.run(
             "UPDATE machines SET id = gen_random_uuid() WHERE id = %s",
@@ -385,26 +395,15 @@ class MachineSync(RuleBasedStateMachine):
 
     @rule(i=machine_index, status=status_input, process_id=process)
     def legacy_state_insert(self, i: int, status: str, process_id: uuid.UUID | None) -> None:
-        """Plain INSERT of a state row (see PLAIN_INSERT_REPLACES)."""
+        """Plain INSERT of a state row: PostgreSQL's meaning (the row exists
+        with its machine, so 23505; no machine, the foreign key's 23503)."""
         machine_id = POOL[i]
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
             if self.mode == "strict":
                 raise Refused(GUARD)
-            new_status = normalize(status)
-            if machine_id not in rows:
-                raise Refused(FOREIGN_KEY)
-            if not PLAIN_INSERT_REPLACES:
-                raise Refused(UNIQUE)
-            # The inserted row replaces the old one: unnamed columns take their defaults.
-            rows[machine_id] = write_state(
-                rows[machine_id],
-                self.mode,
-                status=new_status,
-                process_id=process_id,
-                failure_description=None,
-                failure_component=None,
-            )
+            normalize(status)  # the BEFORE INSERT trigger runs first
+            raise Refused(UNIQUE if machine_id in rows else FOREIGN_KEY)
 
         before = self.state_since()
         self.run(
@@ -509,13 +508,13 @@ class MachineSync(RuleBasedStateMachine):
         """What atomic_update_machine_state does, in the order it checks."""
         if machine_id is None:
             raise Refused(NOT_NULL_PARAM)
-        for spelling in (status, state_status):
-            if spelling is not None:
-                normalize(spelling)  # an unknown status is reported as such
+        # Two spellings are compared canonically (an unknown one is reported
+        # as such, 23514); a single one meets the machines trigger, if the
+        # machine exists.
         if (
             status is not None
             and state_status is not None
-            and canonical(status) != canonical(state_status)
+            and normalize(status) != normalize(state_status)
         ):
             raise Refused(INVALID_PARAM)
         if (
@@ -642,6 +641,28 @@ class MachineSync(RuleBasedStateMachine):
         if not commit:
             self.rows = committed
 
+    @rule(i=machine_index, description=failure)
+    def drift_then_reconcile(self, i: int, description: str | None) -> None:
+        """Drift made by bypassing the mirror (the owner disables it for one
+        UPDATE): reconcile() names each drifted machine in a row, repairs it
+        from machines, and returns nothing when there is no drift."""
+        machine_id = POOL[i]
+        old = self.rows.get(machine_id)
+        drifts = old is not None and old.failure_description != description
+        with self.conn.transaction():
+            self.conn.execute("ALTER TABLE machines DISABLE TRIGGER zz_machine_sync")
+            self.conn.execute(
+                "UPDATE machines SET failure_description = %s WHERE id = %s",
+                [description, machine_id],
+            )
+            self.conn.execute("ALTER TABLE machines ENABLE TRIGGER zz_machine_sync")
+        drift = self.conn.execute("SELECT machine_id, problem FROM machine_sync.drift").fetchall()
+        assert drift == ([(machine_id, "value_mismatch")] if drifts else [])
+        result = self.conn.execute("SELECT * FROM machine_sync.reconcile()").fetchall()
+        assert result == ([(machine_id, "value_mismatch", True, None)] if drifts else [])
+        if old is not None:
+            self.rows[machine_id] = replace(old, failure_description=description)
+
     @rule(mode=st.sampled_from(["compat", "strict"]))
     def set_mode(self, mode: str) -> None:
         self.conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
@@ -669,6 +690,11 @@ class MachineSync(RuleBasedStateMachine):
             " FROM machines m JOIN machine_state s ON s.machine_id = m.id"
         ).fetchone()
         assert oldest in ((False,), (None,))
+        # state_since mirrors status_since (drift compares them too).
+        assert self.conn.execute(
+            "SELECT count(*) FROM machines m JOIN machine_state s ON s.machine_id = m.id"
+            " WHERE m.status_since IS DISTINCT FROM s.state_since"
+        ).fetchone() == (0,)
 
 
 def run_machine(db: Any, examples: int, steps: int) -> None:

@@ -1,10 +1,12 @@
 """What Supabase Realtime sees: it decodes the write-ahead log. Through a
-logical replication slot (test_decoding), each machines change and its
-machine_state mirror arrive in the same transaction, in one commit, and a
-rolled-back change emits nothing."""
+logical replication slot, each machines change and its machine_state mirror
+arrive in the same transaction, in one commit, and a rolled-back change emits
+nothing. Checked with test_decoding (always there) and, where the server has
+it, wal2json (Supabase's own plugin) in both its output formats."""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Iterator
@@ -51,50 +53,141 @@ class Transaction:
 class Slot:
     conn: Conn
     name: str
+    plugin: str  # test_decoding, wal2json-v2 or wal2json-v1
 
     def transactions(self) -> list[Transaction]:
         """Consume everything decoded so far, grouped by BEGIN ... COMMIT."""
+        if self.plugin == "test_decoding":
+            options = ["include-xids", "1", "skip-empty-xacts", "1"]
+        else:
+            options = ["format-version", self.plugin[-1], "include-xids", "1"]
         rows = self.conn.execute(
             "SELECT xid::text::bigint, data FROM pg_logical_slot_get_changes("
-            "%s, NULL, NULL, 'include-xids', '1', 'skip-empty-xacts', '1')",
-            [self.name],
+            "%s, NULL, NULL, VARIADIC %s::text[])",
+            [self.name, options],
         ).fetchall()
-        out: list[Transaction] = []
-        current: Transaction | None = None
-        for xid, data in rows:
-            if data.startswith("BEGIN"):
-                assert current is None, "BEGIN inside an open transaction"
-                current = Transaction(xid)
-            elif data.startswith("COMMIT"):
-                assert current is not None
-                assert current.xid == xid
-                assert data == f"COMMIT {xid}"
+        if self.plugin == "wal2json-v1":
+            return wal2json_v1(rows)
+        if self.plugin == "wal2json-v2":
+            return wal2json_v2(rows)
+        return decode_test_decoding(rows)
+
+
+def decode_test_decoding(rows: list[tuple[int, str]]) -> list[Transaction]:
+    out: list[Transaction] = []
+    current: Transaction | None = None
+    for xid, data in rows:
+        if data.startswith("BEGIN"):
+            assert current is None, "BEGIN inside an open transaction"
+            current = Transaction(xid)
+        elif data.startswith("COMMIT"):
+            assert current is not None
+            assert current.xid == xid
+            assert data == f"COMMIT {xid}"
+            out.append(current)
+            current = None
+        else:
+            assert current is not None, data
+            assert current.xid == xid, data
+            match = CHANGE.match(data)
+            if match is None:
+                continue  # another table
+            table, op, columns = match.groups()
+            key = KEY[table].search(columns)
+            status = STATUS[table].search(columns)
+            assert key is not None, data
+            current.changes.append(
+                Change(table, op, uuid.UUID(key.group(1)), status.group(1) if status else None)
+            )
+    assert current is None, "a transaction was decoded without its COMMIT"
+    return out
+
+
+TABLES = {"machines": ("id", "status"), "machine_state": ("machine_id", "current_state")}
+WAL2JSON_OPS = {"I": "INSERT", "U": "UPDATE", "D": "DELETE"}
+
+
+def wal2json_change(table: str, op: str, values: dict[str, Any]) -> Change:
+    key, status = TABLES[table]
+    return Change(table, op, uuid.UUID(values[key]), values.get(status))
+
+
+def wal2json_v2(rows: list[tuple[int, str]]) -> list[Transaction]:
+    """format-version 2: one JSON object per row, B and C around the changes.
+    wal2json has no skip-empty-xacts: transactions without changes are dropped."""
+    out: list[Transaction] = []
+    current: Transaction | None = None
+    for xid, data in rows:
+        message = json.loads(data)
+        action = message["action"]
+        if message.get("xid") is not None:
+            assert message["xid"] == xid, data
+        if action == "B":
+            assert current is None, "B inside an open transaction"
+            current = Transaction(xid)
+        elif action == "C":
+            assert current is not None
+            assert current.xid == xid
+            if current.changes:
                 out.append(current)
-                current = None
+            current = None
+        else:
+            assert current is not None, data
+            if message.get("schema") != "public" or message.get("table") not in TABLES:
+                continue  # another table (or a message)
+            assert action in WAL2JSON_OPS, data
+            # A DELETE carries only the key (the replica identity).
+            columns = message.get("columns") or message.get("identity")
+            values = {c["name"]: c["value"] for c in columns}
+            current.changes.append(wal2json_change(message["table"], WAL2JSON_OPS[action], values))
+    assert current is None, "a transaction was decoded without its commit"
+    return out
+
+
+def wal2json_v1(rows: list[tuple[int, str]]) -> list[Transaction]:
+    """format-version 1: one JSON document per transaction."""
+    out: list[Transaction] = []
+    for xid, data in rows:
+        document = json.loads(data)
+        assert document["xid"] == xid, data
+        tx = Transaction(xid)
+        for change in document["change"]:
+            if change["schema"] != "public" or change["table"] not in TABLES:
+                continue
+            if change["kind"] == "delete":
+                keys = change["oldkeys"]
+                values = dict(zip(keys["keynames"], keys["keyvalues"], strict=True))
             else:
-                assert current is not None, data
-                assert current.xid == xid, data
-                match = CHANGE.match(data)
-                if match is None:
-                    continue  # another table
-                table, op, columns = match.groups()
-                key = KEY[table].search(columns)
-                status = STATUS[table].search(columns)
-                assert key is not None, data
-                current.changes.append(
-                    Change(table, op, uuid.UUID(key.group(1)), status.group(1) if status else None)
-                )
-        assert current is None, "a transaction was decoded without its COMMIT"
-        return out
+                values = dict(zip(change["columnnames"], change["columnvalues"], strict=True))
+            tx.changes.append(wal2json_change(change["table"], change["kind"].upper(), values))
+        if tx.changes:
+            out.append(tx)
+    return out
 
 
-@pytest.fixture
-def slot(db: Any) -> Iterator[Slot]:
+@pytest.fixture(params=["test_decoding", "wal2json-v2", "wal2json-v1"])
+def slot(db: Any, request: pytest.FixtureRequest) -> Iterator[Slot]:
+    plugin: str = request.param
     name = f"reliability_{uuid.uuid4().hex[:12]}"
-    with db.connect() as conn:
-        conn.execute("SELECT pg_create_logical_replication_slot(%s, 'test_decoding')", [name])
+    # Realtime decodes as a role the superuser set up. Where the server
+    # approves output plugins by name (output_plugin_libraries, default
+    # pgoutput and test_decoding), the superuser approves wal2json for its
+    # own session.
+    with db.connect(admin=plugin != "test_decoding") as conn:
+        if plugin != "test_decoding":
+            conn.execute(
+                "SELECT set_config(name, setting || ', wal2json', false) FROM pg_settings"
+                " WHERE name = 'output_plugin_libraries'"
+            )
         try:
-            yield Slot(conn, name)
+            conn.execute(
+                "SELECT pg_create_logical_replication_slot(%s, %s)",
+                [name, plugin.split("-")[0]],
+            )
+        except psycopg.errors.UndefinedFile:
+            pytest.skip(f"{plugin}: the output plugin is not installed on this server")
+        try:
+            yield Slot(conn, name, plugin)
         finally:
             # Slots are per cluster and keep WAL forever: never leave one behind.
             conn.execute("SELECT pg_drop_replication_slot(%s)", [name])
@@ -106,6 +199,12 @@ def writer(db: Any) -> Conn:
     conn: Conn = db.connect()
     conn.execute("SET synchronous_commit = on")
     return conn
+
+
+def machine_status(conn: Conn, machine_id: uuid.UUID) -> str:
+    row = conn.execute("SELECT status FROM machines WHERE id = %s", [machine_id]).fetchone()
+    assert row is not None
+    return str(row[0])
 
 
 def only_transaction_for(txs: list[Transaction], machine_id: uuid.UUID) -> Transaction:
@@ -149,7 +248,7 @@ def test_every_write_path_commits_both_tables_together(db: Any, slot: Slot) -> N
             " ON CONFLICT (machine_id) DO UPDATE SET current_state = excluded.current_state",
             [upserted],
         )
-        inserted = add_machine(conn, status="Running")
+        inserted = add_machine(conn, status="Running", current_process_id=uuid.uuid4())
     txs = slot.transactions()
     assert_mirrored_together(only_transaction_for(txs, new), new, "maintenance")
     assert_mirrored_together(only_transaction_for(txs, legacy_state), legacy_state, "error")
@@ -196,8 +295,9 @@ def test_rolled_back_changes_emit_nothing(db: Any, slot: Slot) -> None:
             pass
 
         with pytest.raises(Abort), conn.transaction():  # noqa: PT012
-            conn.execute("UPDATE machines SET status = 'error' WHERE id = %s", [aborted])
+            conn.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [aborted])
             conn.execute(LEGACY_PATHS["start"][1][1], legacy_params(aborted))
+            assert machine_status(conn, aborted) == "processing"
             raise Abort
     txs = slot.transactions()
     assert len(txs) == 1

@@ -1,6 +1,6 @@
 """What the reliability tests throw at the database, in one place.
 
-* The four legacy two-statement write paths of legacy-system.md, statement by
+* The four two-statement write paths of the legacy code, statement by
   statement, and the legacy RPC calls.
 * Test-only triggers installed into a test database (never into the product):
   an audit log that records every row version written to either table with the
