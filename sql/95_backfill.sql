@@ -5,9 +5,10 @@
 --   names the machines and values (add them to allowed_status, or fix
 --   them); nothing is applied.
 -- * Every other machine ends with exactly one agreeing machine_state row,
---   its status canonical ('IDLE' becomes 'idle'), under the rules: a
---   machine the legacy stop path left 'processing' without a process is
---   idle.
+--   its status canonical ('IDLE' becomes 'idle'), under the rules, also
+--   where both tables agreed: a machine the legacy stop path left
+--   'processing' without a process is idle, and one that holds a process in
+--   another status lets it go.
 -- * On a database already in that state, nothing changes.
 
 DO $$
@@ -26,6 +27,20 @@ BEGIN
         USING ERRCODE = 'check_violation',
               HINT = 'INSERT the status into machine_sync.allowed_status (or an alias into machine_sync.status_alias), or correct those rows, then migrate again.';
     END IF;
+
+    -- Rows both tables agree on may still break the rules: a machine
+    -- processing without a process, or holding one in another status. A
+    -- write of a watched column runs the rules on them.
+    UPDATE public.machines AS m
+    SET
+        status = machine_sync.canonical_status(m.status),
+        updated_at = CASE
+            WHEN m.updated_at = now() THEN now() - interval '1 microsecond'
+            ELSE now()
+        END
+    WHERE
+        (machine_sync.canonical_status(m.status) = 'processing')
+        IS DISTINCT FROM (m.current_process_id IS NOT NULL);
 
     SELECT string_agg(format('%s: %s', r.machine_id, r.reason), '; ' ORDER BY r.machine_id)
     INTO unrepaired

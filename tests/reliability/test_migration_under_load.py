@@ -352,11 +352,6 @@ def test_a_machine_stopped_by_the_legacy_path_is_idle_after_migrating(legacy_db:
         ).fetchone() == ("idle", None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQL: the backfill repairs only drifted machines, so a rule-breaking row"
-    " both tables agree on is kept",
-)
 def test_rows_both_tables_agree_on_are_brought_under_the_rules_too(legacy_db: Any) -> None:
     """A machine processing without a process, and one in error still holding
     its process, where both tables say so (no drift to repair): after the
