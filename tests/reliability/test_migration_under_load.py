@@ -40,7 +40,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import psycopg
-import pytest
 
 from .model import Refused, Row, canonical, write_machine, write_state
 from .workload import LEGACY_PATHS, legacy_params
