@@ -657,17 +657,21 @@ BEGIN
         END IF;
     END IF;
 
-    IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL AND NOT EXISTS (
-        SELECT FROM machine_sync.allowed_transition AS t
-        WHERE t.from_status = was AND t.to_status = NEW.status
-    ) THEN
-        RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
-        USING ERRCODE = 'MS003',
-              DETAIL = coalesce('allowed from ' || was || ': ' || (
-                  SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
-                  FROM machine_sync.allowed_transition AS t
-                  WHERE t.from_status = was), 'nothing is allowed from ' || was),
-              HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+    -- (Nested, so that the hot path, already allowed, runs no query here: a
+    -- condition with a subquery is a whole query however it short-circuits.)
+    IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
+        IF NOT EXISTS (
+            SELECT FROM machine_sync.allowed_transition AS t
+            WHERE t.from_status = was AND t.to_status = NEW.status
+        ) THEN
+            RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
+            USING ERRCODE = 'MS003',
+                  DETAIL = coalesce('allowed from ' || was || ': ' || (
+                      SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                      FROM machine_sync.allowed_transition AS t
+                      WHERE t.from_status = was), 'nothing is allowed from ' || was),
+                  HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+        END IF;
     END IF;
 
     IF was = 'error' AND NEW.status <> 'error' THEN
