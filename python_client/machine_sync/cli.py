@@ -404,7 +404,7 @@ def _print_status(status: Status) -> None:
             )
         )
     if not status.definitions_recorded:
-        console.print(Text("definitions: not recorded yet (the runner has not applied anything)"))
+        console.print(Text("definitions: none recorded (no migration installing any is applied)"))
     elif status.definition_problems:
         for problem in status.definition_problems:
             console.print(Text(f"definitions: {problem}"))
@@ -429,6 +429,17 @@ def migrate_status(
     else:
         _print_status(status)
     if not status.up_to_date:
+        raise typer.Exit(int(ExitCode.FINDING))
+
+
+@migrate_app.command("verify")
+def migrate_verify(dsn: Dsn = None, migrations_dir: MigrationsDir = None) -> None:
+    """Run migrations/verify/<name> of each applied migration, read-only; exit 1 if one fails."""
+    with _reported(), _connect(dsn, "migrate") as conn:
+        results = _runner(conn, migrations_dir).verify()
+    for result in results:
+        typer.echo(f"{'ok' if result.ok else 'FAILED'} {result.name}: {one_line(result.message)}")
+    if not all(result.ok for result in results):
         raise typer.Exit(int(ExitCode.FINDING))
 
 
