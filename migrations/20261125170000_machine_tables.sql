@@ -1,4 +1,5 @@
--- Baseline: the two tables as production has them (see the README, "The system it replaces").
+-- Baseline: the two tables as production has them (MIGRATING.md, "The
+-- system it migrates from").
 -- On the production database this is a no-op; on an empty database it
 -- creates them, so that every later migration starts from the same place.
 -- Foreign keys to tables outside this product (process_executions,

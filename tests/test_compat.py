@@ -12,8 +12,8 @@ import pytest
 
 from machines import add_machine, assert_consistent, machine, state, wait_until_lock_waiting
 
-# The four legacy write paths (README, "The system it replaces"), statement by statement, in
-# their original order. Each statement is its own autocommit transaction.
+# The four legacy write paths (MIGRATING.md, "The system it migrates from"),
+# statement by statement, in their original order. Each statement is its own autocommit transaction.
 LEGACY_PATHS = {
     "start": [
         "UPDATE machines SET status = 'processing', current_process_id = %(p)s,"

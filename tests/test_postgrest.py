@@ -1,6 +1,6 @@
 """The legacy code through PostgREST, as `authenticated`, on the migrated production database.
 
-Each legacy path is two PATCH requests (legacy-system paths, statement by
+Each legacy path is two PATCH requests (the legacy paths of MIGRATING.md, statement by
 statement, in their original order), each its own PostgREST transaction:
 role and claims set with set_config, the statement in PostgREST's
 `WITH pgrst_source AS (...)` shape, its rows returned as JSON.

@@ -105,7 +105,9 @@ def test_adopts_a_database_migrated_with_psql(db, conn):
     status = runner(conn).status()
     assert status.adoptable
     assert not status.up_to_date
-    assert not status.definitions_recorded
+    # psql ran the same files: they recorded what they installed.
+    assert status.definitions_recorded
+    assert status.definition_problems == []
     lines: list[str] = []
     plan = runner(conn, echo=lines.append).apply()
     assert plan.adopting
@@ -264,6 +266,104 @@ def test_a_later_migration_does_not_pass_off_a_hand_edit_as_shipped(db, conn, tm
     ]
 
 
+def test_a_function_added_by_hand_is_reported(db, conn):
+    conn.execute(
+        "CREATE FUNCTION machine_sync.extra() RETURNS int "
+        "LANGUAGE sql SET search_path = '' AS $$SELECT 1$$"
+    )
+    assert [(p.name, p.problem) for p in runner(conn).status().definition_problems] == [
+        ("machine_sync.extra()", "unexpected")
+    ]
+
+
+RELATIONS = """
+    SELECT c.oid::regclass::text,
+           CASE WHEN c.relnamespace = 'public'::regnamespace
+                THEN 'ACCESS EXCLUSIVE' ELSE 'EXCLUSIVE' END
+    FROM pg_class AS c
+    WHERE c.relkind IN ('r', 'p')
+      AND (c.relnamespace::regnamespace::text LIKE 'machine\\_sync%%'
+           OR c.oid IN ('public.machines'::regclass, 'public.machine_state'::regclass))"""
+
+
+def test_status_and_verify_only_look(db, conn):
+    """They take nothing stronger than ACCESS SHARE, and replay nothing.
+
+    Another session holds EXCLUSIVE (which conflicts with every lock but ACCESS
+    SHARE) on every table of ours, and, while status runs, ACCESS EXCLUSIVE on
+    machines and machine_state; with a short lock_timeout, any stronger lock
+    (or, for status, any lock on the two tables) fails with 55P03 rather than
+    waiting.
+    """
+    runner(conn).apply()
+    conn.execute("ALTER TABLE machines DISABLE TRIGGER zz_machine_sync")
+    with db.connect(autocommit=False) as holder:
+        relations = holder.execute(RELATIONS).fetchall()
+        assert ("machines", "ACCESS EXCLUSIVE") in relations
+        for relation, mode in relations:
+            holder.execute(f"LOCK TABLE {relation} IN {mode} MODE")
+        conn.execute("SET lock_timeout = '2s'")
+        status = runner(conn).status()
+        holder.rollback()
+        # verify reads the baseline's tables (SELECT ... WHERE FALSE): ACCESS SHARE.
+        for relation, _ in relations:
+            holder.execute(f"LOCK TABLE {relation} IN EXCLUSIVE MODE")
+        verified = runner(conn).verify()
+        holder.rollback()
+    assert [(p.name, p.problem) for p in status.definition_problems] == [
+        ("zz_machine_sync on public.machines", "disabled")
+    ]
+    assert [(v.name, v.ok) for v in verified] == [(SHIPPED[0], True), (SHIPPED[1], False)]
+    assert "zz_machine_sync on public.machines: disabled" in verified[1].message
+
+
+def test_status_locks_only_with_access_share(db, conn, monkeypatch):
+    """Seen from inside: every lock status holds while it runs is ACCESS SHARE."""
+    runner(conn).apply()
+    seen: list[tuple[str, str]] = []
+    looked = Runner._definition_problems
+
+    def spy(self: Runner) -> Any:
+        found = looked(self)
+        seen.extend(
+            conn.execute(
+                "SELECT relation::regclass::text, mode FROM pg_locks "
+                "WHERE pid = pg_backend_pid() AND locktype = 'relation'"
+            ).fetchall()
+        )
+        return found
+
+    monkeypatch.setattr(Runner, "_definition_problems", spy)
+    assert runner(conn).status().up_to_date
+    assert seen
+    assert {mode for _, mode in seen} == {"AccessShareLock"}
+    assert not {name for name, _ in seen} & {"machines", "machine_state"}
+
+
+def test_verify_files_run_with_plain_psql(db, conn):
+    verify = migrations_dir() / "verify"
+    assert sorted(p.name for p in verify.glob("*.sql")) == SHIPPED
+    db.psql(*(verify / name for name in SHIPPED))  # ON_ERROR_STOP: passes when all verify
+    conn.execute(
+        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "LANGUAGE sql SET search_path = '' AS $$SELECT 'compat'$$"
+    )
+    failed = db.psql(verify / SHIPPED[1], check=False)
+    assert failed.returncode != 0
+    assert "machine_sync.mode(): changed" in failed.stderr
+    conn.execute("ALTER TABLE machines DROP COLUMN virtual_config")
+    failed = db.psql(verify / SHIPPED[0], check=False)
+    assert failed.returncode != 0
+    assert "virtual_config" in failed.stderr
+
+
+def test_verify_without_a_migration_applied(empty_db):
+    with empty_db.connect() as conn:
+        results = runner(conn).verify()
+        assert [v.ok for v in results] == [False, False]
+        assert "machine_sync_installed" in results[1].message
+
+
 def test_definition_names_do_not_depend_on_search_path(db, conn):
     runner(conn).apply()
     conn.execute("SET search_path = machine_sync")
@@ -284,7 +384,10 @@ def test_down_then_up_keeps_data_and_catalog(db, conn):
     assert [name for name, _ in history(conn)] == SHIPPED[:-1]
     status = runner(conn).status()
     assert [f.state for f in status.files] == [FileState.APPLIED, FileState.PENDING]
+    # The revert dropped v1's record with its objects: nothing stale is "dropped".
     assert status.definition_problems == []
+    assert not status.definitions_recorded
+    assert [v.ok for v in runner(conn).verify()] == [True]
     runner(conn).apply()
     assert snapshot(conn) == catalog_before
     assert conn.execute("SELECT status FROM machines WHERE id = %s", [machine_id]).fetchone() == (

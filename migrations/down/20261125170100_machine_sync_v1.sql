@@ -11,8 +11,8 @@
 -- bounded by one row per lab machine.
 -- squawk-ignore-file ban-drop-function, ban-drop-schema, ban-drop-column
 -- (squawk) Reverting drops what v1 added: its legacy RPC definitions, the
--- machine_sync and machine_sync_revert schemas, and machines' two failure
--- columns, whose values machine_state keeps.
+-- machine_sync, machine_sync_installed and machine_sync_revert schemas, and
+-- machines' two failure columns, whose values machine_state keeps.
 
 BEGIN;
 SET LOCAL lock_timeout = '5s';
@@ -52,6 +52,8 @@ DROP FUNCTION IF EXISTS public.atomic_update_machine_state(
 );
 
 DROP SCHEMA IF EXISTS machine_sync CASCADE;
+-- The record of what v1 installed (written at the end of v1).
+DROP SCHEMA IF EXISTS machine_sync_installed CASCADE;
 
 ALTER TABLE public.machines
 DROP COLUMN IF EXISTS failure_description,

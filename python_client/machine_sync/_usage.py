@@ -1,4 +1,4 @@
-"""The click exceptions typer raises for usage errors, wherever typer keeps click.
+"""The click classes typer builds on (usage errors, commands), wherever typer keeps click.
 
 Newer typer releases carry their own copy of click (``typer._click``); older
 ones use the ``click`` package. Either way these are the classes its parser raises.
@@ -7,8 +7,10 @@ ones use the ``click`` package. Either way these are the classes its parser rais
 from __future__ import annotations
 
 try:
+    from typer._click.core import Command, Context
     from typer._click.exceptions import ClickException, UsageError
 except ImportError:  # typer before it vendored click
+    from click.core import Command, Context  # type: ignore[assignment]
     from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
 
-__all__ = ["ClickException", "UsageError"]
+__all__ = ["ClickException", "Command", "Context", "UsageError"]

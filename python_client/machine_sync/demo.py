@@ -46,8 +46,9 @@ from rich.table import Table
 
 from machine_sync import workload as wl
 from machine_sync._output import console
+from machine_sync.cli import ExitCode
 from machine_sync.dsn import parse_dsn
-from machine_sync.errors import ExitCode, InvalidArgument, one_line
+from machine_sync.errors import InvalidArgument, one_line
 from machine_sync.resources import fixture, migrations_dir
 from machine_sync.server import (
     EMBEDDED_USER,

@@ -41,7 +41,6 @@ caller of :func:`translate` (``ours=True``), not by parsing the message.
 from __future__ import annotations
 
 import re
-from enum import IntEnum
 from typing import ClassVar
 from uuid import UUID
 
@@ -67,6 +66,7 @@ __all__ = [
     "NotCurrentProcess",
     "NotInstalled",
     "PermissionDenied",
+    "ServerUnavailable",
     "UnknownMachine",
     "UnknownProcess",
     "translate",
@@ -267,15 +267,8 @@ NOT_INSTALLED_STATES = frozenset({"42P01", "3F000", "42883", "42703"})
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
-class ExitCode(IntEnum):
-    """What ``machine-sync`` exits with (every command, the demo and bench too)."""
-
-    OK = 0
-    FINDING = 1  # drift exists / migrations not up to date
-    BAD_INPUT = 2  # also what typer uses for usage errors
-    UNREACHABLE = 3
-    FAILED = 4
-    INTERRUPTED = 130  # the shell's code for SIGINT
+class ServerUnavailable(RuntimeError):
+    """No PostgreSQL server could be found or started (demo, bench, tests); the message says why."""
 
 
 def one_line(text: str) -> str:

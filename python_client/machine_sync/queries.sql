@@ -204,7 +204,7 @@ SELECT
 CREATE SCHEMA IF NOT EXISTS machine_sync_migrations;
 
 COMMENT ON SCHEMA machine_sync_migrations IS
-'machine-sync migration runner: applied files and installed definitions.';
+'machine-sync migration runner: the files it applied.';
 
 REVOKE ALL ON SCHEMA machine_sync_migrations FROM public;
 
@@ -217,18 +217,6 @@ CREATE TABLE IF NOT EXISTS machine_sync_migrations.applied (
 
 COMMENT ON TABLE machine_sync_migrations.applied IS
 'One row per migration file applied by the runner (sha256 of its text).';
-
-CREATE TABLE IF NOT EXISTS machine_sync_migrations.definition (
-    kind text NOT NULL,
-    object_name text NOT NULL,
-    digest text NOT NULL,
-    recorded_at timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (kind, object_name)
-);
-
-COMMENT ON TABLE machine_sync_migrations.definition IS
-'md5 of each machine-sync function, trigger and view as the applied '
-'migrations create them; migrate status compares the catalog with it.';
 
 
 -- name: history_exists
@@ -304,77 +292,21 @@ ORDER BY l.pid
 LIMIT 1;
 
 
--- name: pin_search_path
--- An empty search_path for the rest of this transaction: catalog functions
--- then print every name schema-qualified, whatever the session's path.
-SELECT set_config('search_path', '', TRUE);
+-- name: read_only
+-- This transaction only looks (migrate status, migrate verify).
+SELECT set_config('transaction_read_only', 'on', TRUE) AS read_only;
 
 
--- name: installed_definitions
--- A digest of every function, trigger and view machine-sync installs:
--- functions and views in schema machine_sync, the legacy RPCs in public,
--- and the triggers that call machine_sync functions (their enabled state
--- is part of the digest: a disabled mirror is not the shipped mirror).
+-- name: definitions_recorded
+-- Whether a migration recorded what it installed (machine_sync_installed).
+SELECT to_regprocedure('machine_sync_installed.problems()') IS NOT NULL AS present;
+
+
+-- name: definition_problems
+-- Each function, trigger or view that is not as the migrations installed it.
+-- Reads the catalog and the record only: ACCESS SHARE at most.
 SELECT
-    'function' AS kind,
-    p.oid::regprocedure::text AS object_name,
-    md5(pg_catalog.pg_get_functiondef(p.oid)) AS digest,
-    NULL AS enabled
-FROM pg_catalog.pg_proc AS p
-WHERE
-    p.prokind IN ('f', 'p')
-    AND (
-        p.pronamespace = to_regnamespace('machine_sync')
-        OR (
-            p.pronamespace = 'public'::regnamespace
-            AND p.proname IN (
-                'atomic_update_machine_state',
-                'atomic_complete_machine_state',
-                'atomic_error_machine_state',
-                'atomic_processing_machine_state'
-            )
-        )
-    )
-UNION ALL
-SELECT
-    'trigger' AS kind,
-    t.tgname || ' on ' || t.tgrelid::regclass::text AS object_name,
-    md5(pg_catalog.pg_get_triggerdef(t.oid) || ' enabled=' || t.tgenabled::text) AS digest,
-    t.tgenabled <> 'D' AS enabled
-FROM pg_catalog.pg_trigger AS t
-INNER JOIN pg_catalog.pg_proc AS p ON t.tgfoid = p.oid
-WHERE
-    NOT t.tgisinternal
-    AND p.pronamespace = to_regnamespace('machine_sync')
-UNION ALL
-SELECT
-    'view' AS kind,
-    c.oid::regclass::text AS object_name,
-    md5(pg_catalog.pg_get_viewdef(c.oid)) AS digest,
-    NULL AS enabled
-FROM pg_catalog.pg_class AS c
-WHERE
-    c.relkind IN ('v', 'm')
-    AND c.relnamespace = to_regnamespace('machine_sync')
-ORDER BY kind, object_name;
-
-
--- name: recorded_definitions
--- The digests the applied migrations produce (recorded by apply and down).
-SELECT
-    d.kind,
-    d.object_name,
-    d.digest
-FROM machine_sync_migrations.definition AS d
-ORDER BY d.kind, d.object_name;
-
-
--- name: clear_definitions
--- Forget the recorded digests (before recording the current ones).
-DELETE FROM machine_sync_migrations.definition;
-
-
--- name: record_definition
--- Record one digest (after clear_definitions).
-INSERT INTO machine_sync_migrations.definition (kind, object_name, digest)
-VALUES (:kind::text, :object_name::text, :digest::text);
+    p.kind,
+    p.object_name,
+    p.problem
+FROM machine_sync_installed.problems() AS p;

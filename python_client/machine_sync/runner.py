@@ -22,17 +22,22 @@ adds what psql cannot:
   but no history: the runner adopts it by running the files again (they are
   idempotent) and recording them. A file applied with psql later is pending
   for the runner, which runs it again and records it the same way.
-* **Definition check.** After ``apply`` and ``down`` the runner records an
-  md5 of every machine-sync function, trigger (with its enabled flag) and
-  view as the applied files create them (``machine_sync_migrations.definition``):
-  it replays those files, which are idempotent, in a transaction that is
-  rolled back, and reads the catalog before the rollback. So the record is
-  what this version ships, never a hand edit. :meth:`Runner.status` compares
-  the catalog with it: a function edited in the SQL editor, a disabled
-  mirror trigger or a dropped trigger is reported with the command that
-  restores the shipped definitions (``machine-sync migrate apply --force``,
-  which runs the files again). Objects created by hand in ``machine_sync``
-  are not reported: the replay cannot tell them from shipped ones.
+* **Definition check, without locking.** Each migration generated from
+  ``sql/`` ends by recording, in the catalog, an md5 of every function,
+  trigger (with its enabled flag) and view it installed
+  (``machine_sync_installed.definition``; psql installs write it too).
+  :meth:`Runner.status` compares the live catalog with that record in a
+  read-only transaction: catalog reads and ACCESS SHARE on the record, no
+  lock on ``machines``, nothing replayed. A function edited in the SQL
+  editor, a disabled mirror trigger, a dropped trigger or a function added
+  by hand to ``machine_sync`` is reported with the command that restores the
+  shipped definitions (``machine-sync migrate apply --force``, which runs the
+  files again). Reverting a migration drops its record with its objects, so
+  a partial ``down`` leaves nothing stale to report.
+* **Verify.** ``migrations/verify/<same name>.sql`` is a read-only query
+  that fails loudly when that migration's objects are missing or changed
+  (Sqitch's deploy/revert/verify); ``psql -v ON_ERROR_STOP=1 -f`` runs it as
+  well as :meth:`Runner.verify`.
 * **Busy tables.** Each transaction starts with a short ``lock_timeout`` (a
   file's own ``SET LOCAL`` wins); a file that hits it (SQLSTATE 55P03) is
   rolled back and tried again a bounded number of times.
@@ -82,6 +87,7 @@ __all__ = [
     "Runner",
     "Status",
     "Step",
+    "Verification",
     "discover",
 ]
 
@@ -114,11 +120,6 @@ class Migration:
     name: str  # the file name, e.g. 20261125170100_machine_sync_v1.sql
     path: Path
     sha256: str
-
-    @property
-    def down_path(self) -> Path:
-        """``down/<same name>`` next to the file."""
-        return self.path.parent / "down" / self.name
 
 
 def _checksum(text: str) -> str:
@@ -180,8 +181,7 @@ class DefinitionProblem:
             "changed": "was changed after it was installed",
             "disabled": "is disabled",
             "missing": "was dropped",
-            "unexpected": "is not created by the migrations the runner applied "
-            "(a pending file applied with psql?)",
+            "unexpected": "is installed by no migration (created by hand?)",
         }[self.problem]
         return f"{self.kind} {self.name} {words}"
 
@@ -198,10 +198,8 @@ class Status:
     @property
     def up_to_date(self) -> bool:
         """No pending or changed file, and the installed definitions are the recorded ones."""
-        return (
-            self.definitions_recorded
-            and not self.definition_problems
-            and all(f.state in (FileState.APPLIED, FileState.UNKNOWN) for f in self.files)
+        return not self.definition_problems and all(
+            f.state in (FileState.APPLIED, FileState.UNKNOWN) for f in self.files
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -223,6 +221,15 @@ class Status:
                 "restore_command": RESTORE_COMMAND if self.definition_problems else None,
             },
         }
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What ``migrations/verify/<name>`` said about one applied migration."""
+
+    name: str
+    ok: bool
+    message: str  # "verified", "no verify file", or the error it raised
 
 
 @dataclass(frozen=True)
@@ -297,41 +304,27 @@ class Runner:
             return {}
         return {row["migration"]: row for row in self._rows("applied_migrations")}
 
-    def _installed(self) -> dict[tuple[str, str], dict[str, Any]]:
-        # An empty search_path makes names and digests independent of the
-        # session's path. Set in a transaction (or a savepoint of the
-        # migration's) that is rolled back, so it never leaks into a file.
-        with self._conn.transaction(force_rollback=True):
-            self._exec("pin_search_path")
-            rows = self._rows("installed_definitions")
-        return {(r["kind"], r["object_name"]): r for r in rows}
-
-    def _recorded(self) -> dict[tuple[str, str], str]:
-        return {
-            (r["kind"], r["object_name"]): r["digest"] for r in self._rows("recorded_definitions")
-        }
-
     def _definition_problems(self) -> list[DefinitionProblem]:
-        recorded = self._recorded()
-        installed = self._installed()
-        problems = []
-        for key in sorted(recorded.keys() | installed.keys()):
-            kind, name = key
-            now = installed.get(key)
-            if now is None:
-                problems.append(DefinitionProblem(kind, name, "missing"))
-            elif key not in recorded:
-                problems.append(DefinitionProblem(kind, name, "unexpected"))
-            elif now["digest"] != recorded[key]:
-                disabled = now["enabled"] is False
-                problems.append(
-                    DefinitionProblem(kind, name, "disabled" if disabled else "changed")
-                )
-        return problems
+        if not self._rows("definitions_recorded")[0]["present"]:
+            return []
+        return [
+            DefinitionProblem(r["kind"], r["object_name"], r["problem"])
+            for r in self._rows("definition_problems")
+        ]
+
+    @contextmanager
+    def _looking(self) -> Iterator[None]:
+        """A read-only transaction, rolled back: catalog reads, ACCESS SHARE at most."""
+        with self._conn.transaction(force_rollback=True):
+            self._exec("read_only")
+            yield
 
     def status(self) -> Status:
-        """Applied, pending and changed files; installed definitions against the record."""
-        with self._translated():
+        """Applied, pending and changed files; installed definitions against the record.
+
+        Only looks: one read-only transaction, no lock stronger than ACCESS SHARE.
+        """
+        with self._translated(), self._looking():
             migrations = discover(self.directory)
             applied = self._applied()
             files = []
@@ -348,13 +341,42 @@ class Runner:
                 for name, row in applied.items()
                 if name not in known
             ]
-            recorded = bool(applied)
             return Status(
                 files=sorted(files, key=lambda f: f.name),
-                adoptable=not recorded and bool(self._rows("machine_sync_present")[0]["present"]),
-                definitions_recorded=recorded,
-                definition_problems=self._definition_problems() if recorded else [],
+                adoptable=not applied and bool(self._rows("machine_sync_present")[0]["present"]),
+                definitions_recorded=bool(self._rows("definitions_recorded")[0]["present"]),
+                definition_problems=self._definition_problems(),
             )
+
+    def verify(self) -> list[Verification]:
+        """Run ``verify/<name>`` of each applied migration (every one, without history).
+
+        Each runs in a read-only transaction that is rolled back.
+        """
+        with self._translated():
+            migrations = discover(self.directory)
+            applied = self._applied()
+            results = []
+            for m in migrations:
+                if applied and m.name not in applied:
+                    continue
+                script = self.directory / "verify" / m.name
+                if not script.is_file():
+                    results.append(Verification(m.name, True, "no verify file"))
+                    continue
+                text = script.read_text(encoding="utf-8")
+                try:
+                    with self._looking():
+                        # One simple query, like a migration: a file shipped with them.
+                        self._conn.execute(text)
+                except psycopg.Error as exc:
+                    error = translate(exc)
+                    if isinstance(error, DatabaseUnreachable):
+                        raise error from exc
+                    results.append(Verification(m.name, False, describe(exc)))
+                else:
+                    results.append(Verification(m.name, True, "verified"))
+            return results
 
     def plan(self, *, force: bool = False) -> Plan:
         """What :meth:`apply` would run; raises what apply would raise."""
@@ -418,8 +440,6 @@ class Runner:
                             sha256=step.migration.sha256,
                         ),
                     )
-                if plan.steps:
-                    self._record_shipped()
                 problems = self._definition_problems()
                 if problems:
                     self._echo(
@@ -446,7 +466,6 @@ class Runner:
                         f"[{index}/{len(targets)}] revert",
                         record=partial(self._exec, "forget_migration", migration=name),
                     )
-                self._record_shipped()
                 return targets
 
     def _down_targets(self, steps: int) -> list[str]:
@@ -493,37 +512,6 @@ class Runner:
         started = time.monotonic()
         self._transaction(name, work, commit=True)
         self._echo(f"  done in {time.monotonic() - started:.2f} s")
-
-    def _record_shipped(self) -> None:
-        """Record the definitions the applied files create, by replaying them."""
-        applied = self._applied()
-        replay = [m for m in discover(self.directory) if m.name in applied]
-        bodies = [self._body(m.name, m.path) for m in replay]
-        shipped: dict[tuple[str, str], dict[str, Any]] = {}
-
-        def capture() -> None:
-            for body in bodies:
-                self._conn.execute(body)
-            shipped.update(self._installed())
-
-        self._echo("recording the shipped definitions (replay, rolled back) ...")
-        self._transaction(
-            "replaying the applied migrations to record their definitions", capture, commit=False
-        )
-
-        def record() -> None:
-            self._exec("clear_definitions")
-            named = query("record_definition")
-            with self._conn.cursor() as cur:
-                cur.executemany(
-                    named.text,
-                    [
-                        named.bind(kind=kind, object_name=name, digest=row["digest"])
-                        for (kind, name), row in sorted(shipped.items())
-                    ],
-                )
-
-        self._transaction("recording the shipped definitions", record, commit=True)
 
     def _transaction(self, what: str, work: Callable[[], None], *, commit: bool) -> None:
         """Run ``work`` in one transaction; retry it when a table is busy (55P03)."""

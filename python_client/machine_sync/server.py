@@ -30,6 +30,7 @@ from subprocess import DEVNULL, PIPE, STDOUT
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from machine_sync.errors import ServerUnavailable as ServerUnavailable
 from machine_sync.errors import one_line
 
 DEBIAN_PG15_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -60,10 +61,6 @@ class Server:
     def dsn_for(self, dbname: str) -> str:
         """Return a connection string for ``dbname`` on the same server."""
         return make_conninfo(self.dsn, dbname=dbname)
-
-
-class ServerUnavailable(RuntimeError):
-    """No PostgreSQL server could be found or started; the message says why."""
 
 
 def _query_version(dsn: str) -> int:

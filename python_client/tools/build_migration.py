@@ -7,6 +7,11 @@ committed (plain SQL, so that psql, the Supabase CLI and the runner apply it
 as it is). ``python python_client/tools/build_migration.py`` rewrites it;
 ``--check`` exits 1 when the committed file is not what this would write (CI
 runs it).
+
+The migration ends with ``record_definitions.sql`` (next to this script) and a
+call that records, in the catalog, an md5 of every function, trigger and view
+it installed: ``machine-sync migrate status`` and ``migrations/verify/`` compare
+the live catalog with that record instead of replaying anything.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SQL = ROOT / "sql"
 TARGET = ROOT / "migrations" / "20261125170100_machine_sync_v1.sql"
+RECORD = Path(__file__).resolve().parent / "record_definitions.sql"
 
 HEADER = """\
 -- machine-sync v1: machines becomes the single write target; machine_state
@@ -43,6 +49,12 @@ def build() -> str:
     for path in sorted(SQL.glob("*.sql")):
         rule = "-- " + "-" * 75
         parts.append(f"\n{rule}\n-- sql/{path.name}\n{rule}\n\n{path.read_text().rstrip()}\n")
+    rule = "-- " + "-" * 75
+    parts.append(
+        f"\n{rule}\n-- What this migration installed, recorded in the catalog\n"
+        f"-- (python_client/tools/{RECORD.name})\n{rule}\n\n{RECORD.read_text().rstrip()}\n"
+        f"\nSELECT machine_sync_installed.record('{TARGET.name}') AS recorded_definitions;\n"
+    )
     parts.append("\nCOMMIT;\n")
     return "".join(parts)
 
