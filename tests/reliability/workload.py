@@ -149,11 +149,15 @@ BEGIN
     RETURN NULL;
 END
 $$;
--- "zz_": after every other AFTER trigger of the same event (triggers fire in
--- name order), so the audit sees the row the statement finally wrote.
+-- AFTER triggers of one event fire in name order. On machines, "zz_": after
+-- the mirror's, so the audit sees the row the statement finally wrote. On
+-- machine_state, "a_": before the compat carry, whose write of machines makes
+-- the mirror rewrite this row (the rules may end a run the legacy statement
+-- kept); audited after the carry, the legacy statement's own row would look
+-- like the last write when the rewrite is.
 CREATE TRIGGER zz_reliability_audit AFTER INSERT OR UPDATE ON public.machines
 FOR EACH ROW EXECUTE FUNCTION reliability.audit_row();
-CREATE TRIGGER zz_reliability_audit AFTER INSERT OR UPDATE ON public.machine_state
+CREATE TRIGGER a_reliability_audit AFTER INSERT OR UPDATE ON public.machine_state
 FOR EACH ROW EXECUTE FUNCTION reliability.audit_row();
 """
 
