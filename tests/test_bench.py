@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import psycopg
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -112,6 +113,30 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
         assert cell["stray_writes"] == 0
         assert cell["drift"] == (None if cell["workload"] == "floor" else 0)
 
+    # Hot machines: the three workloads at each client count; the real tables agree after.
+    hot = data["hot"]
+    assert [h["workload"] for h in hot] == ["legacy-compat", "legacy-twins", "machine-sync"]
+    for cell in hot:
+        assert cell["clients"] == 4
+        assert cell["machines"] == 18
+        assert cell["ops"] > 0
+        assert cell["rates"][0] > 0
+        assert cell["drift"] == (None if cell["workload"] == "legacy-twins" else 0)
+        assert set(cell["outcomes"]) <= {
+            f"{what} {code}"
+            for what in ("refused", "retried", "gave up")
+            for code in ("MS002", "MS003", "40001", "55P03", "40P01")
+        }
+    # The client's operations and the legacy code paths refuse the same three in eight.
+    ops = data["ops"]
+    assert {(o["workload"], o["writers"]) for o in ops} == {
+        (w, n) for w in ("client", "legacy-code") for n in (1, 4)
+    }
+    for cell in ops:
+        assert cell["ops"] >= 8
+        assert cell["refused"] == pytest.approx(cell["ops"] * 3 / 8, abs=3 * cell["writers"])
+        assert cell["drift"] == (0 if cell["workload"] == "client" else None)
+
     report = (out / "report.md").read_text()
     for heading in (
         "## Headline",
@@ -119,6 +144,8 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
         "## Bulk",
         "## Through a delaying proxy",
         "## Round trips",
+        "## Hot machines",
+        "## The client's own operations",
         "## Checks",
     ):
         assert heading in report

@@ -7,7 +7,10 @@ Compares one UPDATE with the machine-sync trigger against the legacy dual
 write (two autocommit statements, both orders, or one transaction), the same
 two writes in a stored procedure, and the same UPDATE on a table without
 trigger, on the same data, interleaved, with psycopg and pgbench clients, in
-bulk and through a delaying proxy. The work is in ``machine_sync.benchmark``.
+bulk and through a delaying proxy; then clients sharing a few hot machines
+(the legacy statements in compat mode against the legacy tables, and the
+single UPDATE) and the client's own operations against the legacy code paths.
+The work is in ``machine_sync.benchmark``.
 """
 
 from __future__ import annotations
@@ -118,6 +121,9 @@ def register(app: typer.Typer) -> None:
                 ),
                 network_clients=base.network_clients,
                 network_seconds=base.network_seconds,
+                hot_machines=base.hot_machines,
+                hot_clients=base.hot_clients,
+                ops_writers=base.ops_writers,
                 scratch=mode,
                 keep=keep,
             )
@@ -149,7 +155,11 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"written: {written}", err=True)
         if "chart" not in paths:
             typer.echo("no chart: install matplotlib (pip install 'machine-sync[demo]')", err=True)
-        cells_ok = all(c.writes_ok and not c.drift for c in result.cells)
+        cells_ok = (
+            all(c.writes_ok and not c.drift for c in result.cells)
+            and not any(c.drift for c in result.hot)
+            and not any(c.drift for c in result.ops)
+        )
         if not cells_ok or not all(b.writes_ok and not b.drift for b in result.bulk):
             typer.echo("some runs did not write what they should, or left drift", err=True)
             raise typer.Exit(code=1)

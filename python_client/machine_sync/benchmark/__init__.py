@@ -3,7 +3,9 @@ the stored procedure (the RPC approach) and a bare UPDATE without trigger.
 
 Modules: ``workloads`` (what each workload sends), ``scratch`` (where it
 runs), ``drivers`` (psycopg threads and pgbench), ``proxy`` (added network
-latency), ``runner`` (interleaved rounds, checked writes), ``report``
+latency), ``contention`` (clients sharing a few hot machines; the client's own
+operations against the legacy code paths), ``runner`` (interleaved rounds,
+checked writes), ``report``
 (markdown, chart, headline ratios). The SQL is in ``queries.sql`` and
 ``setup.sql``.
 """

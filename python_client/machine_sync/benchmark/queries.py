@@ -90,6 +90,22 @@ def query(name: str, schemas: Schemas) -> str:
     return relocate(text, schemas)
 
 
+def on_real_tables(name: str, schemas: Schemas) -> str:
+    """Query ``name``, written for the legacy twins, sent to the real tables instead.
+
+    The legacy statements are the same text whichever tables they hit; this
+    is how the benchmark sends them to the migrated ``machines`` and
+    ``machine_state`` (where compat mode carries them through the triggers).
+    """
+    try:
+        text = _named(_HERE / "queries.sql")[name]
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in queries.sql") from None
+    text = text.replace("machine_sync_bench.legacy_machine_state", "public.machine_state")
+    text = text.replace("machine_sync_bench.legacy_machines", "public.machines")
+    return relocate(text, schemas)
+
+
 def setup_script(schemas: Schemas) -> str:
     """``setup.sql``: the twin tables and helper functions, as one script."""
     return relocate((_HERE / "setup.sql").read_text(), schemas)

@@ -189,6 +189,106 @@ SET
     updated_at = now()
 WHERE machine_id = any($3);
 
+-- name: legacy_start_machines
+-- Legacy recipe start, write 1 of 2 ($1 machine, $2 process): machines.
+UPDATE machine_sync_bench.legacy_machines
+SET status = 'processing', current_process_id = $2, updated_at = now()
+WHERE id = $1;
+
+-- name: legacy_start_state
+-- Legacy recipe start, write 2 of 2: machine_state, failure cleared.
+UPDATE machine_sync_bench.legacy_machine_state
+SET
+    current_state = 'processing',
+    process_id = $2,
+    state_since = now(),
+    is_failure_mode = FALSE,
+    failure_component = NULL,
+    failure_description = NULL,
+    updated_at = now()
+WHERE machine_id = $1;
+
+-- name: legacy_complete_machines
+-- Legacy recipe completion, write 1 of 2 ($1 machine): machines.
+UPDATE machine_sync_bench.legacy_machines
+SET status = 'idle', current_process_id = NULL, updated_at = now()
+WHERE id = $1;
+
+-- name: legacy_complete_state
+-- Legacy recipe completion, write 2 of 2: machine_state.
+UPDATE machine_sync_bench.legacy_machine_state
+SET current_state = 'idle', process_id = NULL, state_since = now(), updated_at = now()
+WHERE machine_id = $1;
+
+-- name: legacy_error_state
+-- Legacy recipe error, write 1 of 2 ($1 machine): machine_state first.
+UPDATE machine_sync_bench.legacy_machine_state
+SET
+    current_state = 'error',
+    is_failure_mode = TRUE,
+    failure_description = 'Recipe execution error: bench',
+    state_since = now(),
+    updated_at = now()
+WHERE machine_id = $1;
+
+-- name: legacy_error_machines
+-- Legacy recipe error, write 2 of 2: machines, no process.
+UPDATE machine_sync_bench.legacy_machines
+SET status = 'error', current_process_id = NULL, updated_at = now()
+WHERE id = $1;
+
+-- name: legacy_stop_machines
+-- Legacy recipe stop, write 1 of 2 ($1 machine): the process only.
+UPDATE machine_sync_bench.legacy_machines
+SET current_process_id = NULL, updated_at = now()
+WHERE id = $1;
+
+-- name: legacy_stop_state
+-- Legacy recipe stop, write 2 of 2: machine_state idle.
+UPDATE machine_sync_bench.legacy_machine_state
+SET current_state = 'idle', process_id = NULL, state_since = now(), updated_at = now()
+WHERE machine_id = $1;
+
+-- name: sync_error
+-- machine-sync recipe error ($1 machine): one UPDATE with the message (sent to
+-- the real machines table, see on_real_tables in queries.py).
+UPDATE machine_sync_bench.legacy_machines
+SET
+    status = 'error',
+    failure_description = 'Recipe execution error: bench',
+    current_process_id = NULL,
+    updated_at = now()
+WHERE id = $1;
+
+-- name: legacy_read_machine
+-- The legacy code paths' read before they write ($1 machine).
+SELECT
+    status,
+    current_process_id
+FROM machine_sync_bench.legacy_machines
+WHERE id = $1;
+
+-- name: idle_legacy_machines
+-- Before each run of the checked legacy code paths, untimed: twins idle.
+UPDATE machine_sync_bench.legacy_machines
+SET
+    status = 'idle',
+    current_process_id = NULL,
+    failure_description = NULL,
+    failure_component = NULL
+WHERE status <> 'idle' OR current_process_id IS NOT NULL;
+
+-- name: idle_legacy_machine_state
+-- The same for the legacy twin of machine_state.
+UPDATE machine_sync_bench.legacy_machine_state
+SET
+    current_state = 'idle',
+    process_id = NULL,
+    is_failure_mode = FALSE,
+    failure_description = NULL,
+    failure_component = NULL
+WHERE current_state <> 'idle' OR process_id IS NOT NULL;
+
 -- name: sync_drift
 -- Machines whose machine_state row disagrees, by machine-sync's own view.
 SELECT count(*) FROM machine_sync.drift;

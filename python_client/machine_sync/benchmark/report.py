@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .contention import HotCell, OpsCell
 from .runner import BenchResult, BulkCell, Cell
 from .workloads import WORKLOADS
 
@@ -21,6 +22,11 @@ SHORT = {
     "floor": "floor (no trigger)",
 }
 SYNC = "machine-sync"
+HOT_SHORT = {
+    "legacy-compat": "legacy pair, migrated tables (compat)",
+    "legacy-twins": "legacy pair, legacy tables",
+    "machine-sync": "machine-sync single UPDATE",
+}
 
 
 @dataclass(frozen=True)
@@ -72,26 +78,30 @@ def _fmt_machines(n: int) -> str:
 
 
 def headlines(result: BenchResult) -> list[Headline]:
-    """The four targets compared, on the local connection with one client."""
+    """The targets compared: 1 client on the largest data set, hot machines, client operations."""
     groups = _groups(result.cells)
+    largest = max((c.machines for c in result.cells if c.section == "local"), default=0)
     single = {
         f"{d} {_fmt_machines(n)}": g
         for (section, d, n, c, _), g in sorted(groups.items(), key=lambda kv: kv[0])
-        if section == "local" and c == 1
+        if section == "local" and c == 1 and n == largest
     }
     out: list[Headline] = []
+    size = _fmt_machines(largest)
     for target, other, goal in (
         (
-            "machine-sync vs legacy autocommit dual write (faster order), 1 client",
+            f"machine-sync vs legacy autocommit dual write (faster order), 1 client, {size} "
+            "machines",
             "legacy-autocommit",
-            1.8,
+            1.65,
         ),
-        ("machine-sync vs stored procedure, 1 client", "stored-procedure", 0.95),
-        ("machine-sync vs floor (no trigger), single row, 1 client", "floor", 0.85),
+        (f"machine-sync vs stored procedure, 1 client, {size} machines", "stored-procedure", 0.92),
+        (f"machine-sync vs floor (no trigger), 1 client, {size} machines", "floor", 0.88),
     ):
         values = {k: r for k, g in single.items() if (r := _vs(g, other)) is not None}
         if values:
             out.append(Headline(target, f">= {goal:.2f}", values, min(values.values()) >= goal))
+    out += _contended_headlines(result)
     bulk = {(b.workload, b.rows): b for b in result.bulk}
     rows = max((b.rows for b in result.bulk), default=0)
     if (SYNC, rows) in bulk and ("floor", rows) in bulk:
@@ -99,12 +109,160 @@ def headlines(result: BenchResult) -> list[Headline]:
         out.append(
             Headline(
                 f"bulk {_fmt_machines(rows)}-row UPDATE time, machine-sync vs floor",
-                "<= 1.50",
+                "<= 4.00",
                 {f"psycopg {_fmt_machines(rows)} rows": ratio},
-                ratio <= 1.5,
+                ratio <= 4.0,
             )
         )
     return out
+
+
+def _hot_groups(result: BenchResult) -> dict[tuple[int, int], dict[str, HotCell]]:
+    groups: dict[tuple[int, int], dict[str, HotCell]] = {}
+    for cell in result.hot:
+        groups.setdefault((cell.clients, cell.machines), {})[cell.workload] = cell
+    return groups
+
+
+def _ops_groups(result: BenchResult) -> dict[int, dict[str, OpsCell]]:
+    groups: dict[int, dict[str, OpsCell]] = {}
+    for cell in result.ops:
+        groups.setdefault(cell.writers, {})[cell.workload] = cell
+    return groups
+
+
+def _hot_ratio(group: dict[str, HotCell], top: str, bottom: str) -> float | None:
+    if top not in group or bottom not in group:
+        return None
+    return paired_ratio(group[top].rates, group[bottom].rates)
+
+
+def _contended_headlines(result: BenchResult) -> list[Headline]:
+    out: list[Headline] = []
+    for (clients, machines), group in sorted(_hot_groups(result).items()):
+        where = f"{clients} clients, {machines} hot machines"
+        for target, top, goal in (
+            (
+                f"legacy statements in compat vs the same on the legacy tables, {where}",
+                "legacy-compat",
+                0.80,
+            ),
+            (f"machine-sync single UPDATE vs the legacy pair, {where}", "machine-sync", 1.5),
+        ):
+            ratio = _hot_ratio(group, top, "legacy-twins")
+            if ratio is not None:
+                out.append(Headline(target, f">= {goal:.2f}", {where: ratio}, ratio >= goal))
+    values = {
+        f"{writers} writer{'s' if writers > 1 else ''}": paired_ratio(
+            group["client"].rates, group["legacy-code"].rates
+        )
+        for writers, group in sorted(_ops_groups(result).items())
+        if "client" in group and "legacy-code" in group
+    }
+    if values:
+        out.append(
+            Headline(
+                "the client's operations vs the legacy code paths (read, check, two writes)",
+                ">= 1.50",
+                values,
+                min(values.values()) >= 1.5,
+            )
+        )
+    return out
+
+
+def _outcomes(cell: HotCell) -> str:
+    if not cell.outcomes:
+        return "none"
+    return ", ".join(f"{k}: {v}" for k, v in sorted(cell.outcomes.items()))
+
+
+def _contended_sections(result: BenchResult) -> list[str]:
+    lines: list[str] = []
+    hot = _hot_groups(result)
+    if hot:
+        lines += [
+            "",
+            "## Hot machines: clients sharing a few machines (state changes per second, median)",
+            "",
+            "Each state change is one of the four legacy events (start, completion, stop, "
+            "error), sent to the machine and event of its slot in a global order, so a sequence "
+            "the rules allow whenever the clients keep step. A path the rules refused (MS002, "
+            "MS003) is counted and not done; a compat write that gave up on its machine's lock "
+            "(40001, 55P03) is retried, as a client would, and counted.",
+            "",
+        ]
+        rows = []
+        for (clients, machines), group in sorted(hot.items()):
+            for key in ("legacy-compat", "legacy-twins", "machine-sync"):
+                if key not in group:
+                    continue
+                cell = group[key]
+                ratio = _hot_ratio(group, key, "legacy-twins") if key != "legacy-twins" else None
+                rows.append(
+                    [
+                        str(clients),
+                        str(machines),
+                        HOT_SHORT[key],
+                        f"{cell.median:,.0f}",
+                        _ratio(ratio),
+                        _outcomes(cell),
+                        "-" if cell.drift is None else str(cell.drift),
+                    ]
+                )
+        lines += _table(
+            [
+                "clients",
+                "machines",
+                "workload",
+                "per second",
+                "vs legacy tables",
+                "refused / retried",
+                "drift",
+            ],
+            rows,
+        )
+    ops = _ops_groups(result)
+    if ops:
+        lines += [
+            "",
+            "## The client's own operations vs the legacy code paths (operations per second)",
+            "",
+            "Per machine: start, a second start (refused: busy), completion, a second completion "
+            "(refused: not the current run), start, failure, a start (refused: in error), the "
+            "operator's reset to idle. The client sends one UPDATE (a "
+            "refusal of a completion adds one SELECT); the legacy code reads the machine, checks "
+            "in Python and writes both tables (a refusal is the read alone).",
+            "",
+        ]
+        lines += _table(
+            [
+                "writers",
+                "client",
+                "legacy code",
+                "client / legacy",
+                "refused (client, legacy)",
+                "drift",
+            ],
+            [
+                [
+                    str(writers),
+                    f"{g['client'].median:,.0f}" if "client" in g else "-",
+                    f"{g['legacy-code'].median:,.0f}" if "legacy-code" in g else "-",
+                    _ratio(
+                        paired_ratio(g["client"].rates, g["legacy-code"].rates)
+                        if "client" in g and "legacy-code" in g
+                        else None
+                    ),
+                    ", ".join(str(g[k].refused) for k in ("client", "legacy-code") if k in g),
+                    str(g["client"].drift)
+                    if "client" in g and g["client"].drift is not None
+                    else "-",
+                ]
+                for writers, g in sorted(ops.items())
+            ],
+        )
+    return lines
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -228,10 +386,11 @@ def markdown(result: BenchResult) -> str:
             ["workload", "round trips"],
             [[SHORT[k], f"{statistics.median(trips[k]):.2f}"] for k in keys if k in trips],
         )
+    lines += _contended_sections(result)
     lines += ["", "## Checks", ""]
     every: list[Cell | BulkCell] = [*result.cells, *result.bulk]
     bad = [c for c in every if not c.writes_ok]
-    drift = [c for c in every if c.drift]
+    drift = [(c.workload, c.drift) for c in [*every, *result.hot, *result.ops] if c.drift]
     lines.append(
         f"- Row updates as expected (none missing, none stray) in {len(every) - len(bad)} of "
         f"{len(every)} measured cells."
@@ -241,7 +400,7 @@ def markdown(result: BenchResult) -> str:
         + (
             "none (0 disagreeing machines)"
             if not drift
-            else ", ".join(f"{c.workload}: {c.drift}" for c in drift)
+            else ", ".join(f"{workload}: {count}" for workload, count in drift)
         )
     )
     hot = _hot_ratios(result.cells)
@@ -290,7 +449,12 @@ def chart(result: BenchResult, path: Path) -> bool:
     keys = [w.key for w in WORKLOADS if any(c.workload == w.key for c in result.cells)]
     largest = max((c.machines for c in result.cells if c.section == "local"), default=0)
     drivers = sorted({c.driver for c in result.cells if c.section == "local"})
-    panels = len(drivers) + (1 if result.bulk else 0) + (1 if result.rtt_ms else 0)
+    panels = (
+        len(drivers)
+        + (1 if result.bulk else 0)
+        + (1 if result.rtt_ms else 0)
+        + (1 if result.hot or result.ops else 0)
+    )
     cols = 2 if panels > 1 else 1
     rows = (panels + cols - 1) // cols
     fig, grid = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows + 0.6), squeeze=False)
@@ -371,12 +535,40 @@ def chart(result: BenchResult, path: Path) -> bool:
             "per second",
             log=True,
         )
+        panel += 1
+    if result.hot or result.ops:
+        _contended_panel(axes[0][panel], result)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _contended_panel(ax: Any, result: BenchResult) -> None:
+    """Hot machines and the client's operations: each bar against its legacy baseline."""
+    labels: list[str] = []
+    ours: list[float] = []
+    legacy: list[float] = []
+    for (clients, machines), group in sorted(_hot_groups(result).items()):
+        base = group.get("legacy-twins")
+        for key, name in (("legacy-compat", "legacy in compat"), ("machine-sync", "single UPDATE")):
+            if key in group and base is not None:
+                labels.append(f"{name}\n{clients}x{machines} hot")
+                ours.append(group[key].median)
+                legacy.append(base.median)
+    for writers, ops in sorted(_ops_groups(result).items()):
+        if "client" in ops and "legacy-code" in ops:
+            labels.append(f"client ops\n{writers} writer{'s' if writers > 1 else ''}")
+            ours.append(ops["client"].median)
+            legacy.append(ops["legacy-code"].median)
+    xs = list(range(len(labels)))
+    ax.bar([x - 0.2 for x in xs], ours, 0.4, label="_machine-sync", color="tab:purple")
+    ax.bar([x + 0.2 for x in xs], legacy, 0.4, label="_legacy baseline", color="tab:gray")
+    ax.set_xticks(xs, labels, fontsize=7)
+    ax.set_title("contended: machine-sync side (purple) vs legacy baseline (grey)", fontsize=10)
+    ax.set_ylabel("per second")
 
 
 def write(result: BenchResult, out_dir: Path) -> dict[str, Path]:

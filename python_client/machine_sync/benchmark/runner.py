@@ -17,6 +17,7 @@ import psycopg
 
 from ..server import embedded_server
 from . import drivers
+from .contention import HotCell, OpsCell, hot_cells, ops_cells
 from .drivers import PsycopgClients, Run, find_pgbench, machine_uuid, run_pgbench
 from .proxy import DelayProxy
 from .queries import Schemas, query
@@ -43,6 +44,9 @@ class BenchConfig:
     latencies_ms: tuple[float, ...] = (1.0, 20.0)
     network_clients: tuple[int, ...] = (1,)
     network_seconds: float = 2.0
+    hot_machines: int = 18  # machines the contended clients share
+    hot_clients: tuple[int, ...] = (4,)
+    ops_writers: tuple[int, ...] = (1, 4, 8)  # the client's operations vs the legacy code
     scratch: ScratchMode = "auto"
     keep: bool = False
 
@@ -63,6 +67,8 @@ class BenchConfig:
             raise ValueError("seconds: must be positive")
         if any(size < 1 for size in self.bulk_sizes):
             raise ValueError("bulk sizes: 1 or more")
+        if self.hot_machines < 1 or any(n < 1 for n in (*self.hot_clients, *self.ops_writers)):
+            raise ValueError("hot machines, hot clients and writers: 1 or more")
         if any(ms < 0 for ms in self.latencies_ms):
             raise ValueError("latencies: 0 ms or more")
         by_key(list(self.workloads))
@@ -78,6 +84,7 @@ QUICK = BenchConfig(
     bulk_rounds=2,
     latencies_ms=(1.0,),
     network_seconds=0.15,
+    ops_writers=(1, 4),
 )
 
 
@@ -151,6 +158,8 @@ class BenchResult:
     cells: list[Cell]
     bulk: list[BulkCell]
     rtt_ms: dict[float, float]  # added RTT -> measured median SELECT 1 time through the proxy
+    hot: list[HotCell] = field(default_factory=list)  # clients sharing a few hot machines
+    ops: list[OpsCell] = field(default_factory=list)  # the client's operations vs legacy code
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict, with the derived medians included."""
@@ -160,7 +169,16 @@ class BenchResult:
         ]
         bulk = [asdict(b) | {"median": b.median, "writes_ok": b.writes_ok} for b in self.bulk]
         rtt = {str(k): v for k, v in self.rtt_ms.items()}
-        return {"meta": self.meta, "cells": cells, "bulk": bulk, "rtt_ms": rtt}
+        hot = [asdict(h) | {"median": h.median} for h in self.hot]
+        ops = [asdict(o) | {"median": o.median} for o in self.ops]
+        return {
+            "meta": self.meta,
+            "cells": cells,
+            "bulk": bulk,
+            "rtt_ms": rtt,
+            "hot": hot,
+            "ops": ops,
+        }
 
 
 @contextmanager
@@ -419,6 +437,27 @@ def run_benchmark(
             largest = sizes[-1]  # loaded last
             if config.bulk_sizes:
                 bulk = _bulk(place, config, largest, echo)
+            hot: list[HotCell] = []
+            if config.hot_clients and config.hot_machines <= largest:
+                hot = hot_cells(
+                    place,
+                    machines=config.hot_machines,
+                    clients=config.hot_clients,
+                    rounds=config.rounds,
+                    seconds=config.seconds,
+                    echo=echo,
+                )
+            ops: list[OpsCell] = []
+            # The client names the real public.machines: not in relocated schemas.
+            if config.ops_writers and not place.schemas.relocated:
+                ops = ops_cells(
+                    place,
+                    machines=largest,
+                    writers=config.ops_writers,
+                    rounds=config.rounds,
+                    seconds=config.seconds,
+                    echo=echo,
+                )
             network, rtt = _network_groups(place, config, workloads, largest, echo)
             cells += network
     meta = {
@@ -434,4 +473,4 @@ def run_benchmark(
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
     }
-    return BenchResult(meta, cells, bulk, rtt)
+    return BenchResult(meta, cells, bulk, rtt, hot, ops)
