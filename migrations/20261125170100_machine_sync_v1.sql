@@ -803,7 +803,9 @@ AS $$
 DECLARE
     since timestamptz;
 BEGIN
-    IF machine_sync.mode() = 'strict' THEN
+    -- The setting itself, not machine_sync.mode(): a SQL function with a SET
+    -- clause is never inlined, and this runs on every legacy write.
+    IF (SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton) = 'strict' THEN
         RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'
         USING ERRCODE = 'MS001',
               HINT = 'UPDATE public.machines SET status = ... WHERE id = ...; machine_state follows in the same transaction.';
@@ -863,10 +865,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    caller_ms numeric := extract(epoch FROM caller_lock_timeout::interval) * 1000;
-    bound_ms numeric := extract(
-        epoch FROM current_setting('deadlock_timeout')::interval
-    ) * 500;
+    caller_ms numeric;
+    bound_ms numeric;
     deadline timestamptz;
     since timestamptz;
 BEGIN
@@ -887,6 +887,8 @@ BEGIN
     EXCEPTION WHEN lock_not_available THEN
         NULL;
     END;
+    caller_ms := extract(epoch FROM caller_lock_timeout::interval) * 1000;
+    bound_ms := extract(epoch FROM current_setting('deadlock_timeout')::interval) * 500;
     IF caller_ms > 0 AND caller_ms < bound_ms THEN
         bound_ms := caller_ms;
     END IF;
