@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import importlib.util
 import json
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +57,12 @@ from machine_sync.errors import (
 from machine_sync.runner import RESTORE_COMMAND, Plan, Runner, Status
 
 __all__ = ["DEMO_INSTALL", "ExitCode", "app", "demo_installed"]
+
+# psycopg logs what it had to ignore (a rollback that failed because Ctrl-C
+# interrupted a transaction on a connection the demo then closed) through the
+# logging module's last-resort handler, as lines of its own on stderr. The
+# command line reports every failure itself, in one line.
+logging.getLogger("psycopg").addHandler(logging.NullHandler())
 
 
 class ExitCode(IntEnum):
