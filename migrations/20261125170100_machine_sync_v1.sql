@@ -833,16 +833,11 @@ BEGIN
     ) THEN
         -- Nothing mirrored changes: machines is not written.
         NEW.state_since := OLD.state_since;
-    ELSIF since IS NULL AND TG_OP = 'UPDATE' THEN
-        RAISE EXCEPTION 'cannot carry this machine_state write into machines: machine % is not visible or not writable for role %',
-            NEW.machine_id, current_user
-        USING ERRCODE = 'insufficient_privilege',
-              HINT = 'Write public.machines directly.';
     ELSE
         -- The carry changes the machine, and its mirror rewrites this row
         -- when the status changes; until then it keeps the machine's since.
-        -- (An INSERT for a machine the caller cannot see, or that does not
-        -- exist, goes on to the foreign key and the carry, which refuse it.)
+        -- (A machine the caller could not lock, hidden, not writable or
+        -- missing, is refused by the carry, or first by the foreign key.)
         NEW.state_since := coalesce(since, NEW.state_since);
     END IF;
     RETURN NEW;
