@@ -120,12 +120,30 @@ def as_uuid(value: UUID | str, what: str) -> UUID:
     """``value`` as a UUID, or InvalidArgument naming ``what``."""
     if isinstance(value, UUID):
         return value
-    if isinstance(value, str):
+    # Python's UUID() takes any Unicode digit ('\u0660' * 32 is the nil
+    # UUID); PostgreSQL takes ASCII hex only, and so does the client.
+    if isinstance(value, str) and value.isascii():
         try:
             return UUID(value)
         except ValueError:
             pass
-    raise InvalidArgument(f"{what} must be a UUID, got {value!r}")
+    raise InvalidArgument(f"{what} must be a UUID, got {_quoted(value)}")
+
+
+def _quoted(value: object) -> str:
+    """``value`` for an error message: its repr, at most 40 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+
+
+def _text(value: str, what: str) -> str:
+    """``value``, or InvalidArgument when PostgreSQL's text cannot hold it (NUL)."""
+    if "\x00" in value:
+        raise InvalidArgument(
+            f"{what} contains a NUL character (0x00), which PostgreSQL text cannot hold:"
+            f" {_quoted(value)}"
+        )
+    return value
 
 
 def _optional_uuid(value: UUID | str | None, what: str) -> UUID | None:
@@ -170,6 +188,7 @@ def fail(
     machine = as_uuid(machine_id, "machine_id")
     if not isinstance(message, str) or not message.strip():
         raise InvalidArgument("fail_process needs a non-empty message saying what failed")
+    _text(message, "message")
     process = _optional_uuid(process_id, "process_id")
     return _write(
         "fail_process",
@@ -186,7 +205,8 @@ def set_status(machine_id: UUID | str, status: str) -> Request:
     """Request for :meth:`Client.set_status`."""
     machine = as_uuid(machine_id, "machine_id")
     if not isinstance(status, str):
-        raise InvalidArgument(f"status must be a string, got {status!r}")
+        raise InvalidArgument(f"status must be a string, got {_quoted(status)}")
+    _text(status, "status")
     return _write("set_status", "set", machine, None, status=status)
 
 

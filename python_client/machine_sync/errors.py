@@ -17,7 +17,8 @@ class                          SQLSTATE  raised when
 :class:`NotCurrentProcess`     (none)    complete/stop/fail of a run not current
 :class:`InvalidStatus`         23514     a status outside machine_sync.allowed_status
 :class:`UnknownProcess`        23503     a process id process_executions lacks
-:class:`InvalidArgument`       22023     a bad argument (not a UUID, empty message)
+:class:`InvalidArgument`       22023     a bad argument (not a UUID, empty message,
+                                         a NUL character PostgreSQL text cannot hold)
 :class:`PermissionDenied`      42501     the role may not do this (or RLS skipped it)
 :class:`ConcurrentUpdate`      55P03,    lock wait capped, deadlock, serialization
                                40P01,    failure: rolled back, retry (``retryable``)

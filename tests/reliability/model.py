@@ -134,3 +134,78 @@ def write_state(old: Row, mode: str, **changes: Any) -> Row:
         failure_description=written.failure_description,
         failure_component=written.failure_component,
     )
+
+
+# What each statement of the legacy paths (workload.LEGACY_PATHS) writes,
+# as changes to the mirrored values; "P" is the path's process id, "M" its
+# failure message (the legacy error path prefixes it).
+LEGACY_MACHINES_CHANGE: dict[str, dict[str, Any]] = {
+    "start": {"status": "processing", "process_id": "P"},
+    "complete": {"status": "idle", "process_id": None},
+    "error": {"status": "error", "process_id": None},
+    "stop": {"process_id": None},
+}
+LEGACY_STATE_CHANGE: dict[str, dict[str, Any]] = {
+    "start": {
+        "status": "processing",
+        "process_id": "P",
+        "failure_description": None,
+        "failure_component": None,
+    },
+    "complete": {"status": "idle", "process_id": None},
+    "error": {"status": "error", "failure_description": "M"},
+    "stop": {"status": "idle", "process_id": None},
+}
+
+
+def legacy_write(
+    old: Row, path: str, table: str, mode: str, process_id: uuid.UUID, message: str
+) -> Row:
+    """One statement of a legacy path, on an existing machine."""
+    effect = (LEGACY_MACHINES_CHANGE if table == "machines" else LEGACY_STATE_CHANGE)[path]
+    values = {"P": process_id, "M": "Recipe execution error: " + message}
+    changes = {key: values.get(value, value) for key, value in effect.items()}
+    if table == "machines":
+        return write_machine(old, **changes)
+    return write_state(old, mode, **changes)
+
+
+def rpc_update(
+    rows: dict[uuid.UUID, Row],
+    machine_id: uuid.UUID | None,
+    status: str | None = None,
+    process_id: uuid.UUID | None = None,
+    state_status: str | None = None,
+    state_process_id: uuid.UUID | None = None,
+    failure_mode: bool | None = None,
+    description: str | None = None,
+) -> None:
+    """What atomic_update_machine_state does to ``rows``, in the order it
+    checks (the other RPCs call it: complete with status idle, error with
+    status error and the prefixed message, processing with the process)."""
+    if machine_id is None:
+        raise Refused(NOT_NULL_PARAM)
+    # Two spellings are compared canonically (an unknown one is reported
+    # as such, 23514); a single one meets the machines trigger, if the
+    # machine exists.
+    if (
+        status is not None
+        and state_status is not None
+        and normalize(status) != normalize(state_status)
+    ):
+        raise Refused(INVALID_PARAM)
+    if process_id is not None and state_process_id is not None and process_id != state_process_id:
+        raise Refused(INVALID_PARAM)
+    if machine_id not in rows:
+        raise Refused(NO_DATA)
+    old = rows[machine_id]
+    raw = status if status is not None else state_status
+    new = write_machine(
+        old,
+        status=old.status if raw is None else raw,
+        process_id=process_id if process_id is not None else state_process_id,
+        failure_description=description,
+    )
+    if failure_mode is not None and failure_mode != (new.status == "error"):
+        raise Refused(INVALID_PARAM)
+    rows[machine_id] = new

@@ -31,15 +31,15 @@ from .model import (
     ALLOWED,
     FOREIGN_KEY,
     GUARD,
-    INVALID_PARAM,
-    NO_DATA,
     NOT_NULL_PARAM,
     RULE,
     UNIQUE,
     Refused,
     Row,
     insert_machine,
+    legacy_write,
     normalize,
+    rpc_update,
     write_machine,
     write_state,
 )
@@ -319,38 +319,15 @@ class MachineSync(RuleBasedStateMachine):
     def legacy_path(self, i: int, path: str, process_id: uuid.UUID, message: str) -> None:
         machine_id = POOL[i]
         params = {"m": machine_id, "p": process_id, "msg": message, "clock": CLIENT_CLOCK}
-        effects: dict[str, dict[str, Any]] = {
-            "start": {"status": "processing", "process_id": process_id},
-            "complete": {"status": "idle", "process_id": None},
-            "stop": {"process_id": None},
-        }
-        state_effects: dict[str, dict[str, Any]] = {
-            "start": {
-                "status": "processing",
-                "process_id": process_id,
-                "failure_description": None,
-                "failure_component": None,
-            },
-            "complete": {"status": "idle", "process_id": None},
-            "error": {
-                "status": "error",
-                "failure_description": "Recipe execution error: " + message,
-            },
-            "stop": {"status": "idle", "process_id": None},
-        }
-        effects["error"] = {"status": "error", "process_id": None}
         before = self.state_since()
         for table, statement in LEGACY_PATHS[path]:
 
             def change(rows: dict[uuid.UUID, Row], table: str = table) -> None:
                 if machine_id not in rows:
                     return  # UPDATE ... WHERE matches nothing
-                if table == "machines":
-                    rows[machine_id] = write_machine(rows[machine_id], **effects[path])
-                else:
-                    rows[machine_id] = write_state(
-                        rows[machine_id], self.mode, **state_effects[path]
-                    )
+                rows[machine_id] = legacy_write(
+                    rows[machine_id], path, table, self.mode, process_id, message
+                )
 
             self.run(statement, params, self.predict(change))
         self.check_state_since(before)
@@ -494,49 +471,6 @@ class MachineSync(RuleBasedStateMachine):
 
     # -- legacy RPCs ---------------------------------------------------------
 
-    def rpc_update(
-        self,
-        rows: dict[uuid.UUID, Row],
-        machine_id: uuid.UUID | None,
-        status: str | None = None,
-        process_id: uuid.UUID | None = None,
-        state_status: str | None = None,
-        state_process_id: uuid.UUID | None = None,
-        failure_mode: bool | None = None,
-        description: str | None = None,
-    ) -> None:
-        """What atomic_update_machine_state does, in the order it checks."""
-        if machine_id is None:
-            raise Refused(NOT_NULL_PARAM)
-        # Two spellings are compared canonically (an unknown one is reported
-        # as such, 23514); a single one meets the machines trigger, if the
-        # machine exists.
-        if (
-            status is not None
-            and state_status is not None
-            and normalize(status) != normalize(state_status)
-        ):
-            raise Refused(INVALID_PARAM)
-        if (
-            process_id is not None
-            and state_process_id is not None
-            and process_id != state_process_id
-        ):
-            raise Refused(INVALID_PARAM)
-        if machine_id not in rows:
-            raise Refused(NO_DATA)
-        old = rows[machine_id]
-        raw = status if status is not None else state_status
-        new = write_machine(
-            old,
-            status=old.status if raw is None else raw,
-            process_id=process_id if process_id is not None else state_process_id,
-            failure_description=description,
-        )
-        if failure_mode is not None and failure_mode != (new.status == "error"):
-            raise Refused(INVALID_PARAM)
-        rows[machine_id] = new
-
     @rule(
         i=st.none() | machine_index,
         status=st.none() | status_input,
@@ -564,7 +498,7 @@ class MachineSync(RuleBasedStateMachine):
             " p_machine_state_process_id => %s, p_is_failure_mode => %s,"
             " p_failure_description => %s)",
             [*args, failure_mode, description],
-            self.predict(lambda rows: self.rpc_update(rows, *args, failure_mode, description)),
+            self.predict(lambda rows: rpc_update(rows, *args, failure_mode, description)),
         )
 
     @rule(
@@ -580,14 +514,14 @@ class MachineSync(RuleBasedStateMachine):
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
             if kind == "complete":
-                self.rpc_update(rows, machine_id, status="idle")
+                rpc_update(rows, machine_id, status="idle")
             elif kind == "error":
                 text = "Recipe execution error: " + ("(no message)" if message is None else message)
-                self.rpc_update(rows, machine_id, status="error", description=text)
+                rpc_update(rows, machine_id, status="error", description=text)
             elif process_id is None:
                 raise Refused(NOT_NULL_PARAM)
             else:
-                self.rpc_update(rows, machine_id, status="processing", process_id=process_id)
+                rpc_update(rows, machine_id, status="processing", process_id=process_id)
 
         statement = {
             "complete": "SELECT atomic_complete_machine_state(%s)",
