@@ -89,7 +89,7 @@ class DriftRow:
 
 @dataclass(frozen=True, slots=True)
 class ReconcileRow:
-    """One row of ``machine_sync.reconcile()``: a drifted machine, repaired or why not."""
+    """One row of ``machine_sync.reconcile_v1()``: a drifted machine, repaired or why not."""
 
     machine_id: UUID
     problem: str

@@ -214,7 +214,7 @@ class Client:
         return [_core.drift_row(row) for row in self._run(_core.simple("drift"))]
 
     def reconcile(self) -> builtins.list[ReconcileRow]:
-        """Repair all drift from machines (``machine_sync.reconcile()``).
+        """Repair all drift from machines (``machine_sync.reconcile_v1()``).
 
         One row per drifted machine: ``repaired``, or the ``reason`` it could not
         be (a status outside the vocabulary, say). Empty when nothing drifted.

@@ -669,7 +669,7 @@ class _Demo:
             return
         line = (
             f"  repaired_machines is what the migration's last statement, "
-            f"machine_sync.reconcile(), repaired: {repaired} of all {production + workload}"
+            f"machine_sync.reconcile_v1(), repaired: {repaired} of all {production + workload}"
         )
         if repaired < drifted:
             line += (
