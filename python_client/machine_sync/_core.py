@@ -13,8 +13,9 @@ async, so they cannot disagree about results or errors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from functools import cache
 from typing import Any, Literal
 from uuid import UUID
 
@@ -132,10 +133,22 @@ def _optional_uuid(value: UUID | str | None, what: str) -> UUID | None:
     return None if value is None else as_uuid(value, what)
 
 
+#: The machines columns a state change returns: the fields of :class:`Machine`.
+WRITTEN_COLUMNS = tuple(f.name for f in fields(Machine) if f.name != "state")
+
+
+@cache
+def _returning(name: str) -> Query:
+    """State change ``name`` of queries.sql with its RETURNING clause (WRITTEN_COLUMNS)."""
+    named = query(name)
+    columns = ", ".join(f"m.{column}" for column in WRITTEN_COLUMNS)
+    return replace(named, text=f"{named.text}\nRETURNING {columns}")
+
+
 def _write(
     name: str, operation: Operation, machine: UUID, process: UUID | None, **params: Any
 ) -> Request:
-    named = query(name)
+    named = _returning(name)
     return Request(named, named.bind(machine_id=machine, **params), machine, operation, process)
 
 
@@ -197,7 +210,7 @@ def get(machine_id: UUID | str) -> Request:
     return Request(get_machine, get_machine.bind(machine_id=machine), machine)
 
 
-def simple(name: str, **params: Any) -> Request:
+def read_request(name: str, **params: Any) -> Request:
     """Request for a query that needs no checks of its own (list, drift, mode...)."""
     named = query(name)
     return Request(named, named.bind(**params))
@@ -207,7 +220,7 @@ def set_mode(mode: str) -> Request:
     """Request for :meth:`Client.set_mode`."""
     if not isinstance(mode, str):
         raise InvalidArgument(f"mode must be 'compat' or 'strict', got {mode!r}")
-    return simple("set_mode", mode=mode)
+    return read_request("set_mode", mode=mode)
 
 
 def _state(row: Row) -> MachineState | None:

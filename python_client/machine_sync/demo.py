@@ -46,6 +46,8 @@ from rich.table import Table
 
 from machine_sync import workload as wl
 from machine_sync._output import console
+from machine_sync._queries import query
+from machine_sync.benchmark.queries import CREATE_DATABASE, DROP_DATABASE, naming
 from machine_sync.cli import ExitCode
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import InvalidArgument, one_line
@@ -194,7 +196,7 @@ class _Place:
     def create_database(self, name: str) -> str:
         try:
             with psycopg.connect(self.server.dsn, autocommit=True, connect_timeout=10) as conn:
-                conn.execute(wl.CREATE_DATABASE.format(psycopg.sql.Identifier(name)))
+                conn.execute(naming(CREATE_DATABASE, name))
         except psycopg.Error as exc:
             raise DemoError(
                 f"cannot create a throwaway database on that server "
@@ -206,7 +208,7 @@ class _Place:
     def drop_databases(self) -> None:
         with psycopg.connect(self.server.dsn, autocommit=True, connect_timeout=10) as conn:
             for name in reversed(self.databases):
-                conn.execute(wl.DROP_DATABASE.format(psycopg.sql.Identifier(name)))
+                conn.execute(naming(DROP_DATABASE, name))
 
     def run_psql(self, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
         """Run psql as a user would: no psqlrc, stop at the first error."""
@@ -267,7 +269,7 @@ def _dsn_params(dsn: str) -> dict[str, Any]:
 def _borrowed_server(dsn: str) -> Server:
     try:
         with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
-            row = conn.execute(wl.SERVER_VERSION).fetchone()
+            row = conn.execute(wl.statement("server_version")).fetchone()
     except psycopg.Error as exc:
         raise DemoError(
             f"cannot connect to the database: {one_line(str(exc))}", ExitCode.UNREACHABLE
@@ -444,7 +446,7 @@ class _Demo:
         for path in files:
             self._psql_file(self.place.dsn, path)
         with self.connect() as conn:
-            self.production_ids = [row[0] for row in conn.execute(wl.LIST_MACHINE_IDS)]
+            self.production_ids = [row[0] for row in conn.execute(wl.statement("list_machine_ids"))]
 
     def _psql_file(self, dsn: str, path: Path, *, csv: bool = False) -> str:
         began = time.monotonic()
@@ -465,10 +467,12 @@ class _Demo:
     def audit(self) -> None:
         self.out.step(2, "The drift a user sees today (the audit's terms)")
         with self.connect() as conn:
-            counts = conn.execute(wl.AUDIT_COUNTS).fetchone()
+            counts = conn.execute(wl.statement("audit_counts")).fetchone()
             problems = wl.drift(conn, "legacy")
-            statuses = conn.execute(wl.AUDIT_STATUSES).fetchall()
-            rpcs = conn.execute(wl.LEGACY_RPCS_PRESENT, {"names": list(wl.LEGACY_RPCS)}).fetchone()
+            statuses = conn.execute(wl.statement("audit_statuses")).fetchall()
+            rpcs = conn.execute(
+                wl.statement("legacy_rpcs_present"), {"names": list(wl.LEGACY_RPCS)}
+            ).fetchone()
         machines, state_rows = counts if counts else (0, 0)
         drifted = sum(problems.values())
         audit: dict[str, Any] = {
@@ -633,9 +637,11 @@ class _Demo:
             )
         with self.connect() as conn:
             remaining = wl.drift(conn, "migrated")
-            row = conn.execute(wl.AGREEING_MACHINES, {"ids": self.production_ids}).fetchone()
+            row = conn.execute(
+                wl.statement("agreeing_machines"), {"ids": self.production_ids}
+            ).fetchone()
             agreeing = row[0] if row else 0
-            mode_row = conn.execute(wl.MODE).fetchone()
+            mode_row = conn.execute(query("mode").text).fetchone()
         self.summary["migrations"] = applied
         repaired = _repaired(applied)
         self.summary["after_migration"] = {

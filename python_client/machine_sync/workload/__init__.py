@@ -32,33 +32,14 @@ from .db import ProcessIds, connect, create_machines, drift
 from .events import Conn, WritePath
 from .faults import Fault, FaultInjector, no_fault
 from .paths import ClientPath, LegacyPath
-from .queries import (
-    AGREEING_MACHINES,
-    AUDIT_COUNTS,
-    AUDIT_STATUSES,
-    CREATE_DATABASE,
-    DROP_DATABASE,
-    LEGACY_RPCS_PRESENT,
-    LIST_MACHINE_IDS,
-    MODE,
-    SERVER_VERSION,
-)
+from .queries import statement
 from .rpcs import LEGACY_RPCS, exercise_legacy_rpcs
 from .run import EventStats, WorkloadConfig, WorkloadResult, run_workload
 from .throughput import Target, ThroughputResult, interleaved_throughput
 from .wire import WireCount, count_round_trips
 
 __all__ = [
-    "AGREEING_MACHINES",
-    "AUDIT_COUNTS",
-    "AUDIT_STATUSES",
-    "CREATE_DATABASE",
-    "DROP_DATABASE",
     "LEGACY_RPCS",
-    "LEGACY_RPCS_PRESENT",
-    "LIST_MACHINE_IDS",
-    "MODE",
-    "SERVER_VERSION",
     "ClientPath",
     "Conn",
     "EventStats",
@@ -80,4 +61,5 @@ __all__ = [
     "interleaved_throughput",
     "no_fault",
     "run_workload",
+    "statement",
 ]
