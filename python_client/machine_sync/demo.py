@@ -803,7 +803,8 @@ class _Demo:
             )
         self.out.table(table)
         self.out.say(
-            "  [dim]Statements and round trips are counted from libpq's protocol trace; the "
+            "  [dim]Statements are counted at the client, round trips at the wire (a proxy, as "
+            "the benchmark counts them); the "
             "legacy start also reads the status. Client and server share this machine's CPUs "
             "and a round trip costs microseconds here, milliseconds to a hosted database.[/]"
         )

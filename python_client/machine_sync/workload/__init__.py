@@ -20,10 +20,11 @@ is held up by a row lock another session holds, and then either the writer's
 afterwards, per event and at the end.
 
 :func:`interleaved_throughput` measures state changes per second of several
-targets in alternating slices (an A/B run), and :func:`count_round_trips`
-counts statements and round trips per state change from libpq's own protocol
-trace. Every SQL statement this package and the demo run is named in
-``workload.sql`` (see :mod:`.queries`).
+targets in alternating slices (an A/B run) with the benchmark's throughput
+engine (:mod:`machine_sync.benchmark.engine`), and :func:`count_round_trips`
+counts statements and round trips per state change, a round trip as the
+benchmark's proxy counts it. Every SQL statement this package and the demo run
+is named in ``workload.sql``.
 """
 
 from __future__ import annotations
