@@ -296,7 +296,7 @@ def classify(request: Request) -> Request:
     )
 
 
-def _doing(status: str, process_id: UUID | None) -> str:
+def _status_and_run(status: str, process_id: UUID | None) -> str:
     if process_id is None:
         return f"it is {status} with no current process"
     return f"it is {status} with process {process_id}"
@@ -312,7 +312,7 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
         return UnknownMachine(machine_id)
     status: str = rows[0]["status"]
     current: UUID | None = rows[0]["current_process_id"]
-    now = _doing(status, current)
+    now = _status_and_run(status, current)
     process = request.process_id
     if operation in ("complete", "stop") and process is None and status != "processing":
         return InvalidTransition(

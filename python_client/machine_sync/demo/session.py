@@ -33,8 +33,8 @@ class DemoSession:
     @property
     def workload_config(self) -> wl.WorkloadConfig:
         """The workload of steps 3 and 5, as the options ask."""
-        o = self.options
-        return wl.WorkloadConfig(seconds=o.duration, writers=o.writers, seed=o.seed)
+        asked = self.options
+        return wl.WorkloadConfig(seconds=asked.duration, writers=asked.writers, seed=asked.seed)
 
     def connect(self) -> wl.Conn:
         """An autocommit connection to the demo's database."""

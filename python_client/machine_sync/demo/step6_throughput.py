@@ -19,15 +19,15 @@ AB_ROUNDS = 4
 
 def throughput(session: DemoSession) -> None:
     """Statements, round trips and state changes per second of the three, interleaved."""
-    o = session.options
+    options = session.options
     session.out.step(6, "Statements, round trips and throughput, side by side")
     legacy_db = session.workspace.create_database(f"{session.workspace.database}_legacy")
     session.psql_file(legacy_db, fixture("legacy_schema.sql"))
     with psycopg.connect(legacy_db, autocommit=True) as conn:
-        legacy_machines = wl.create_machines(conn, o.writers, prefix="AB-")
+        legacy_machines = wl.create_machines(conn, options.writers, prefix="AB-")
     with session.connect() as conn:
-        compat_machines = wl.create_machines(conn, o.writers, prefix="AB-COMPAT-")
-        client_machines = wl.create_machines(conn, o.writers, prefix="AB-CLIENT-")
+        compat_machines = wl.create_machines(conn, options.writers, prefix="AB-COMPAT-")
+        client_machines = wl.create_machines(conn, options.writers, prefix="AB-CLIENT-")
     targets = [
         wl.Target("legacy", legacy_db, wl.LegacyPath(), legacy_machines),
         wl.Target("compat", session.workspace.dsn, wl.LegacyPath(), compat_machines),
@@ -36,10 +36,10 @@ def throughput(session: DemoSession) -> None:
     wire = {t.label: wl.count_round_trips(t.conninfo, t.path, t.machines[0]) for t in targets}
     # One writer shows what each state change costs a caller; several show
     # what the server sustains (here CPU-bound: client and server share it).
-    levels = sorted({1, o.writers})
+    levels = sorted({1, options.writers})
     per_level = AB_ROUNDS * len(targets)
     slices = per_level * len(levels)
-    slice_seconds = max(0.05, 1.5 * o.duration / slices)
+    slice_seconds = max(0.05, 1.5 * options.duration / slices)
     results: dict[int, wl.ThroughputResult] = {}
     with session.out.progress("interleaved A/B", slices) as update:
         finished = 0

@@ -13,11 +13,11 @@ from .session import DemoSession
 
 def summary(session: DemoSession) -> None:
     """The before/after tables of the whole run; the JSON summary's headline figures."""
-    s = session.summary
-    runs = {label: s[label] for label in ("legacy", "client", "compat")}
-    wire = s["throughput"]["wire"]
-    by_writers = s["throughput"]["by_writers"]
-    audit, after = s["audit"], s["after_migration"]
+    found = session.summary
+    runs = {label: found[label] for label in ("legacy", "client", "compat")}
+    wire = found["throughput"]["wire"]
+    by_writers = found["throughput"]["by_writers"]
+    audit, after = found["audit"], found["after_migration"]
 
     def each(cell: Callable[[str], str]) -> tuple[str, str, str]:
         return cell("legacy"), cell("client"), cell("compat")
@@ -27,8 +27,8 @@ def summary(session: DemoSession) -> None:
         return f"{percent(left, wrote)} ({left} of {wrote})"
 
     def machines(label: str) -> str:
-        w = runs[label]
-        return f"{w['drift_pct']:.0f}% ({w['drifted_machines']} of {w['machines']})"
+        run = runs[label]
+        return f"{run['drift_pct']:.0f}% ({run['drifted_machines']} of {run['machines']})"
 
     def wired(key: str) -> Callable[[str], str]:
         return lambda label: f"{wire[label][key]:.2f}"
@@ -70,9 +70,9 @@ def summary(session: DemoSession) -> None:
         )
         for level in by_writers
     ]
-    s["summary"] = {
-        **{f"{k}_events_left_drift_pct": _left_drift_pct(w) for k, w in runs.items()},
-        **{f"{k}_drift_pct": w["drift_pct"] for k, w in runs.items()},
+    found["summary"] = {
+        **{f"{k}_events_left_drift_pct": _left_drift_pct(run) for k, run in runs.items()},
+        **{f"{k}_drift_pct": run["drift_pct"] for k, run in runs.items()},
         "audit_drift_pct_before": audit["drift_pct"],
         "audit_agreeing_after": after["agreeing"],
         "throughput_ratio_client_vs_legacy": {
@@ -115,11 +115,11 @@ def summary(session: DemoSession) -> None:
         )
 
 
-def _writing_events(w: dict[str, Any]) -> int:
+def _writing_events(run: dict[str, Any]) -> int:
     """Events that wrote or tried to (refused ones only read, or wrote nothing)."""
-    return int(w["events"] - w["refused"])
+    return int(run["events"] - run["refused"])
 
 
-def _left_drift_pct(w: dict[str, Any]) -> float:
-    wrote = _writing_events(w)
-    return round(100.0 * w["events_left_drift"] / wrote, 1) if wrote else 0.0
+def _left_drift_pct(run: dict[str, Any]) -> float:
+    wrote = _writing_events(run)
+    return round(100.0 * run["events_left_drift"] / wrote, 1) if wrote else 0.0

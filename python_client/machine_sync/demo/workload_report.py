@@ -83,9 +83,9 @@ def _show_table(session: DemoSession, result: wl.WorkloadResult) -> None:
 
 
 def _legend(session: DemoSession) -> None:
-    o = session.options
+    options = session.options
     session.out.say(
-        f"  [dim]Each row counts events of one kind on the workload's {o.machines} machines. "
+        f"  [dim]Each row counts events of one kind on the workload's {options.machines} machines. "
         "events: tried; applied: wrote what they meant to; refused: the code declined and "
         "wrote nothing (a start on a machine that is not idle or offline; the client also "
         "refuses finishing a run that is no longer the machine's current one); failed: an "
