@@ -19,6 +19,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,15 +142,8 @@ class PsycopgClients:
         flush = query("flush_statistics", self.schemas)
 
         def state_change_step(index: int, number: int, _tally: object) -> int:
-            conn, cursor = self._conns[index], cursors[index]
             params = state_change(run_id, index, number, machines, self.clients)
-            if workload.transaction:
-                with conn.transaction():
-                    for statement in statements:
-                        cursor.execute(statement, params, prepare=True)
-            else:
-                for statement in statements:
-                    cursor.execute(statement, params, prepare=True)
+            _send(self._conns[index], cursors[index], statements, params, workload.transaction)
             return 1
 
         timed = run_writers(
@@ -185,14 +179,21 @@ def bulk_statement(
     bound = (*params, list(ids))
     cursor = conn.cursor()
     started = time.perf_counter()
-    if workload.transaction:
-        with conn.transaction():
-            for statement in statements:
-                cursor.execute(statement, bound, prepare=True)
-    else:
-        for statement in statements:
-            cursor.execute(statement, bound, prepare=True)
+    _send(conn, cursor, statements, bound, workload.transaction)
     return time.perf_counter() - started
+
+
+def _send(
+    conn: psycopg.Connection[Any],
+    cursor: psycopg.Cursor[Any],
+    statements: Sequence[str],
+    params: Sequence[Any],
+    transaction: bool,
+) -> None:
+    """One state change: its statements, prepared, in a transaction if the workload has one."""
+    with conn.transaction() if transaction else nullcontext():
+        for statement in statements:
+            cursor.execute(statement, params, prepare=True)
 
 
 # --- pgbench ---------------------------------------------------------------
