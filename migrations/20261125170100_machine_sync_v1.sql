@@ -480,7 +480,7 @@ WHERE
 -- * 'compat' (the default after migrating): a legacy UPDATE or INSERT on
 --   machine_state is carried into machines as if written there.
 -- * 'strict': any direct write to machine_state is refused.
--- * The mode is one row in one table. set_mode() validates and switches it;
+-- * The mode is one row in one table. set_mode_v1() validates and switches it;
 --   its UPDATE names its row, so it works under safeupdate (PostgREST on
 --   Supabase), which refuses an UPDATE without WHERE.
 
@@ -490,13 +490,13 @@ CREATE TABLE IF NOT EXISTS machine_sync.settings (
 );
 
 COMMENT ON TABLE machine_sync.settings IS
-'One row: the machine-sync mode. Change it with machine_sync.set_mode().';
+'One row: the machine-sync mode. Change it with machine_sync.set_mode_v1().';
 
 INSERT INTO machine_sync.settings (singleton) VALUES (TRUE)
 ON CONFLICT (singleton) DO NOTHING;
 
 -- The current mode: 'compat' or 'strict'.
-CREATE OR REPLACE FUNCTION machine_sync.mode()
+CREATE OR REPLACE FUNCTION machine_sync.mode_v1()
 RETURNS text
 LANGUAGE sql
 STABLE
@@ -507,7 +507,7 @@ $$;
 
 -- Switch the mode; returns the mode now in force. Runs with the caller's
 -- privileges: who may switch is who may UPDATE machine_sync.settings.
-CREATE OR REPLACE FUNCTION machine_sync.set_mode(new_mode text)
+CREATE OR REPLACE FUNCTION machine_sync.set_mode_v1(new_mode text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -803,7 +803,7 @@ AS $$
 DECLARE
     since timestamptz;
 BEGIN
-    -- The setting itself, not machine_sync.mode(): a SQL function with a SET
+    -- The setting itself, not machine_sync.mode_v1(): a SQL function with a SET
     -- clause is never inlined, and this runs on every legacy write.
     IF (SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton) = 'strict' THEN
         RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'
@@ -1028,7 +1028,7 @@ FOR EACH STATEMENT EXECUTE FUNCTION machine_sync.machine_state_after_truncate();
 -- * machine_sync.drift lists every such machine, one row each, and is empty
 --   in normal operation. It runs with the caller's privileges
 --   (security_invoker), so it never shows rows RLS hides from the caller.
--- * machine_sync.reconcile() repairs every drifted machine it can, from
+-- * machine_sync.reconcile_v1() repairs every drifted machine it can, from
 --   machines, and returns one row per drifted machine saying whether it was
 --   repaired and, when not, why (a status outside the vocabulary, a rule
 --   the stored row breaks). One machine it cannot repair does not stop the
@@ -1078,9 +1078,9 @@ WHERE
 
 COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '
-'Empty in normal operation; repair with SELECT * FROM machine_sync.reconcile().';
+'Empty in normal operation; repair with SELECT * FROM machine_sync.reconcile_v1().';
 
-CREATE OR REPLACE FUNCTION machine_sync.reconcile()
+CREATE OR REPLACE FUNCTION machine_sync.reconcile_v1()
 RETURNS TABLE (machine_id uuid, problem text, repaired boolean, reason text)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -1141,7 +1141,7 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION machine_sync.reconcile() IS
+COMMENT ON FUNCTION machine_sync.reconcile_v1() IS
 'Repairs every row of machine_sync.drift from machines; one result row per drifted machine.';
 
 -- ---------------------------------------------------------------------------
@@ -1302,7 +1302,7 @@ $$;
 --   INSERT and UPDATE on machine_state, and their own privileges and
 --   policies on machines decide what their writes may do.
 -- * With Supabase's roles: anon (a visitor who has not logged in) only
---   reads; only service_role may see drift, call reconcile() and switch the
+--   reads; only service_role may see drift, call reconcile_v1() and switch the
 --   mode; authenticated and service_role may call the legacy RPCs.
 -- * On a plain PostgreSQL without those roles, the same statements apply to
 --   PUBLIC only; the owner grants the rest as the application needs.
@@ -1321,7 +1321,7 @@ GRANT EXECUTE ON FUNCTION
 machine_sync.quote_bounded(text),
 machine_sync.canonical_status(text),
 machine_sync.normalize_status(text),
-machine_sync.mode(),
+machine_sync.mode_v1(),
 machine_sync.lock_machine(uuid, text)
 TO public;
 
@@ -1374,7 +1374,7 @@ BEGIN
     REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM anon, authenticated, service_role;
     GRANT SELECT ON machine_sync.drift TO service_role;
     GRANT UPDATE (mode) ON machine_sync.settings TO service_role;
-    GRANT EXECUTE ON FUNCTION machine_sync.reconcile(), machine_sync.set_mode(text)
+    GRANT EXECUTE ON FUNCTION machine_sync.reconcile_v1(), machine_sync.set_mode_v1(text)
     TO service_role;
 
     REVOKE ALL ON FUNCTION
@@ -1449,7 +1449,7 @@ BEGIN
 
     SELECT string_agg(format('%s: %s', r.machine_id, r.reason), '; ' ORDER BY r.machine_id)
     INTO unrepaired
-    FROM machine_sync.reconcile() AS r
+    FROM machine_sync.reconcile_v1() AS r
     WHERE NOT r.repaired;
     IF unrepaired IS NOT NULL THEN
         RAISE EXCEPTION 'machines that could not be brought into agreement: %', unrepaired
@@ -1468,7 +1468,7 @@ $$;
 --
 -- machine_sync_installed.definition holds an md5 of each function, trigger
 -- (with its enabled state) and view machine-sync installs, as the migration
--- left them. machine_sync_installed.problems() compares the live catalog
+-- left them. machine_sync_installed.problems_v1() compares the live catalog
 -- with it: it reads the catalog only (ACCESS SHARE on catalogs and the
 -- record, none on machines or machine_state, nothing replayed), so
 -- `machine-sync migrate status` and `migrate verify` can look
@@ -1569,7 +1569,7 @@ $$;
 
 -- Each object that is not as recorded: changed, disabled, missing (dropped)
 -- or unexpected (in machine_sync but installed by no migration).
-CREATE OR REPLACE FUNCTION machine_sync_installed.problems()
+CREATE OR REPLACE FUNCTION machine_sync_installed.problems_v1()
 RETURNS TABLE (kind text, object_name text, problem text)
 LANGUAGE sql
 STABLE
@@ -1608,7 +1608,7 @@ AS $$
 $$;
 
 REVOKE ALL ON FUNCTION machine_sync_installed.live() FROM public;
-REVOKE ALL ON FUNCTION machine_sync_installed.problems() FROM public;
+REVOKE ALL ON FUNCTION machine_sync_installed.problems_v1() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;
 
 SELECT machine_sync_installed.record('20261125170100_machine_sync_v1.sql') AS recorded_definitions;

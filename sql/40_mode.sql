@@ -4,7 +4,7 @@
 -- * 'compat' (the default after migrating): a legacy UPDATE or INSERT on
 --   machine_state is carried into machines as if written there.
 -- * 'strict': any direct write to machine_state is refused.
--- * The mode is one row in one table. set_mode() validates and switches it;
+-- * The mode is one row in one table. set_mode_v1() validates and switches it;
 --   its UPDATE names its row, so it works under safeupdate (PostgREST on
 --   Supabase), which refuses an UPDATE without WHERE.
 
@@ -14,13 +14,13 @@ CREATE TABLE IF NOT EXISTS machine_sync.settings (
 );
 
 COMMENT ON TABLE machine_sync.settings IS
-'One row: the machine-sync mode. Change it with machine_sync.set_mode().';
+'One row: the machine-sync mode. Change it with machine_sync.set_mode_v1().';
 
 INSERT INTO machine_sync.settings (singleton) VALUES (TRUE)
 ON CONFLICT (singleton) DO NOTHING;
 
 -- The current mode: 'compat' or 'strict'.
-CREATE OR REPLACE FUNCTION machine_sync.mode()
+CREATE OR REPLACE FUNCTION machine_sync.mode_v1()
 RETURNS text
 LANGUAGE sql
 STABLE
@@ -31,7 +31,7 @@ $$;
 
 -- Switch the mode; returns the mode now in force. Runs with the caller's
 -- privileges: who may switch is who may UPDATE machine_sync.settings.
-CREATE OR REPLACE FUNCTION machine_sync.set_mode(new_mode text)
+CREATE OR REPLACE FUNCTION machine_sync.set_mode_v1(new_mode text)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp

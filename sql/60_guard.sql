@@ -43,7 +43,7 @@ AS $$
 DECLARE
     since timestamptz;
 BEGIN
-    -- The setting itself, not machine_sync.mode(): a SQL function with a SET
+    -- The setting itself, not machine_sync.mode_v1(): a SQL function with a SET
     -- clause is never inlined, and this runs on every legacy write.
     IF (SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton) = 'strict' THEN
         RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'

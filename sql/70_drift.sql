@@ -9,7 +9,7 @@
 -- * machine_sync.drift lists every such machine, one row each, and is empty
 --   in normal operation. It runs with the caller's privileges
 --   (security_invoker), so it never shows rows RLS hides from the caller.
--- * machine_sync.reconcile() repairs every drifted machine it can, from
+-- * machine_sync.reconcile_v1() repairs every drifted machine it can, from
 --   machines, and returns one row per drifted machine saying whether it was
 --   repaired and, when not, why (a status outside the vocabulary, a rule
 --   the stored row breaks). One machine it cannot repair does not stop the
@@ -59,9 +59,9 @@ WHERE
 
 COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '
-'Empty in normal operation; repair with SELECT * FROM machine_sync.reconcile().';
+'Empty in normal operation; repair with SELECT * FROM machine_sync.reconcile_v1().';
 
-CREATE OR REPLACE FUNCTION machine_sync.reconcile()
+CREATE OR REPLACE FUNCTION machine_sync.reconcile_v1()
 RETURNS TABLE (machine_id uuid, problem text, repaired boolean, reason text)
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -122,5 +122,5 @@ BEGIN
 END
 $$;
 
-COMMENT ON FUNCTION machine_sync.reconcile() IS
+COMMENT ON FUNCTION machine_sync.reconcile_v1() IS
 'Repairs every row of machine_sync.drift from machines; one result row per drifted machine.';

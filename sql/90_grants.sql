@@ -18,7 +18,7 @@
 --   INSERT and UPDATE on machine_state, and their own privileges and
 --   policies on machines decide what their writes may do.
 -- * With Supabase's roles: anon (a visitor who has not logged in) only
---   reads; only service_role may see drift, call reconcile() and switch the
+--   reads; only service_role may see drift, call reconcile_v1() and switch the
 --   mode; authenticated and service_role may call the legacy RPCs.
 -- * On a plain PostgreSQL without those roles, the same statements apply to
 --   PUBLIC only; the owner grants the rest as the application needs.
@@ -37,7 +37,7 @@ GRANT EXECUTE ON FUNCTION
 machine_sync.quote_bounded(text),
 machine_sync.canonical_status(text),
 machine_sync.normalize_status(text),
-machine_sync.mode(),
+machine_sync.mode_v1(),
 machine_sync.lock_machine(uuid, text)
 TO public;
 
@@ -90,7 +90,7 @@ BEGIN
     REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM anon, authenticated, service_role;
     GRANT SELECT ON machine_sync.drift TO service_role;
     GRANT UPDATE (mode) ON machine_sync.settings TO service_role;
-    GRANT EXECUTE ON FUNCTION machine_sync.reconcile(), machine_sync.set_mode(text)
+    GRANT EXECUTE ON FUNCTION machine_sync.reconcile_v1(), machine_sync.set_mode_v1(text)
     TO service_role;
 
     REVOKE ALL ON FUNCTION

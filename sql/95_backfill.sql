@@ -44,7 +44,7 @@ BEGIN
 
     SELECT string_agg(format('%s: %s', r.machine_id, r.reason), '; ' ORDER BY r.machine_id)
     INTO unrepaired
-    FROM machine_sync.reconcile() AS r
+    FROM machine_sync.reconcile_v1() AS r
     WHERE NOT r.repaired;
     IF unrepaired IS NOT NULL THEN
         RAISE EXCEPTION 'machines that could not be brought into agreement: %', unrepaired

@@ -203,10 +203,10 @@ def write_paths(role: str):
         )
 
     def set_mode(tx):
-        tx.execute("SELECT machine_sync.set_mode('compat')")
+        tx.execute("SELECT machine_sync.set_mode_v1('compat')")
 
     def reconcile(tx):
-        tx.execute("SELECT * FROM machine_sync.reconcile()").fetchall()
+        tx.execute("SELECT * FROM machine_sync.reconcile_v1()").fetchall()
         tx.execute("SELECT * FROM machine_sync.drift").fetchall()
 
     paths = [
@@ -287,10 +287,10 @@ def test_pg_temp_types_and_tables_never_run_hostile_code_in_any_write_path(
     with legacy_db.connect() as owner:
         assert machine(owner, uuid.UUID(IDLE))["status"] == "offline"
         assert machine(owner, uuid.UUID(SPARE))["status"] == "maintenance"
-        assert owner.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+        assert owner.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
         assert owner.execute(
             "SELECT count(*) FROM machines WHERE serial_number = 'SN-X' AND status = 'idle'"
         ).fetchone() == (1,)
         if role == "authenticated":
-            owner.execute("SELECT * FROM machine_sync.reconcile()")
+            owner.execute("SELECT * FROM machine_sync.reconcile_v1()")
         assert_consistent(owner)

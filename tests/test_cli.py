@@ -275,12 +275,12 @@ def test_edited_file_is_refused_and_named(empty_db, tmp_path):
 def test_status_reports_a_hand_edited_function(db, conn):
     assert run("migrate", "apply", dsn=db.dsn).exit_code == 0
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text LANGUAGE sql "
+        "CREATE OR REPLACE FUNCTION machine_sync.mode_v1() RETURNS text LANGUAGE sql "
         "SET search_path = '' AS $$ SELECT 'strict'::text $$"
     )
     status = run("migrate", "status", dsn=db.dsn)
     assert status.exit_code == ExitCode.FINDING
-    assert "function machine_sync.mode() was changed" in status.stdout
+    assert "function machine_sync.mode_v1() was changed" in status.stdout
     assert f"restore the shipped definitions with: {RESTORE_COMMAND}" in status.stdout
     assert run("migrate", "apply", "--force", dsn=db.dsn).exit_code == 0
     assert run("migrate", "status", dsn=db.dsn).exit_code == 0

@@ -364,19 +364,19 @@ def test_client_refuses_an_async_connection():
 
 
 def test_query_file_placeholders():
-    [named] = parse(
+    """psycopg's own placeholders, as written: the text goes to psycopg unchanged."""
+    [named, plain] = parse(
         "-- name: example\n-- What it does.\n"
-        "SELECT ':no', \"x:no\", $$:no$$, $q$:no$q$, 1::int, :yes, 5 % 2 -- :no\n"
+        "SELECT 1::int, %(yes)s::uuid, ':no'\nFROM t WHERE %(yes)s IS NOT NULL AND %(also)s;\n\n"
+        "-- name: plain\nSELECT '100%'"
     ).values()
     assert named.description == "What it does."
-    assert named.params == {"yes"}
-    assert "%(yes)s" in named.text
-    assert "5 %% 2" in named.text  # psycopg reads % as a placeholder when given parameters
-    assert named.text.count("%(") == 1
-    with pytest.raises(TypeError, match=r"takes \['yes'\], got \['typo'\]"):
+    assert named.params == {"yes", "also"}
+    assert named.text.endswith("AND %(also)s")  # the final ; goes, the text stays
+    with pytest.raises(TypeError, match=r"takes \['also', 'yes'\], got \['typo'\]"):
         named.bind(typo=1)
-    [plain] = parse("-- name: plain\nSELECT '100%'").values()
-    assert plain.text == "SELECT '100%'"  # sent without parameters: left alone
+    assert plain.text == "SELECT '100%'"
+    assert plain.params == frozenset()
 
 
 def test_every_shipped_query_parses():

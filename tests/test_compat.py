@@ -51,7 +51,7 @@ def run_legacy(conn, path, machine_id, process_id=None, message="boom", check_be
 
 
 def test_compat_is_the_default_mode(conn):
-    assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+    assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
 
 
 @pytest.mark.parametrize("initial", ["idle", "IDLE"])
@@ -155,8 +155,8 @@ def test_machine_id_of_a_state_row_cannot_change(conn):
 
 def test_strict_refuses_every_direct_write(conn):
     machine_id = add_machine(conn)
-    assert conn.execute("SELECT machine_sync.set_mode(' STRICT ')").fetchone() == ("strict",)
-    assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("strict",)
+    assert conn.execute("SELECT machine_sync.set_mode_v1(' STRICT ')").fetchone() == ("strict",)
+    assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("strict",)
     for statement in (
         "UPDATE machine_state SET current_state = 'idle' WHERE machine_id = %s",
         "INSERT INTO machine_state (machine_id) VALUES (%s)",
@@ -168,21 +168,21 @@ def test_strict_refuses_every_direct_write(conn):
     # ...while writes to machines still mirror.
     conn.execute("UPDATE machines SET status = 'maintenance' WHERE id = %s", [machine_id])
     assert state(conn, machine_id)["current_state"] == "maintenance"
-    conn.execute("SELECT machine_sync.set_mode('compat')")
+    conn.execute("SELECT machine_sync.set_mode_v1('compat')")
     run_legacy(conn, "complete", machine_id)
 
 
 def test_set_mode_refuses_unknown_values(conn):
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="use 'compat' or 'strict'"):
-        conn.execute("SELECT machine_sync.set_mode('lenient')")
+        conn.execute("SELECT machine_sync.set_mode_v1('lenient')")
     with pytest.raises(psycopg.errors.InvalidParameterValue):
-        conn.execute("SELECT machine_sync.set_mode(NULL)")
-    assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+        conn.execute("SELECT machine_sync.set_mode_v1(NULL)")
+    assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
 
 
 @pytest.mark.parametrize("mode", ["compat", "strict"])
 def test_direct_delete_is_always_refused(conn, mode):
-    conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+    conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     machine_id = add_machine(conn)
     with pytest.raises(psycopg.errors.DatabaseError, match="deleted with their machine") as caught:
         conn.execute("DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
@@ -192,7 +192,7 @@ def test_direct_delete_is_always_refused(conn, mode):
 
 @pytest.mark.parametrize("mode", ["compat", "strict"])
 def test_truncate_of_machine_state_alone_is_refused(conn, mode):
-    conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+    conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     add_machine(conn)
     with pytest.raises(psycopg.errors.DatabaseError, match=r"TRUNCATE public\.machines CASCADE"):
         conn.execute("TRUNCATE machine_state")

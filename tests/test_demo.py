@@ -22,9 +22,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from machine_sync import workload as wl
+from machine_sync.benchmark.queries import DROP_DATABASE, naming
 from machine_sync.errors import DatabaseUnreachable, MachineSyncError
 
 from conftest import Cluster, Database, migration_files
@@ -63,7 +63,7 @@ def kept(cluster: Cluster) -> Iterator[list[str]]:
     yield names
     with psycopg.connect(cluster.server.dsn, autocommit=True) as conn:
         for name in names:
-            conn.execute(wl.DROP_DATABASE.format(sql.Identifier(name)))
+            conn.execute(naming(DROP_DATABASE, name))
 
 
 def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Drift is detected by machine_sync.drift and repaired by machine_sync.reconcile().
+"""Drift is detected by machine_sync.drift and repaired by machine_sync.reconcile_v1().
 
 Drift can only arise by bypassing the triggers; these tests bypass them the
 way a data-only restore does (session_replication_role = replica, which only
@@ -31,7 +31,7 @@ def reconcile(conn):
     return {
         row[0]: row[1:]
         for row in conn.execute(
-            "SELECT machine_id, problem, repaired, reason FROM machine_sync.reconcile()"
+            "SELECT machine_id, problem, repaired, reason FROM machine_sync.reconcile_v1()"
         ).fetchall()
     }
 
@@ -125,7 +125,7 @@ def test_reconcile_keeps_state_since_when_only_the_spelling_differs(db, conn):
 
 def test_reconcile_works_in_strict_mode(db, conn):
     machine_id = add_machine(conn)
-    conn.execute("SELECT machine_sync.set_mode('strict')")
+    conn.execute("SELECT machine_sync.set_mode_v1('strict')")
     bypassing_triggers(db, ("DELETE FROM machine_state WHERE machine_id = %s", [machine_id]))
     assert reconcile(conn) == {machine_id: ("missing_state", True, None)}
     assert_consistent(conn)
@@ -138,7 +138,7 @@ def test_reconcile_refuses_while_triggers_are_bypassed(db):
         with pytest.raises(
             psycopg.errors.ObjectNotInPrerequisiteState, match="session_replication"
         ):
-            admin.execute("SELECT * FROM machine_sync.reconcile()")
+            admin.execute("SELECT * FROM machine_sync.reconcile_v1()")
 
 
 def test_reconcile_reports_an_unknown_status_and_repairs_the_others(db, conn):
@@ -172,4 +172,4 @@ def test_drift_view_shows_only_what_the_caller_may_see(db, conn):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             api.execute("SELECT * FROM machine_sync.drift")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
-            api.execute("SELECT * FROM machine_sync.reconcile()")
+            api.execute("SELECT * FROM machine_sync.reconcile_v1()")

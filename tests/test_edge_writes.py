@@ -72,7 +72,7 @@ def test_a_trigger_of_the_application_writing_machine_state_is_guarded(conn, mod
         " EXECUTE FUNCTION public.apply_event()"
     )
     machine_id = add_machine(conn)
-    conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+    conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     if mode == "strict":
         with pytest.raises(
             psycopg.errors.DatabaseError, match="read-only in strict mode"
@@ -189,7 +189,7 @@ def test_upsert_do_update_applies_its_own_set_clause(conn):
 
 
 def test_mode_and_vocabulary_inputs_are_checked(conn):
-    assert conn.execute("SELECT machine_sync.set_mode(E'strict\\n')").fetchone() == ("strict",)
+    assert conn.execute("SELECT machine_sync.set_mode_v1(E'strict\\n')").fetchone() == ("strict",)
     with pytest.raises(psycopg.errors.CheckViolation):
         conn.execute("INSERT INTO machine_sync.allowed_status VALUES (%s, 'too long')", ["x" * 51])
     with pytest.raises(psycopg.errors.CheckViolation):

@@ -100,7 +100,7 @@ def test_every_plpgsql_function_passes_plpgsql_check(cluster: Cluster, db: Datab
     # It really looked: the mirror trigger on machines and a plain function were checked.
     assert ("machine_sync.machines_sync()", "machines") in checked
     assert ("machine_sync.machine_state_direct_write()", "machine_state") in checked
-    assert ("machine_sync.reconcile()", None) in checked
+    assert ("machine_sync.reconcile_v1()", None) in checked
     assert findings == [], "\n".join(findings)
     stale = [f"{key}: {why}" for key, why in ALLOWED.items() if key not in used]
     assert stale == [], "allowed findings that no longer occur: remove them"

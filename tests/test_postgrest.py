@@ -159,7 +159,7 @@ def test_a_legacy_state_write_the_user_may_not_carry_into_machines_is_refused(mi
 
 def test_strict_refuses_the_legacy_state_write_through_postgrest_with_ms001(migrated):
     with migrated.connect() as owner:
-        owner.execute("SELECT machine_sync.set_mode('strict')")
+        owner.execute("SELECT machine_sync.set_mode_v1('strict')")
         process = new_process(owner)
     with migrated.connect(autocommit=False) as api:
         (first, body), (second, state_body) = legacy_path("start", process)

@@ -31,7 +31,7 @@ def expect(sqlstate, run, *args):
 def test_forged_marker_guc_and_foreign_key_action_do_not_pass_for_the_mirror(legacy_db, mode):
     legacy_db.migrate()
     with legacy_db.connect() as conn:
-        conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+        conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
         for setting in ("machine_sync.mirroring", "machine_sync.mirror", "machine_sync.trusted"):
             conn.execute("SELECT set_config(%s, %s, false)", [setting, FAILED])
         # machine_components ON DELETE SET NULL rewrites machine_state as the owner.
@@ -66,7 +66,7 @@ def test_forged_marker_and_a_security_definer_trigger_of_the_application(db, mod
             "CREATE TRIGGER apply_event AFTER INSERT ON public.events FOR EACH ROW"
             " EXECUTE FUNCTION public.apply_event()"
         )
-        conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+        conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     with db.connect(autocommit=False) as api:
         api.execute("SELECT set_config('role', 'authenticated', true)")
         api.execute("SELECT set_config('machine_sync.mirroring', %s, true)", [str(machine_id)])
@@ -87,7 +87,7 @@ def test_forged_marker_and_a_security_definer_trigger_of_the_application(db, mod
 def test_service_role_trigger_on_its_own_temporary_table_writing_machine_state(db, mode):
     with db.connect() as conn:
         machine_id = add_machine(conn)
-        conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+        conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     with db.connect(autocommit=False) as api:
         api.execute("SET ROLE service_role")
         api.execute("SELECT set_config('machine_sync.mirroring', %s, false)", [str(machine_id)])
@@ -175,7 +175,7 @@ def test_set_mode_works_as_service_role_and_its_update_names_its_row(db):
     """
     with db.connect() as conn:
         definition = conn.execute(
-            "SELECT pg_get_functiondef('machine_sync.set_mode(text)'::regprocedure)"
+            "SELECT pg_get_functiondef('machine_sync.set_mode_v1(text)'::regprocedure)"
         ).fetchone()[0]
         updates = re.findall(r"UPDATE\s[^;]*;", definition, re.S | re.I)
         assert updates
@@ -186,12 +186,12 @@ def test_set_mode_works_as_service_role_and_its_update_names_its_row(db):
         except psycopg.Error:
             pass  # not installed: the definition check above stands in for it
         conn.execute("SET ROLE service_role")
-        assert conn.execute("SELECT machine_sync.set_mode(' STRICT ')").fetchone() == ("strict",)
-        assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("strict",)
-        assert conn.execute("SELECT machine_sync.set_mode('compat')").fetchone() == ("compat",)
+        assert conn.execute("SELECT machine_sync.set_mode_v1(' STRICT ')").fetchone() == ("strict",)
+        assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("strict",)
+        assert conn.execute("SELECT machine_sync.set_mode_v1('compat')").fetchone() == ("compat",)
         conn.execute("RESET ROLE")
         conn.execute("SET ROLE authenticated")
-        expect("42501", conn.execute, "SELECT machine_sync.set_mode('strict')")
+        expect("42501", conn.execute, "SELECT machine_sync.set_mode_v1('strict')")
 
 
 # --- g. a 1 MB unknown status ----------------------------------------------
@@ -217,7 +217,7 @@ def test_a_1mb_unknown_status_gives_a_short_message_quoting_a_prefix_and_the_len
             "SELECT atomic_update_machine_state(p_machine_id => %s, p_machine_status => %s)",
             [machine_id, huge],
         ),
-        ("SELECT machine_sync.set_mode(%s)", [huge]),
+        ("SELECT machine_sync.set_mode_v1(%s)", [huge]),
     ):
         with pytest.raises(psycopg.Error) as caught:
             conn.execute(statement, params)
@@ -252,7 +252,7 @@ def test_v1_down_refuses_while_drift_exists_and_works_after_reconcile(db):
         assert conn.execute("SELECT to_regnamespace('machine_sync') IS NOT NULL").fetchone() == (
             True,
         )
-        conn.execute("SELECT * FROM machine_sync.reconcile()")
+        conn.execute("SELECT * FROM machine_sync.reconcile_v1()")
     db.psql(down)
     with db.connect() as conn:
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)

@@ -120,15 +120,15 @@ def test_adopts_a_database_migrated_with_psql(db, conn):
 
 def test_adoption_restores_a_function_edited_before(db, conn):
     shipped = conn.execute(
-        "SELECT pg_get_functiondef('machine_sync.mode()'::regprocedure)"
+        "SELECT pg_get_functiondef('machine_sync.mode_v1()'::regprocedure)"
     ).fetchone()
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "CREATE OR REPLACE FUNCTION machine_sync.mode_v1() RETURNS text "
         "LANGUAGE sql AS $$SELECT 'compat'$$"
     )
     runner(conn).apply()
     restored = conn.execute(
-        "SELECT pg_get_functiondef('machine_sync.mode()'::regprocedure)"
+        "SELECT pg_get_functiondef('machine_sync.mode_v1()'::regprocedure)"
     ).fetchone()
     assert restored == shipped
 
@@ -224,7 +224,7 @@ def test_line_endings_do_not_count_as_an_edit(empty_db, tmp_path):
 def test_hand_edited_definitions_are_reported_and_restored(db, conn):
     runner(conn).apply()
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "CREATE OR REPLACE FUNCTION machine_sync.mode_v1() RETURNS text "
         "LANGUAGE sql SET search_path = '' AS $$SELECT 'compat'$$"
     )
     conn.execute("ALTER TABLE machines DISABLE TRIGGER zz_machine_sync")
@@ -232,7 +232,7 @@ def test_hand_edited_definitions_are_reported_and_restored(db, conn):
     status = runner(conn).status()
     problems = {(p.kind, p.name, p.problem) for p in status.definition_problems}
     assert problems == {
-        ("function", "machine_sync.mode()", "changed"),
+        ("function", "machine_sync.mode_v1()", "changed"),
         ("trigger", "zz_machine_sync on public.machines", "disabled"),
         ("trigger", "machine_state_truncate_alone on public.machine_state", "missing"),
     }
@@ -240,7 +240,7 @@ def test_hand_edited_definitions_are_reported_and_restored(db, conn):
     assert status.to_json()["definitions"]["restore_command"] == RESTORE_COMMAND
     lines: list[str] = []
     runner(conn, echo=lines.append).apply()  # nothing pending: nothing restored, only said
-    assert lines[-1].startswith("warning: function machine_sync.mode() was changed")
+    assert lines[-1].startswith("warning: function machine_sync.mode_v1() was changed")
     assert RESTORE_COMMAND in lines[-1]
     runner(conn).apply(force=True)
     assert runner(conn).status().up_to_date
@@ -254,7 +254,7 @@ def test_a_later_migration_does_not_pass_off_a_hand_edit_as_shipped(db, conn, tm
     folder = copy_migrations(tmp_path)
     runner(conn, folder).apply()
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "CREATE OR REPLACE FUNCTION machine_sync.mode_v1() RETURNS text "
         "LANGUAGE sql SET search_path = '' AS $$SELECT 'compat'$$"
     )
     (folder / "29990101000000_comment.sql").write_text(
@@ -262,7 +262,7 @@ def test_a_later_migration_does_not_pass_off_a_hand_edit_as_shipped(db, conn, tm
     )
     runner(conn, folder).apply()
     assert [(p.name, p.problem) for p in runner(conn, folder).status().definition_problems] == [
-        ("machine_sync.mode()", "changed")
+        ("machine_sync.mode_v1()", "changed")
     ]
 
 
@@ -345,12 +345,12 @@ def test_verify_files_run_with_plain_psql(db, conn):
     assert sorted(p.name for p in verify.glob("*.sql")) == SHIPPED
     db.psql(*(verify / name for name in SHIPPED))  # ON_ERROR_STOP: passes when all verify
     conn.execute(
-        "CREATE OR REPLACE FUNCTION machine_sync.mode() RETURNS text "
+        "CREATE OR REPLACE FUNCTION machine_sync.mode_v1() RETURNS text "
         "LANGUAGE sql SET search_path = '' AS $$SELECT 'compat'$$"
     )
     failed = db.psql(verify / SHIPPED[1], check=False)
     assert failed.returncode != 0
-    assert "machine_sync.mode(): changed" in failed.stderr
+    assert "machine_sync.mode_v1(): changed" in failed.stderr
     conn.execute("ALTER TABLE machines DROP COLUMN virtual_config")
     failed = db.psql(verify / SHIPPED[0], check=False)
     assert failed.returncode != 0

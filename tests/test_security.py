@@ -74,7 +74,7 @@ def test_the_mirror_runs_as_its_own_role_and_the_client_paths_as_the_caller(conn
     )
     assert definers.pop("machines_sync") == "machine_sync_mirror"
     assert set(definers) == {
-        "reconcile",
+        "reconcile_v1",
         "machine_state_direct_delete",
         "machine_state_after_truncate",
     }
@@ -93,7 +93,7 @@ def test_the_mirror_runs_as_its_own_role_and_the_client_paths_as_the_caller(conn
     [
         ("anon", set()),
         ("authenticated", set()),
-        ("service_role", {"machine_sync.reconcile()", "machine_sync.set_mode(text)"}),
+        ("service_role", {"machine_sync.reconcile_v1()", "machine_sync.set_mode_v1(text)"}),
     ],
 )
 def test_only_trusted_roles_reconcile_or_switch_mode(conn, role, allowed):
@@ -106,7 +106,7 @@ def test_only_trusted_roles_reconcile_or_switch_mode(conn, role, allowed):
             [role],
         )
     }
-    trusted = {"machine_sync.reconcile()", "machine_sync.set_mode(text)"}
+    trusted = {"machine_sync.reconcile_v1()", "machine_sync.set_mode_v1(text)"}
     assert executable & trusted == allowed
     # Trigger functions fire without EXECUTE; nobody needs to call them.
     assert not any(
@@ -193,7 +193,7 @@ def test_migrations_apply_on_a_plain_postgresql_without_supabase_roles():
             conn.execute("CREATE ROLE app LOGIN")
             conn.execute("GRANT SELECT, UPDATE ON machines, machine_state TO app")
             assert conn.execute(
-                "SELECT has_function_privilege('app', 'machine_sync.reconcile()', 'EXECUTE'),"
+                "SELECT has_function_privilege('app', 'machine_sync.reconcile_v1()', 'EXECUTE'),"
                 " has_table_privilege('app', 'machine_state', 'UPDATE')"
             ).fetchone() == (False, True)
 

@@ -29,7 +29,7 @@ BEGIN
         RAISE EXCEPTION 'refusing to revert machine-sync: % machines drift, and reverting drops machines columns that may hold the only copy of their values',
             drifting
         USING ERRCODE = 'object_not_in_prerequisite_state',
-              HINT = 'Repair first (machine-sync reconcile, or SELECT * FROM machine_sync.reconcile()), then revert again.';
+              HINT = 'Repair first (machine-sync reconcile, or SELECT * FROM machine_sync.reconcile_v1()), then revert again.';
     END IF;
 END
 $$;

@@ -8,7 +8,7 @@ DO $$
 DECLARE
     found text;
 BEGIN
-    IF to_regprocedure('machine_sync_installed.problems()') IS NULL THEN
+    IF to_regprocedure('machine_sync_installed.problems_v1()') IS NULL THEN
         RAISE EXCEPTION 'machine-sync v1 is not installed: its record of definitions (schema machine_sync_installed) is missing'
         USING ERRCODE = 'undefined_object',
               HINT = 'Apply it: machine-sync migrate apply (or psql -f the migration).';
@@ -26,7 +26,7 @@ BEGIN
     END IF;
     SELECT string_agg(p.kind || ' ' || p.object_name || ': ' || p.problem, '; ')
     INTO found
-    FROM machine_sync_installed.problems() AS p;
+    FROM machine_sync_installed.problems_v1() AS p;
     IF found IS NOT NULL THEN
         RAISE EXCEPTION 'machine-sync v1 does not verify: %', found
         USING ERRCODE = 'object_not_in_prerequisite_state',

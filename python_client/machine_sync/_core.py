@@ -13,8 +13,9 @@ async, so they cannot disagree about results or errors.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
+from functools import cache
 from typing import Any, Literal
 from uuid import UUID
 
@@ -89,7 +90,7 @@ class DriftRow:
 
 @dataclass(frozen=True, slots=True)
 class ReconcileRow:
-    """One row of ``machine_sync.reconcile()``: a drifted machine, repaired or why not."""
+    """One row of ``machine_sync.reconcile_v1()``: a drifted machine, repaired or why not."""
 
     machine_id: UUID
     problem: str
@@ -150,10 +151,22 @@ def _optional_uuid(value: UUID | str | None, what: str) -> UUID | None:
     return None if value is None else as_uuid(value, what)
 
 
+#: The machines columns a state change returns: the fields of :class:`Machine`.
+WRITTEN_COLUMNS = tuple(f.name for f in fields(Machine) if f.name != "state")
+
+
+@cache
+def _returning(name: str) -> Query:
+    """State change ``name`` of queries.sql with its RETURNING clause (WRITTEN_COLUMNS)."""
+    named = query(name)
+    columns = ", ".join(f"m.{column}" for column in WRITTEN_COLUMNS)
+    return replace(named, text=f"{named.text}\nRETURNING {columns}")
+
+
 def _write(
     name: str, operation: Operation, machine: UUID, process: UUID | None, **params: Any
 ) -> Request:
-    named = query(name)
+    named = _returning(name)
     return Request(named, named.bind(machine_id=machine, **params), machine, operation, process)
 
 
@@ -217,7 +230,7 @@ def get(machine_id: UUID | str) -> Request:
     return Request(get_machine, get_machine.bind(machine_id=machine), machine)
 
 
-def simple(name: str, **params: Any) -> Request:
+def read_request(name: str, **params: Any) -> Request:
     """Request for a query that needs no checks of its own (list, drift, mode...)."""
     named = query(name)
     return Request(named, named.bind(**params))
@@ -227,7 +240,7 @@ def set_mode(mode: str) -> Request:
     """Request for :meth:`Client.set_mode`."""
     if not isinstance(mode, str):
         raise InvalidArgument(f"mode must be 'compat' or 'strict', got {mode!r}")
-    return simple("set_mode", mode=mode)
+    return read_request("set_mode", mode=mode)
 
 
 def _state(row: Row) -> MachineState | None:
@@ -303,7 +316,7 @@ def classify(request: Request) -> Request:
     )
 
 
-def _doing(status: str, process_id: UUID | None) -> str:
+def _status_and_run(status: str, process_id: UUID | None) -> str:
     if process_id is None:
         return f"it is {status} with no current process"
     return f"it is {status} with process {process_id}"
@@ -319,7 +332,7 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
         return UnknownMachine(machine_id)
     status: str = rows[0]["status"]
     current: UUID | None = rows[0]["current_process_id"]
-    now = _doing(status, current)
+    now = _status_and_run(status, current)
     process = request.process_id
     if operation in ("complete", "stop") and process is None and status != "processing":
         return InvalidTransition(

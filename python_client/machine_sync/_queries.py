@@ -1,12 +1,13 @@
-"""Load the named queries of ``queries.sql``.
+"""Named SQL: every ``.sql`` file of queries in the package, loaded one way.
 
-The file keeps SQL readable and lintable: sqlfluff parses ``:name``
-placeholders, not psycopg's ``%(name)s``, so the loader rewrites one into the
-other. It skips string literals, quoted identifiers, comments, dollar-quoted
-bodies and ``::`` casts, and doubles literal ``%`` signs in queries that take
-parameters (psycopg reads ``%`` as the start of a placeholder there).
-Not supported, because queries.sql does not use them: ``E'...'`` strings with
-backslash escapes and nested block comments.
+A file holds queries, each under a ``-- name: <name>`` line followed by a
+one-line ``--`` description. Parameters are psycopg's own ``%(name)s`` (the
+benchmark's, sent by a RawCursor and turned into pgbench scripts, are
+PostgreSQL's ``$1``), so the text goes to psycopg as it is written: nothing
+rewrites it. sqlfluff lints the files with the placeholder templater and
+``param_style = pyformat`` (``python_client/machine_sync/.sqlfluff``). A query
+that takes parameters writes a literal percent sign as psycopg wants it, or
+better avoids one (``mod(a, b)`` rather than ``a % b``).
 """
 
 from __future__ import annotations
@@ -18,21 +19,8 @@ from functools import cache
 from importlib.resources import files
 from typing import Any, LiteralString
 
-_HEADER = re.compile(r"^-- name: (?P<name>[a-z_]+)\s*$", re.MULTILINE)
-_TOKEN = re.compile(
-    r"""
-      '(?:[^']|'')*'                              # string literal
-    | "(?:[^"]|"")*"                              # quoted identifier
-    | --[^\n]*                                    # line comment
-    | /\*.*?\*/                                   # block comment
-    | \$\$.*?\$\$                                # dollar-quoted text
-    | \$(?P<tag>[A-Za-z_]\w*)\$.*?\$(?P=tag)\$    # ... with a tag
-    | ::                                          # cast, not a placeholder
-    | :(?P<param>[A-Za-z_]\w*)                    # placeholder
-    | %                                           # literal percent sign
-    """,
-    re.VERBOSE | re.DOTALL,
-)
+_HEADER = re.compile(r"^-- name: (?P<name>\w+)\s*$", re.MULTILINE)
+_PARAM = re.compile(r"%\((\w+)\)s")
 
 
 @dataclass(frozen=True)
@@ -51,46 +39,35 @@ class Query:
         return values
 
 
-def _convert(body: str) -> tuple[str, frozenset[str]]:
-    params: set[str] = set()
-
-    def swap(match: re.Match[str]) -> str:
-        token = match.group(0)
-        if match.group("param"):
-            params.add(match.group("param"))
-            return f"%({match.group('param')})s"
-        return "%%" if token == "%" else token
-
-    converted = _TOKEN.sub(swap, body)
-    if not params:
-        return body, frozenset()  # sent without parameters: psycopg leaves % alone
-    return converted, frozenset(params)
-
-
 def parse(source: str) -> dict[str, Query]:
-    """Split a queries file into its named queries."""
+    """Split a queries file into its named queries (text without the final ``;``)."""
     queries: dict[str, Query] = {}
     headers = list(_HEADER.finditer(source))
-    for index, header in enumerate(headers):
-        end = headers[index + 1].start() if index + 1 < len(headers) else len(source)
-        block = source[header.end() : end].strip()
-        comment = [line for line in block.splitlines() if line.startswith("--")]
-        description = comment[0].removeprefix("--").strip() if comment else ""
-        text, params = _convert(block)
+    for header, following in zip(headers, [*headers[1:], None], strict=True):
+        end = following.start() if following is not None else len(source)
+        text = source[header.end() : end].strip().removesuffix(";")
+        comment = text.splitlines()[0] if text.startswith("--") else ""
         name = header.group("name")
         if name in queries:
-            raise ValueError(f"queries.sql defines {name} twice")
+            raise ValueError(f"{name} is defined twice")
         # The text comes from a file shipped inside the package, never from a
         # caller: it is as trusted as a literal in the source code (mypy reads
         # LiteralString as str, so no cast is needed to say so).
-        queries[name] = Query(name, description, text, params)
+        queries[name] = Query(
+            name, comment.removeprefix("--").strip(), text, frozenset(_PARAM.findall(text))
+        )
     return queries
 
 
 @cache
+def named(package: str, filename: str) -> Mapping[str, Query]:
+    """Every query of ``filename`` in ``package``, by name."""
+    return parse(files(package).joinpath(filename).read_text(encoding="utf-8"))
+
+
 def queries() -> Mapping[str, Query]:
-    """Every query of the package's queries.sql, by name."""
-    return parse(files("machine_sync").joinpath("queries.sql").read_text(encoding="utf-8"))
+    """Every query of the client's and the runner's queries.sql, by name."""
+    return named("machine_sync", "queries.sql")
 
 
 def query(name: str) -> Query:

@@ -507,7 +507,7 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
 
 @app.command("reconcile")
 def reconcile(dsn: Dsn = None, as_json: AsJson = False) -> None:
-    """Repair all drift from machines (machine_sync.reconcile()); exit 4 if any is left."""
+    """Repair all drift from machines (machine_sync.reconcile_v1()); exit 4 if any is left."""
     with _reported(), _connect(dsn, "reconcile") as conn:
         rows = Client(conn).reconcile()
     repaired = sum(1 for row in rows if row.repaired)

@@ -211,19 +211,19 @@ class Client:
 
     def drift(self) -> builtins.list[DriftRow]:
         """Rows of ``machine_sync.drift``: machines whose two rows disagree (normally none)."""
-        return [_core.drift_row(row) for row in self._run(_core.simple("drift"))]
+        return [_core.drift_row(row) for row in self._run(_core.read_request("drift"))]
 
     def reconcile(self) -> builtins.list[ReconcileRow]:
-        """Repair all drift from machines (``machine_sync.reconcile()``).
+        """Repair all drift from machines (``machine_sync.reconcile_v1()``).
 
         One row per drifted machine: ``repaired``, or the ``reason`` it could not
         be (a status outside the vocabulary, say). Empty when nothing drifted.
         """
-        return [_core.reconcile_row(row) for row in self._run(_core.simple("reconcile"))]
+        return [_core.reconcile_row(row) for row in self._run(_core.read_request("reconcile"))]
 
     def mode(self) -> str:
         """The machine-sync mode: ``'compat'`` or ``'strict'``."""
-        current: str = self._run(_core.simple("mode"))[0]["mode"]
+        current: str = self._run(_core.read_request("mode"))[0]["mode"]
         return current
 
     def set_mode(self, mode: str) -> ModeChange:
@@ -233,7 +233,7 @@ class Client:
 
     def list(self) -> builtins.list[Machine]:
         """Every machine with its stored machine_state row, by serial number."""
-        return [_core.machine(row) for row in self._run(_core.simple("list_machines"))]
+        return [_core.machine(row) for row in self._run(_core.read_request("list_machines"))]
 
 
 class AsyncClient:
@@ -304,15 +304,17 @@ class AsyncClient:
 
     async def drift(self) -> builtins.list[DriftRow]:
         """See :meth:`Client.drift`."""
-        return [_core.drift_row(row) for row in await self._run(_core.simple("drift"))]
+        return [_core.drift_row(row) for row in await self._run(_core.read_request("drift"))]
 
     async def reconcile(self) -> builtins.list[ReconcileRow]:
         """See :meth:`Client.reconcile`."""
-        return [_core.reconcile_row(row) for row in await self._run(_core.simple("reconcile"))]
+        return [
+            _core.reconcile_row(row) for row in await self._run(_core.read_request("reconcile"))
+        ]
 
     async def mode(self) -> str:
         """See :meth:`Client.mode`."""
-        current: str = (await self._run(_core.simple("mode")))[0]["mode"]
+        current: str = (await self._run(_core.read_request("mode")))[0]["mode"]
         return current
 
     async def set_mode(self, mode: str) -> ModeChange:
@@ -322,4 +324,4 @@ class AsyncClient:
 
     async def list(self) -> builtins.list[Machine]:
         """See :meth:`Client.list`."""
-        return [_core.machine(row) for row in await self._run(_core.simple("list_machines"))]
+        return [_core.machine(row) for row in await self._run(_core.read_request("list_machines"))]

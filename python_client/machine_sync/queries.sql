@@ -1,9 +1,9 @@
 -- Every query the machine_sync package runs, each under a `-- name: <name>`
 -- header followed by a one-line description. Python loads them by name
--- (machine_sync._queries); `:name` placeholders are bound parameters, never
--- formatted text. Nothing here sets session state (no SET, no temporary
--- objects), so every query works through PgBouncer in transaction mode and
--- as a prepared statement.
+-- (machine_sync._queries); `%(name)s` placeholders are psycopg's bound
+-- parameters, never formatted text. Nothing here sets session state (no SET,
+-- no temporary objects), so every query works through PgBouncer in
+-- transaction mode and as a prepared statement.
 
 
 -- The state changes below are each one plain UPDATE of machines. The rules
@@ -15,89 +15,47 @@
 -- contract: current_state = status, state_since = status_since, ...).
 -- Where the operation names a run (complete/stop/fail of process P), the
 -- WHERE makes it a compare-and-set: no row back means it was refused, and
--- only then does the client send `classify` to say why.
+-- only then does the client send `classify` to say why. The client adds each
+-- one's RETURNING clause: the columns of machine_sync.client.Machine, listed
+-- once (machine_sync._core.WRITTEN_COLUMNS).
 
 
 -- name: start_process
--- Start run :process_id; the database refuses a busy machine or a bad transition.
+-- Start run process_id; the database refuses a busy machine or a bad transition.
 UPDATE public.machines AS m
 SET
     status = 'processing',
-    current_process_id = :process_id::uuid
-WHERE m.id = :machine_id::uuid
-RETURNING
-    m.id,
-    m.serial_number,
-    m.location,
-    m.lab_name,
-    m.status,
-    m.current_process_id,
-    m.failure_description,
-    m.failure_component,
-    m.status_since,
-    m.updated_at;
+    current_process_id = %(process_id)s::uuid
+WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: end_process
--- Complete or stop the current run (only run :process_id when it is given).
+-- Complete or stop the current run (only run process_id when it is given).
 UPDATE public.machines AS m
 SET status = 'idle'
 WHERE
-    m.id = :machine_id::uuid
+    m.id = %(machine_id)s::uuid
     AND m.status = 'processing'
-    AND (:process_id::uuid IS NULL OR m.current_process_id = :process_id::uuid)
-RETURNING
-    m.id,
-    m.serial_number,
-    m.location,
-    m.lab_name,
-    m.status,
-    m.current_process_id,
-    m.failure_description,
-    m.failure_component,
-    m.status_since,
-    m.updated_at;
+    AND (%(process_id)s::uuid IS NULL OR m.current_process_id = %(process_id)s::uuid);
 
 
 -- name: fail_process
--- Put the machine in error with a message (only while run :process_id is current, when given).
+-- Put the machine in error with a message (only while run process_id is current, when given).
 UPDATE public.machines AS m
 SET
     status = 'error',
-    failure_description = :failure_description::text,
-    failure_component = :failure_component::uuid
+    failure_description = %(failure_description)s::text,
+    failure_component = %(failure_component)s::uuid
 WHERE
-    m.id = :machine_id::uuid
-    AND (:process_id::uuid IS NULL OR m.current_process_id = :process_id::uuid)
-RETURNING
-    m.id,
-    m.serial_number,
-    m.location,
-    m.lab_name,
-    m.status,
-    m.current_process_id,
-    m.failure_description,
-    m.failure_component,
-    m.status_since,
-    m.updated_at;
+    m.id = %(machine_id)s::uuid
+    AND (%(process_id)s::uuid IS NULL OR m.current_process_id = %(process_id)s::uuid);
 
 
 -- name: set_status
 -- Set a status as given; the database normalizes it and checks the transition.
 UPDATE public.machines AS m
-SET status = :status::text
-WHERE m.id = :machine_id::uuid
-RETURNING
-    m.id,
-    m.serial_number,
-    m.location,
-    m.lab_name,
-    m.status,
-    m.current_process_id,
-    m.failure_description,
-    m.failure_component,
-    m.status_since,
-    m.updated_at;
+SET status = %(status)s::text
+WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: classify
@@ -106,7 +64,7 @@ SELECT
     m.status,
     m.current_process_id
 FROM public.machines AS m
-WHERE m.id = :machine_id::uuid;
+WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: get_machine
@@ -131,7 +89,7 @@ SELECT
     s.machine_id IS NOT NULL AS has_state
 FROM public.machines AS m
 LEFT JOIN public.machine_state AS s ON m.id = s.machine_id
-WHERE m.id = :machine_id::uuid;
+WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: list_machines
@@ -184,19 +142,19 @@ SELECT
     r.problem,
     r.repaired,
     r.reason
-FROM machine_sync.reconcile() AS r;
+FROM machine_sync.reconcile_v1() AS r;
 
 
 -- name: mode
 -- The machine-sync mode: compat or strict.
-SELECT machine_sync.mode() AS mode;
+SELECT machine_sync.mode_v1() AS mode;
 
 
 -- name: set_mode
 -- Switch the mode; the mode before (the statement's snapshot) and after.
 SELECT
-    machine_sync.mode() AS previous_mode,
-    machine_sync.set_mode(:mode::text) AS current_mode;
+    machine_sync.mode_v1() AS previous_mode,
+    machine_sync.set_mode_v1(%(mode)s::text) AS current_mode;
 
 
 -- name: runner_bootstrap
@@ -243,7 +201,7 @@ ORDER BY a.migration;
 -- name: record_migration
 -- Remember one applied file (re-applying it refreshes the row).
 INSERT INTO machine_sync_migrations.applied AS a (migration, sha256)
-VALUES (:migration::text, :sha256::text)
+VALUES (%(migration)s::text, %(sha256)s::text)
 ON CONFLICT (migration) DO UPDATE
     SET
         sha256 = excluded.sha256,
@@ -254,12 +212,12 @@ ON CONFLICT (migration) DO UPDATE
 -- name: forget_migration
 -- Forget one reverted file.
 DELETE FROM machine_sync_migrations.applied AS a
-WHERE a.migration = :migration::text;
+WHERE a.migration = %(migration)s::text;
 
 
 -- name: set_lock_timeout
 -- lock_timeout for the rest of this transaction (a file may set its own).
-SELECT set_config('lock_timeout', :lock_timeout::text, TRUE);
+SELECT set_config('lock_timeout', %(lock_timeout)s::text, TRUE);
 
 
 -- name: try_migration_lock
@@ -299,7 +257,7 @@ SELECT set_config('transaction_read_only', 'on', TRUE) AS read_only;
 
 -- name: definitions_recorded
 -- Whether a migration recorded what it installed (machine_sync_installed).
-SELECT to_regprocedure('machine_sync_installed.problems()') IS NOT NULL AS present;
+SELECT to_regprocedure('machine_sync_installed.problems_v1()') IS NOT NULL AS present;
 
 
 -- name: definition_problems
@@ -309,4 +267,4 @@ SELECT
     p.kind,
     p.object_name,
     p.problem
-FROM machine_sync_installed.problems() AS p;
+FROM machine_sync_installed.problems_v1() AS p;

@@ -3,7 +3,7 @@
 --
 -- machine_sync_installed.definition holds an md5 of each function, trigger
 -- (with its enabled state) and view machine-sync installs, as the migration
--- left them. machine_sync_installed.problems() compares the live catalog
+-- left them. machine_sync_installed.problems_v1() compares the live catalog
 -- with it: it reads the catalog only (ACCESS SHARE on catalogs and the
 -- record, none on machines or machine_state, nothing replayed), so
 -- `machine-sync migrate status` and `migrate verify` can look
@@ -104,7 +104,7 @@ $$;
 
 -- Each object that is not as recorded: changed, disabled, missing (dropped)
 -- or unexpected (in machine_sync but installed by no migration).
-CREATE OR REPLACE FUNCTION machine_sync_installed.problems()
+CREATE OR REPLACE FUNCTION machine_sync_installed.problems_v1()
 RETURNS TABLE (kind text, object_name text, problem text)
 LANGUAGE sql
 STABLE
@@ -143,5 +143,5 @@ AS $$
 $$;
 
 REVOKE ALL ON FUNCTION machine_sync_installed.live() FROM public;
-REVOKE ALL ON FUNCTION machine_sync_installed.problems() FROM public;
+REVOKE ALL ON FUNCTION machine_sync_installed.problems_v1() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;

@@ -34,7 +34,8 @@ from conftest import Cluster, Database
 from machines import add_machine, disagreements
 
 WRITERS = 6
-BURST_SECONDS = 0.5
+# The crash comes once every writer has had this many writes acknowledged.
+WRITES_BEFORE_CRASH = 20
 # Crash cycles on the durable server: CI, then --soak.
 CYCLES = {"ci": 3, "soak": 50}
 # At most this many cycles on the lossy server to see a loss (one is enough).
@@ -213,13 +214,12 @@ def crash_cycle(
     ]
     for thread in threads:
         thread.start()
-    # The burst runs for a while before the crash: wait until every writer
-    # has had writes acknowledged, then let it go on for BURST_SECONDS.
-    deadline = time.monotonic() + 30
-    while not all(owner.acked > 0 or owner.failure for owner in owners):
+    # The burst runs for a while before the crash: until every writer has
+    # had WRITES_BEFORE_CRASH writes acknowledged (or one failed).
+    deadline = time.monotonic() + 60
+    while not all(owner.acked >= WRITES_BEFORE_CRASH or owner.failure for owner in owners):
         assert time.monotonic() < deadline, "the writers never got going"
         time.sleep(0.01)
-    time.sleep(BURST_SECONDS)
     crashed_at = time.monotonic()
     pg_ctl(server, "-m", "immediate", "-w", "stop")
     stop.set()

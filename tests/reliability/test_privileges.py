@@ -106,7 +106,7 @@ def test_roles_that_may_not_write_machines_change_nothing(conn: Conn, subtests: 
 @pytest.mark.parametrize("mode", ["compat", "strict"])
 def test_direct_writes_to_machine_state_by_role(conn: Conn, subtests: Any, mode: str) -> None:
     machine_id = add_machine(conn, status="idle")
-    conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+    conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     update = "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s"
     insert = (
         "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'maintenance')"
@@ -144,8 +144,8 @@ def test_direct_writes_to_machine_state_by_role(conn: Conn, subtests: Any, mode:
 def test_client_roles_cannot_switch_mode_reconcile_or_bypass(conn: Conn, subtests: Any) -> None:
     add_machine(conn, status="idle")
     attempts = {
-        "set_mode": "SELECT machine_sync.set_mode('strict')",
-        "reconcile": "SELECT * FROM machine_sync.reconcile()",
+        "set_mode": "SELECT machine_sync.set_mode_v1('strict')",
+        "reconcile": "SELECT * FROM machine_sync.reconcile_v1()",
         "drift": "SELECT * FROM machine_sync.drift",
         "settings": "UPDATE machine_sync.settings SET mode = 'strict' WHERE singleton",
         "vocabulary": "INSERT INTO machine_sync.allowed_status VALUES ('hacked', 'x')",
@@ -174,7 +174,7 @@ def test_client_roles_cannot_switch_mode_reconcile_or_bypass(conn: Conn, subtest
     for name in service_refused:
         with subtests.test(role="service_role", attempt=name):
             refused_as(conn, "service_role", attempts[name], None, "42501")
-    assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+    assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
     with subtests.test(role="service_role", attempt="its own tools"):
         # service_role switches the mode (set_mode or its UPDATE(mode) grant),
         # reads drift and reconciles.
@@ -182,7 +182,7 @@ def test_client_roles_cannot_switch_mode_reconcile_or_bypass(conn: Conn, subtest
         as_role(
             conn, "service_role", "UPDATE machine_sync.settings SET mode = 'compat' WHERE singleton"
         )
-        assert conn.execute("SELECT machine_sync.mode()").fetchone() == ("compat",)
+        assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
         assert as_role(conn, "service_role", attempts["drift"]).fetchall() == []
         assert as_role(conn, "service_role", attempts["reconcile"]).fetchall() == []
     assert_consistent(conn)
@@ -288,8 +288,8 @@ def test_hostile_search_path_cannot_hijack_the_functions(evil: Conn, subtests: A
             " ON CONFLICT (machine_id) DO UPDATE SET current_state = excluded.current_state",
             [machine_id],
         ),
-        ("service_role", "set_mode"): ("SELECT machine_sync.set_mode(' Compat ')", None),
-        ("service_role", "reconcile"): ("SELECT * FROM machine_sync.reconcile()", None),
+        ("service_role", "set_mode"): ("SELECT machine_sync.set_mode_v1(' Compat ')", None),
+        ("service_role", "reconcile"): ("SELECT * FROM machine_sync.reconcile_v1()", None),
         ("service_role", "drift"): ("SELECT count(*) FROM machine_sync.drift", None),
     }
     expected_status = {
@@ -356,7 +356,7 @@ def test_hostile_search_path_during_reconcile_repairs_real_drift(db: Any, evil: 
         conn.execute("SET LOCAL ROLE service_role")
         conn.execute("SET LOCAL search_path = evil, pg_catalog, public")
         repaired = conn.execute(
-            "SELECT machine_id, problem, repaired, reason FROM machine_sync.reconcile()"
+            "SELECT machine_id, problem, repaired, reason FROM machine_sync.reconcile_v1()"
         ).fetchall()
     assert repaired == [(machine_id, "missing_state", True, None)]
     assert machine(conn, machine_id)["status"] == "idle"
@@ -437,9 +437,9 @@ def test_the_v2_grants(conn: Conn, subtests: Any) -> None:
         "machine_sync.machine_state_direct_write()": set(),
         "machine_sync.machine_state_carry_to_machines()": set(),
         "machine_sync.machine_state_direct_delete()": set(),
-        "machine_sync.reconcile()": {"service_role"},
-        "machine_sync.set_mode(text)": {"service_role"},
-        "machine_sync.mode()": set(CLIENT_ROLES),
+        "machine_sync.reconcile_v1()": {"service_role"},
+        "machine_sync.set_mode_v1(text)": {"service_role"},
+        "machine_sync.mode_v1()": set(CLIENT_ROLES),
         "machine_sync.lock_machine(uuid, text)": set(CLIENT_ROLES),
         "public.atomic_complete_machine_state(uuid)": {"authenticated", "service_role"},
     }

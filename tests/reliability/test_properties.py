@@ -78,7 +78,7 @@ class MachineSync(RuleBasedStateMachine):
         # show a second change: its check is skipped there.
         self.in_transaction = False
         self.conn.execute("TRUNCATE machines CASCADE")
-        self.conn.execute("SELECT machine_sync.set_mode('compat')")
+        self.conn.execute("SELECT machine_sync.set_mode_v1('compat')")
 
     # -- helpers -------------------------------------------------------------
 
@@ -592,14 +592,14 @@ class MachineSync(RuleBasedStateMachine):
             self.conn.execute("ALTER TABLE machines ENABLE TRIGGER zz_machine_sync")
         drift = self.conn.execute("SELECT machine_id, problem FROM machine_sync.drift").fetchall()
         assert drift == ([(machine_id, "value_mismatch")] if drifts else [])
-        result = self.conn.execute("SELECT * FROM machine_sync.reconcile()").fetchall()
+        result = self.conn.execute("SELECT * FROM machine_sync.reconcile_v1()").fetchall()
         assert result == ([(machine_id, "value_mismatch", True, None)] if drifts else [])
         if old is not None:
             self.rows[machine_id] = replace(old, failure_description=description)
 
     @rule(mode=st.sampled_from(["compat", "strict"]))
     def set_mode(self, mode: str) -> None:
-        self.conn.execute("SELECT machine_sync.set_mode(%s)", [mode])
+        self.conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
         self.mode = mode
 
     # -- the invariant ---------------------------------------------------------

@@ -31,8 +31,6 @@ rules refused does not count as done.
 from __future__ import annotations
 
 import statistics
-import threading
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -44,6 +42,7 @@ import psycopg
 from ..client import Client
 from ..errors import InvalidTransition
 from .drivers import machine_uuid, new_run_id, process_uuid
+from .engine import run_writers
 from .queries import on_real_tables, query
 from .scratch import APPLICATION_NAME, BenchError, Scratch
 
@@ -168,56 +167,6 @@ def _execute(cursor: Any, text: str, params: Sequence[Any], tally: Counter[str])
     return False  # pragma: no cover - the loop always returns
 
 
-def _threads(
-    conns: Sequence[psycopg.Connection[Any]],
-    seconds: float,
-    step_fn: Callable[[int, int, Counter[str]], bool],
-) -> tuple[int, float, Counter[str]]:
-    """Run ``step_fn(client, step, tally)`` on every connection until ``seconds`` pass.
-
-    Returns (steps that returned True, elapsed seconds, merged tally).
-    """
-    n = len(conns)
-    begin = threading.Barrier(n)
-    results: list[tuple[int, float, float, Counter[str]] | BaseException] = [
-        BenchError("not run")
-    ] * n
-
-    def client(index: int) -> None:
-        tally: Counter[str] = Counter()
-        try:
-            begin.wait()
-            started = time.perf_counter()
-            deadline = started + seconds
-            done = step = 0
-            while True:
-                step += 1
-                if step_fn(index, step, tally):
-                    done += 1
-                if time.perf_counter() >= deadline:
-                    break
-            results[index] = (done, started, time.perf_counter(), tally)
-        except BaseException as err:  # reported by the main thread
-            begin.abort()
-            results[index] = err
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    errors = [r for r in results if isinstance(r, BaseException)]
-    real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-    if errors:
-        raise BenchError(f"contended run failed: {real[0] if real else errors[0]}")
-    done = [r for r in results if not isinstance(r, BaseException)]
-    merged: Counter[str] = Counter()
-    for r in done:
-        merged.update(r[3])
-    elapsed = max(r[2] for r in done) - min(r[1] for r in done)
-    return sum(r[0] for r in done), elapsed, merged
-
-
 def _connections(place: Scratch, n: int, *, raw: bool = True) -> list[psycopg.Connection[Any]]:
     conns: list[psycopg.Connection[Any]] = []
     try:
@@ -296,18 +245,21 @@ def hot_cells(
                             run_id: int = run_id,
                             n: int = n,
                             cursors: list[Any] = cursors,
-                        ) -> bool:
+                        ) -> int:
                             number, event = hot_slot(n, machines, client, k)
                             mid = ids[number - 1]
                             params: tuple[Any, ...] = (mid,)
                             if event == "start":
                                 params = (mid, process_uuid(run_id, client, k))
                             cursor = cursors[client]
-                            return all(_execute(cursor, t, params, tally) for t in paths[event])
+                            return int(
+                                all(_execute(cursor, t, params, tally) for t in paths[event])
+                            )
 
-                        done, elapsed, tally = _threads(
-                            conns, seconds / 4 if warm else seconds, step
+                        timed = run_writers(
+                            conns, seconds / 4 if warm else seconds, step, what="contended run"
                         )
+                        done, elapsed, tally = timed.changes, timed.seconds, timed.tally
                         if warm:
                             continue
                         cell = cells[workload.key]
@@ -446,7 +398,7 @@ def ops_cells(
                             n: int = n,
                             clients: list[Client] = clients,
                             cursors: list[Any] = cursors,
-                        ) -> bool:
+                        ) -> int:
                             number, position, cycle = _ops_plan(n, machines, writer, k)
                             op, which, _ = OPS_CYCLE[position]
                             process = process_uuid(run_id, writer, cycle * 4 + which)
@@ -456,12 +408,13 @@ def ops_cells(
                                 ok = legacy.op(cursors[writer], ids[number - 1], op, process)
                             if not ok:
                                 tally["refused"] += 1
-                            return True
+                            return 1
 
                         conns = client_conns if key == "client" else legacy_conns
-                        done, elapsed, tally = _threads(
-                            conns, seconds / 4 if warm else seconds, step
+                        timed = run_writers(
+                            conns, seconds / 4 if warm else seconds, step, what="contended run"
                         )
+                        done, elapsed, tally = timed.changes, timed.seconds, timed.tally
                         if warm:
                             continue
                         cell = cells[key]

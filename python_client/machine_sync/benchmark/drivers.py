@@ -16,10 +16,10 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .engine import run_writers
 from .proxy import DelayProxy
 from .queries import Schemas, query, relocate
 from .scratch import APPLICATION_NAME, BenchError, Scratch
@@ -136,54 +137,27 @@ class PsycopgClients:
         """Run ``workload`` on every connection for ``seconds`` (or ``max_steps`` each)."""
         statements = [query(name, self.schemas) for name in workload.statements]
         flights: list[int] = []
-        begin = threading.Barrier(self.clients, action=lambda: flights.append(_flights(proxy)))
-        end = threading.Barrier(self.clients, action=lambda: flights.append(_flights(proxy)))
-        results: list[tuple[int, float, float] | BaseException] = [(0, 0.0, 0.0)] * self.clients
         run_id = new_run_id()
+        cursors = [conn.cursor() for conn in self._conns]
+        flush = query("flush_statistics", self.schemas)
 
-        def client(index: int) -> None:
-            conn = self._conns[index]
-            try:
-                cursor = conn.cursor()
-                begin.wait()
-                started = time.perf_counter()
-                deadline = started + seconds
-                step = 0
-                while True:
-                    step += 1
-                    params = state_change(run_id, index, step, machines, self.clients)
-                    if workload.transaction:
-                        with conn.transaction():
-                            for statement in statements:
-                                cursor.execute(statement, params, prepare=True)
-                    else:
-                        for statement in statements:
-                            cursor.execute(statement, params, prepare=True)
-                    if step == max_steps or time.perf_counter() >= deadline:
-                        break
-                finished = time.perf_counter()
-                end.wait()
-                if self._flush:  # so the write check below sees this run's updates now
-                    conn.execute(query("flush_statistics", self.schemas))
-                results[index] = (step, started, finished)
-            except BaseException as err:  # reported by the main thread
-                begin.abort()
-                end.abort()
-                results[index] = err
+        def state_change_step(index: int, number: int, _tally: object) -> int:
+            params = state_change(run_id, index, number, machines, self.clients)
+            _send(self._conns[index], cursors[index], statements, params, workload.transaction)
+            return 1
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(self.clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        errors = [r for r in results if isinstance(r, BaseException)]
-        real = [e for e in errors if not isinstance(e, threading.BrokenBarrierError)]
-        if errors:
-            raise BenchError(f"{workload.key} failed: {real[0] if real else errors[0]}")
-        done = [r for r in results if not isinstance(r, BaseException)]
-        ops = sum(r[0] for r in done)
-        elapsed = max(r[2] for r in done) - min(r[1] for r in done)
-        return Run(ops, elapsed, flights[1] - flights[0] if proxy is not None else None)
+        timed = run_writers(
+            self._conns,
+            seconds,
+            state_change_step,
+            what=workload.key,
+            max_steps=max_steps,
+            at_start=lambda: flights.append(_flights(proxy)),
+            at_end=lambda: flights.append(_flights(proxy)),
+            # So the write check that follows sees this run's updates now.
+            after=(lambda conn: conn.execute(flush)) if self._flush else None,
+        )
+        return Run(timed.changes, timed.seconds, flights[1] - flights[0] if proxy else None)
 
 
 def _flights(proxy: DelayProxy | None) -> int:
@@ -205,14 +179,21 @@ def bulk_statement(
     bound = (*params, list(ids))
     cursor = conn.cursor()
     started = time.perf_counter()
-    if workload.transaction:
-        with conn.transaction():
-            for statement in statements:
-                cursor.execute(statement, bound, prepare=True)
-    else:
-        for statement in statements:
-            cursor.execute(statement, bound, prepare=True)
+    _send(conn, cursor, statements, bound, workload.transaction)
     return time.perf_counter() - started
+
+
+def _send(
+    conn: psycopg.Connection[Any],
+    cursor: psycopg.Cursor[Any],
+    statements: Sequence[str],
+    params: Sequence[Any],
+    transaction: bool,
+) -> None:
+    """One state change: its statements, prepared, in a transaction if the workload has one."""
+    with conn.transaction() if transaction else nullcontext():
+        for statement in statements:
+            cursor.execute(statement, params, prepare=True)
 
 
 # --- pgbench ---------------------------------------------------------------
@@ -250,7 +231,11 @@ def pgbench_script(workload: Workload, schemas: Schemas) -> str:
         body = []
         for name in workload.statements:
             # Shipped names here; the whole script is relocated once at the end.
-            text = " ".join(query(name, Schemas()).split())
+            # One line each: the query's comment lines go (pgbench reads to the end of a line).
+            lines = query(name, Schemas()).splitlines()
+            text = " ".join(
+                " ".join(ln for ln in lines if not ln.lstrip().startswith("--")).split()
+            )
             text = text.replace("$1", status).replace("$2", process)
             text = text.replace("$3", "machine_sync_bench.machine_uuid(:mid)")
             body.append(text + ";")

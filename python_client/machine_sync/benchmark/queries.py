@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import cache
-from pathlib import Path
+from importlib.resources import files
+from typing import Final, LiteralString
 
-_HERE = Path(__file__).resolve().parent
-_NAME = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+from psycopg import sql
+
+from machine_sync._queries import named
 
 # The schema names the shipped SQL uses, in the form the rewrite matches.
 _QUALIFIED_PUBLIC = re.compile(r"\bpublic\.")
@@ -69,25 +70,16 @@ def relocate(text: str, schemas: Schemas) -> str:
     return out
 
 
-@cache
-def _named(path: Path) -> dict[str, str]:
-    text = path.read_text()
-    marks = list(_NAME.finditer(text))
-    queries: dict[str, str] = {}
-    for mark, following in zip(marks, [*marks[1:], None], strict=True):
-        end = following.start() if following is not None else len(text)
-        body = [line for line in text[mark.end() : end].splitlines() if not line.startswith("--")]
-        queries[mark.group(1)] = "\n".join(body).strip().rstrip(";")
-    return queries
+def _text(name: str) -> str:
+    try:
+        return named("machine_sync.benchmark", "queries.sql")[name].text
+    except KeyError:
+        raise KeyError(f"no query named {name!r} in queries.sql") from None
 
 
 def query(name: str, schemas: Schemas) -> str:
-    """The statement called ``name`` in ``queries.sql``, without its comments."""
-    try:
-        text = _named(_HERE / "queries.sql")[name]
-    except KeyError:
-        raise KeyError(f"no query named {name!r} in queries.sql") from None
-    return relocate(text, schemas)
+    """The statement called ``name`` in ``queries.sql``."""
+    return relocate(_text(name), schemas)
 
 
 def on_real_tables(name: str, schemas: Schemas) -> str:
@@ -97,24 +89,27 @@ def on_real_tables(name: str, schemas: Schemas) -> str:
     is how the benchmark sends them to the migrated ``machines`` and
     ``machine_state`` (where compat mode carries them through the triggers).
     """
-    try:
-        text = _named(_HERE / "queries.sql")[name]
-    except KeyError:
-        raise KeyError(f"no query named {name!r} in queries.sql") from None
-    text = text.replace("machine_sync_bench.legacy_machine_state", "public.machine_state")
+    text = _text(name).replace("machine_sync_bench.legacy_machine_state", "public.machine_state")
     text = text.replace("machine_sync_bench.legacy_machines", "public.machines")
     return relocate(text, schemas)
 
 
 def setup_script(schemas: Schemas) -> str:
     """``setup.sql``: the twin tables and helper functions, as one script."""
-    return relocate((_HERE / "setup.sql").read_text(), schemas)
+    text = files("machine_sync.benchmark").joinpath("setup.sql").read_text(encoding="utf-8")
+    return relocate(text, schemas)
 
 
-# Statements whose only variable part is an identifier we generate; they are
+# Statements whose only variable part is an identifier we generate (the
+# benchmark's and the demo's throwaway databases and schemas); they are
 # composed with psycopg.sql.Identifier, never with string formatting.
-CREATE_DATABASE = "CREATE DATABASE {}"
-DROP_DATABASE = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
-CREATE_SCHEMA = "CREATE SCHEMA {}"
-DROP_SCHEMA = "DROP SCHEMA IF EXISTS {} CASCADE"
-GRANT_MIRROR_USAGE = "GRANT USAGE ON SCHEMA {} TO machine_sync_mirror"
+CREATE_DATABASE: Final = "CREATE DATABASE {}"
+DROP_DATABASE: Final = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
+CREATE_SCHEMA: Final = "CREATE SCHEMA {}"
+DROP_SCHEMA: Final = "DROP SCHEMA IF EXISTS {} CASCADE"
+GRANT_MIRROR_USAGE: Final = "GRANT USAGE ON SCHEMA {} TO machine_sync_mirror"
+
+
+def naming(template: LiteralString, name: str) -> sql.Composed:
+    """``template`` with ``name`` in its ``{}``, quoted as an identifier."""
+    return sql.SQL(template).format(sql.Identifier(name))

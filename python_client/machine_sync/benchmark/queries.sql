@@ -319,10 +319,6 @@ WHERE c.relkind = 'r' AND n.nspname = any($1);
 -- Make this session's pending statistics visible now (PostgreSQL 15+).
 SELECT pg_catalog.pg_stat_force_next_flush();
 
--- name: clear_statistics_snapshot
--- Read fresh statistics in the next query of this transaction.
-SELECT pg_catalog.pg_stat_clear_snapshot();
-
 -- name: server_settings
 -- What decides how honest the numbers are.
 SELECT

@@ -56,7 +56,7 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
     return statistics.median(pairs) if pairs else float("nan")
 
 
-def _vs(group: dict[str, Cell], other: str) -> float | None:
+def _ratio_to(group: dict[str, Cell], other: str) -> float | None:
     """machine-sync throughput over ``other``'s (for the legacy pair: the faster one)."""
     if SYNC not in group:
         return None
@@ -98,7 +98,7 @@ def headlines(result: BenchResult) -> list[Headline]:
         (f"machine-sync vs stored procedure, 1 client, {size} machines", "stored-procedure", 0.92),
         (f"machine-sync vs floor (no trigger), 1 client, {size} machines", "floor", 0.88),
     ):
-        values = {k: r for k, g in single.items() if (r := _vs(g, other)) is not None}
+        values = {k: r for k, g in single.items() if (r := _ratio_to(g, other)) is not None}
         if values:
             out.append(Headline(target, f">= {goal:.2f}", values, min(values.values()) >= goal))
     out += _contended_headlines(result)
@@ -329,7 +329,10 @@ def markdown(result: BenchResult) -> str:
         rows.append(
             [driver, _fmt_machines(machines), str(clients)]
             + [f"{group[k].median:,.0f}" if k in group else "-" for k in keys]
-            + [_ratio(_vs(group, o)) for o in ("legacy-autocommit", "stored-procedure", "floor")]
+            + [
+                _ratio(_ratio_to(group, other))
+                for other in ("legacy-autocommit", "stored-procedure", "floor")
+            ]
         )
     lines += _table(
         [

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import psycopg
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from ..resources import migrations_dir
@@ -53,10 +52,6 @@ class Scratch:
         return psycopg.connect(self.dsn, **kwargs)
 
 
-def _compose(template: str, name: str) -> sql.Composed:
-    return sql.SQL(template).format(sql.Identifier(name))
-
-
 @contextmanager
 def scratch_place(dsn: str, mode: ScratchMode = "auto", *, keep: bool = False) -> Iterator[Scratch]:
     """Yield an installed scratch place on the server of ``dsn``; remove it afterwards."""
@@ -67,7 +62,7 @@ def scratch_place(dsn: str, mode: ScratchMode = "auto", *, keep: bool = False) -
         if mode != "schemas":
             name = f"machine_sync_bench_{suffix}"
             try:
-                admin.execute(_compose(q.CREATE_DATABASE, name))
+                admin.execute(q.naming(q.CREATE_DATABASE, name))
             except psycopg.errors.InsufficientPrivilege as err:
                 if mode == "database":
                     raise BenchError(f"cannot create a scratch database: {err}") from None
@@ -80,7 +75,7 @@ def scratch_place(dsn: str, mode: ScratchMode = "auto", *, keep: bool = False) -
                     yield place
                 finally:
                     if not keep:
-                        admin.execute(_compose(q.DROP_DATABASE, name))
+                        admin.execute(q.naming(q.DROP_DATABASE, name))
                 return
         schemas = Schemas.scratch(f"msbench_{suffix}")
         place = Scratch(
@@ -95,7 +90,7 @@ def scratch_place(dsn: str, mode: ScratchMode = "auto", *, keep: bool = False) -
         finally:
             if not keep:
                 for schema in reversed(schemas.all()):
-                    admin.execute(_compose(q.DROP_SCHEMA, schema))
+                    admin.execute(q.naming(q.DROP_SCHEMA, schema))
 
 
 def _migrations() -> list[Path]:
@@ -110,7 +105,7 @@ def install(place: Scratch) -> None:
         if schemas.relocated:
             with conn.transaction():
                 for schema in schemas.all():
-                    conn.execute(_compose(q.CREATE_SCHEMA, schema))
+                    conn.execute(q.naming(q.CREATE_SCHEMA, schema))
         for path in _migrations():
             # Each migration is one BEGIN ... COMMIT; run its body in a
             # transaction of ours so the check below can still roll it back.
@@ -138,7 +133,7 @@ def install(place: Scratch) -> None:
             # The mirror runs as machine_sync_mirror (created by the
             # migrations): it must reach the relocated tables' schema.
             with conn.transaction():
-                conn.execute(_compose(q.GRANT_MIRROR_USAGE, schemas.tables))
+                conn.execute(q.naming(q.GRANT_MIRROR_USAGE, schemas.tables))
         with conn.transaction():
             conn.execute(q.setup_script(schemas))
 

@@ -28,11 +28,6 @@ class Workload:
     writes: tuple[str, ...]  # tables that get one row update per state change
     drift_query: str | None  # counts machines whose two rows disagree; None: no mirror
 
-    @property
-    def round_trips(self) -> int:
-        """Round trips one state change needs when nothing is pipelined."""
-        return len(self.statements) + (2 if self.transaction else 0)
-
 
 LEGACY_AUTOCOMMIT = Workload(
     "legacy-autocommit",

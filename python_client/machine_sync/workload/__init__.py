@@ -20,10 +20,11 @@ is held up by a row lock another session holds, and then either the writer's
 afterwards, per event and at the end.
 
 :func:`interleaved_throughput` measures state changes per second of several
-targets in alternating slices (an A/B run), and :func:`count_round_trips`
-counts statements and round trips per state change from libpq's own protocol
-trace. Every SQL statement this package and the demo run is named in
-``workload.sql`` (see :mod:`.queries`).
+targets in alternating slices (an A/B run) with the benchmark's throughput
+engine (:mod:`machine_sync.benchmark.engine`), and :func:`count_round_trips`
+counts statements and round trips per state change, a round trip as the
+benchmark's proxy counts it. Every SQL statement this package and the demo run
+is named in ``workload.sql``.
 """
 
 from __future__ import annotations
@@ -32,33 +33,14 @@ from .db import ProcessIds, connect, create_machines, drift
 from .events import Conn, WritePath
 from .faults import Fault, FaultInjector, no_fault
 from .paths import ClientPath, LegacyPath
-from .queries import (
-    AGREEING_MACHINES,
-    AUDIT_COUNTS,
-    AUDIT_STATUSES,
-    CREATE_DATABASE,
-    DROP_DATABASE,
-    LEGACY_RPCS_PRESENT,
-    LIST_MACHINE_IDS,
-    MODE,
-    SERVER_VERSION,
-)
+from .queries import statement
 from .rpcs import LEGACY_RPCS, exercise_legacy_rpcs
 from .run import EventStats, WorkloadConfig, WorkloadResult, run_workload
 from .throughput import Target, ThroughputResult, interleaved_throughput
 from .wire import WireCount, count_round_trips
 
 __all__ = [
-    "AGREEING_MACHINES",
-    "AUDIT_COUNTS",
-    "AUDIT_STATUSES",
-    "CREATE_DATABASE",
-    "DROP_DATABASE",
     "LEGACY_RPCS",
-    "LEGACY_RPCS_PRESENT",
-    "LIST_MACHINE_IDS",
-    "MODE",
-    "SERVER_VERSION",
     "ClientPath",
     "Conn",
     "EventStats",
@@ -80,4 +62,5 @@ __all__ = [
     "interleaved_throughput",
     "no_fault",
     "run_workload",
+    "statement",
 ]

@@ -13,16 +13,7 @@ from .events import (
     Conn,
     Schema,
 )
-from .queries import (
-    CREATE_MACHINES,
-    CREATE_MISSING_STATE_ROWS,
-    CREATE_PROCESSES,
-    HAS_PROCESS_TABLE,
-    LEGACY_DRIFT,
-    MIGRATED_DRIFT,
-    SCHEMA_IS_MIGRATED,
-    SET_STATEMENT_TIMEOUT,
-)
+from .queries import statement
 
 
 def connect(conninfo: str, *, statement_timeout_ms: int | None = None, name: str = "") -> Conn:
@@ -31,22 +22,24 @@ def connect(conninfo: str, *, statement_timeout_ms: int | None = None, name: str
         conninfo, autocommit=True, application_name=name or "machine-sync workload"
     )
     if statement_timeout_ms is not None:
-        conn.execute(SET_STATEMENT_TIMEOUT, {"value": f"{statement_timeout_ms}ms"})
+        conn.execute(statement("set_statement_timeout"), {"value": f"{statement_timeout_ms}ms"})
     return conn
 
 
 def create_machines(conn: Conn, count: int, prefix: str = "WL-") -> list[uuid.UUID]:
     """Insert ``count`` idle machines, each with an agreeing ``machine_state`` row."""
     with conn.transaction():
-        rows = conn.execute(CREATE_MACHINES, {"prefix": prefix, "count": count}).fetchall()
+        rows = conn.execute(
+            statement("create_machines"), {"prefix": prefix, "count": count}
+        ).fetchall()
         ids = [row[0] for row in rows]
-        conn.execute(CREATE_MISSING_STATE_ROWS, {"ids": ids})
+        conn.execute(statement("create_missing_state_rows"), {"ids": ids})
     return ids
 
 
 def schema_of(conn: Conn) -> Schema:
     """``migrated`` once machine-sync's drift view exists, else ``legacy``."""
-    row = conn.execute(SCHEMA_IS_MIGRATED).fetchone()
+    row = conn.execute(statement("schema_is_migrated")).fetchone()
     return "migrated" if row is not None and row[0] else "legacy"
 
 
@@ -64,7 +57,7 @@ class ProcessIds:
         self._lock = threading.Lock()
         self._ids: list[uuid.UUID] = []
         with psycopg.connect(conninfo, autocommit=True) as conn:
-            row = conn.execute(HAS_PROCESS_TABLE).fetchone()
+            row = conn.execute(statement("has_process_table")).fetchone()
         self._table = bool(row and row[0])
 
     def take(self) -> uuid.UUID:
@@ -74,7 +67,9 @@ class ProcessIds:
         with self._lock:
             if not self._ids:
                 with psycopg.connect(self._conninfo, autocommit=True) as conn:
-                    rows = conn.execute(CREATE_PROCESSES, {"count": self._batch}).fetchall()
+                    rows = conn.execute(
+                        statement("create_processes"), {"count": self._batch}
+                    ).fetchall()
                 self._ids = [row[0] for row in rows]
             return self._ids.pop()
 
@@ -84,7 +79,7 @@ def drift(conn: Conn, schema: Schema, ids: Sequence[uuid.UUID] | None = None) ->
 
     Before migration this is the module's own query; after, ``machine_sync.drift``.
     """
-    query = LEGACY_DRIFT if schema == "legacy" else MIGRATED_DRIFT
+    query = statement("legacy_drift") if schema == "legacy" else statement("migrated_drift")
     rows = conn.execute(query, {"ids": None if ids is None else list(ids)}).fetchall()
     return Counter(str(row[1]) for row in rows)
 

@@ -14,13 +14,7 @@ import psycopg
 from .events import (
     Conn,
 )
-from .queries import (
-    IS_BLOCKING,
-    LOCK_MACHINE_ROW,
-    LOCK_STATE_ROW,
-    SET_LOCK_TIMEOUT,
-    TERMINATE,
-)
+from .queries import statement
 
 
 class Fault(StrEnum):
@@ -64,7 +58,7 @@ class FaultInjector:
             self._conn = psycopg.connect(
                 self._conninfo, autocommit=False, application_name="machine-sync fault"
             )
-            self._conn.execute(SET_LOCK_TIMEOUT, {"value": "1s"})
+            self._conn.execute(statement("set_lock_timeout"), {"value": "1s"})
             self._conn.commit()
         return self._conn
 
@@ -76,7 +70,11 @@ class FaultInjector:
         (another session kept it longer than the injector's lock_timeout).
         """
         blocker = self._blocker()
-        lock = LOCK_STATE_ROW if table == "machine_state" else LOCK_MACHINE_ROW
+        lock = (
+            statement("lock_state_row")
+            if table == "machine_state"
+            else statement("lock_machine_row")
+        )
         try:
             blocker.execute(lock, {"machine": machine})
         except psycopg.Error:
@@ -108,8 +106,8 @@ class FaultInjector:
         deadline = time.monotonic() + 2.0
         with suppress(psycopg.Error):  # a lost injector connection only loses the fault
             while not done.is_set() and time.monotonic() < deadline:
-                row = blocker.execute(IS_BLOCKING, {"victim": victim}).fetchone()
+                row = blocker.execute(statement("is_blocking"), {"victim": victim}).fetchone()
                 if row is not None and row[0]:
-                    blocker.execute(TERMINATE, {"victim": victim})
+                    blocker.execute(statement("terminate"), {"victim": victim})
                     return
                 time.sleep(0.001)

@@ -19,17 +19,7 @@ from .events import (
     Refused,
     SecondWrite,
 )
-from .queries import (
-    LEGACY_COMPLETE_MACHINES,
-    LEGACY_COMPLETE_STATE,
-    LEGACY_ERROR_MACHINES,
-    LEGACY_ERROR_STATE,
-    LEGACY_READ_STATUS,
-    LEGACY_START_MACHINES,
-    LEGACY_START_STATE,
-    LEGACY_STOP_MACHINES,
-    LEGACY_STOP_STATE,
-)
+from .queries import statement
 
 STARTABLE: Final = frozenset({"idle", "offline"})
 
@@ -52,14 +42,14 @@ class LegacyPath:
         when another writer started the machine between the read and the write,
         the write is refused (MS002, busy) and the start counts as refused.
         """
-        row = conn.execute(LEGACY_READ_STATUS, {"machine": machine}).fetchone()
+        row = conn.execute(statement("legacy_read_status"), {"machine": machine}).fetchone()
         if row is None or row[0] not in STARTABLE:
             raise Refused(f"machine is {row[0] if row else 'missing'}")
         args = {"machine": machine, "process": process, "now": _now()}
         with _database_refusals():
-            conn.execute(LEGACY_START_MACHINES, args)
+            conn.execute(statement("legacy_start_machines"), args)
             with second("machine_state"):
-                conn.execute(LEGACY_START_STATE, args)
+                conn.execute(statement("legacy_start_state"), args)
 
     def complete(
         self, conn: Conn, machine: uuid.UUID, process: uuid.UUID, second: SecondWrite
@@ -72,18 +62,18 @@ class LegacyPath:
     ) -> None:
         """machine_state first (error + description), then machines."""
         args = {"machine": machine, "description": ERROR_DESCRIPTION}
-        conn.execute(LEGACY_ERROR_STATE, args)
+        conn.execute(statement("legacy_error_state"), args)
         with second("machines"):
-            conn.execute(LEGACY_ERROR_MACHINES, args)
+            conn.execute(statement("legacy_error_machines"), args)
 
     def stop(self, conn: Conn, machine: uuid.UUID, process: uuid.UUID, second: SecondWrite) -> None:
         """machines loses its process, then machine_state idle.
 
         Migrated, clearing the process of a processing machine stops it: idle.
         """
-        conn.execute(LEGACY_STOP_MACHINES, {"machine": machine})
+        conn.execute(statement("legacy_stop_machines"), {"machine": machine})
         with second("machine_state"):
-            conn.execute(LEGACY_STOP_STATE, {"machine": machine})
+            conn.execute(statement("legacy_stop_state"), {"machine": machine})
 
     def reset(self, conn: Conn, machine: uuid.UUID, second: SecondWrite) -> None:
         """The operator's "mark idle" button runs the completion path."""
@@ -92,9 +82,9 @@ class LegacyPath:
     @staticmethod
     def _idle(conn: Conn, machine: uuid.UUID, second: SecondWrite) -> None:
         args = {"machine": machine, "now": _now()}
-        conn.execute(LEGACY_COMPLETE_MACHINES, args)
+        conn.execute(statement("legacy_complete_machines"), args)
         with second("machine_state"):
-            conn.execute(LEGACY_COMPLETE_STATE, args)
+            conn.execute(statement("legacy_complete_state"), args)
 
 
 class ClientPath:

@@ -13,13 +13,7 @@ from .events import (
     ERROR_MESSAGE,
     Conn,
 )
-from .queries import (
-    RPC_COMPLETE,
-    RPC_ERROR,
-    RPC_PROCESSING,
-    RPC_UPDATE,
-    STATE_ROW,
-)
+from .queries import statement
 
 LEGACY_RPCS: Final = (
     "atomic_update_machine_state",
@@ -41,10 +35,15 @@ class RpcCheck:
 def exercise_legacy_rpcs(conn: Conn, machine: uuid.UUID, process: uuid.UUID) -> list[RpcCheck]:
     """Call each legacy RPC as PostgREST would and check the result and the tables."""
     steps: list[tuple[str, str, dict[str, Any], str]] = [
-        ("atomic_processing_machine_state", RPC_PROCESSING, {"process": process}, "processing"),
-        ("atomic_complete_machine_state", RPC_COMPLETE, {}, "idle"),
-        ("atomic_error_machine_state", RPC_ERROR, {"message": ERROR_MESSAGE}, "error"),
-        ("atomic_update_machine_state", RPC_UPDATE, {"status": "idle"}, "idle"),
+        (
+            "atomic_processing_machine_state",
+            statement("rpc_processing"),
+            {"process": process},
+            "processing",
+        ),
+        ("atomic_complete_machine_state", statement("rpc_complete"), {}, "idle"),
+        ("atomic_error_machine_state", statement("rpc_error"), {"message": ERROR_MESSAGE}, "error"),
+        ("atomic_update_machine_state", statement("rpc_update"), {"status": "idle"}, "idle"),
     ]
     checks = []
     for function, query, extra, expected in steps:
@@ -54,7 +53,7 @@ def exercise_legacy_rpcs(conn: Conn, machine: uuid.UUID, process: uuid.UUID) -> 
             checks.append(RpcCheck(function, False, " ".join(str(exc).split())))
             continue
         result: dict[str, Any] = row[0] if row else {}
-        state = conn.execute(STATE_ROW, {"machine": machine}).fetchone()
+        state = conn.execute(statement("state_row"), {"machine": machine}).fetchone()
         returned = (result.get("machine_state") or {}).get("current_state")
         ok = (
             result.get("success") is True

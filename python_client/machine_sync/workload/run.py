@@ -130,7 +130,7 @@ class WorkloadConfig:
 
 
 @dataclass
-class _Shared:
+class _SharedByWriters:
     """State every writer of one run shares."""
 
     conninfo: str
@@ -141,10 +141,10 @@ class _Shared:
     config: WorkloadConfig
     deadline: float
     stop: threading.Event  # set when the run must end now
-    runs: _Runs
+    runs: _RunOwners
 
 
-class _Runs:
+class _RunOwners:
     """Which runs believe they own each machine, to count double starts.
 
     A run lives from its start's commit until any finish or reset of its
@@ -194,7 +194,7 @@ class _Runs:
 class _Writer:
     """One writer thread: runs recipes on random machines until the deadline."""
 
-    def __init__(self, shared: _Shared, index: int) -> None:
+    def __init__(self, shared: _SharedByWriters, index: int) -> None:
         self.shared = shared
         self.index = index
         self.rng = random.Random(shared.config.seed * 1000 + index)
@@ -353,7 +353,7 @@ def run_workload(
     with psycopg.connect(conninfo, autocommit=True) as conn:
         schema = schema_of(conn)
     stop = threading.Event()  # ours: the caller's ``abort`` is only read
-    shared = _Shared(
+    shared = _SharedByWriters(
         conninfo=conninfo,
         schema=schema,
         path=path,
@@ -362,7 +362,7 @@ def run_workload(
         config=config,
         deadline=time.monotonic() + config.seconds,
         stop=stop,
-        runs=_Runs(machines),
+        runs=_RunOwners(machines),
     )
     writers = [_Writer(shared, index) for index in range(config.writers)]
     reader = _Reader(conninfo, schema, shared.machines)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -12,6 +12,7 @@ from typing import Any
 
 import psycopg
 
+from machine_sync.benchmark.engine import run_writers
 from machine_sync.errors import MachineSyncError
 
 from .db import ProcessIds, connect
@@ -82,37 +83,19 @@ def _slice(
     target: Target, conns: list[Conn], processes: ProcessIds, seconds: float
 ) -> tuple[int, float, int]:
     """Every writer plays the script on its own machine for ``seconds``."""
-    counts = [0] * len(conns)
-    errors = [0] * len(conns)
-    barrier = threading.Barrier(len(conns) + 1)
-    stop_at = [0.0]
 
-    def play(index: int) -> None:
+    def play(index: int, _number: int, tally: Counter[str]) -> int:
         conn, machine = conns[index], target.machines[index]
-        barrier.wait()
-        while time.monotonic() < stop_at[0]:
-            try:
-                counts[index] += play_script(conn, target.path, machine, processes, SCRIPT)
-            except (psycopg.Error, MachineSyncError, Refused):
-                errors[index] += 1
-                with suppress(psycopg.Error, MachineSyncError):
-                    target.path.reset(conn, machine, no_fault)
+        try:
+            return play_script(conn, target.path, machine, processes, SCRIPT)
+        except (psycopg.Error, MachineSyncError, Refused):
+            tally["errors"] += 1
+            with suppress(psycopg.Error, MachineSyncError):
+                target.path.reset(conn, machine, no_fault)
+            return 0
 
-    threads = [threading.Thread(target=play, args=(i,), daemon=True) for i in range(len(conns))]
-    for thread in threads:
-        thread.start()
-    began = time.monotonic()
-    stop_at[0] = began + seconds
-    barrier.wait()
-    try:
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(timeout=0.05)
-    finally:
-        stop_at[0] = 0.0  # after an interrupt: the players stop after their script
-        for thread in threads:
-            thread.join()
-    return sum(counts), time.monotonic() - began, sum(errors)
+    timed = run_writers(conns, seconds, play, what=f"A/B slice of {target.label}")
+    return timed.changes, timed.seconds, timed.tally["errors"]
 
 
 def interleaved_throughput(

@@ -1,18 +1,18 @@
-"""Statements and round trips per state change, from libpq's protocol trace."""
+"""Statements and round trips per state change, counted at the wire."""
 
 from __future__ import annotations
 
-import os
-import re
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Self
 
 import psycopg
 
-from .db import ProcessIds, connect
+from machine_sync.benchmark.drivers import conninfo_via, proxy_target
+from machine_sync.benchmark.proxy import DelayProxy
+
+from .db import ProcessIds
 from .events import (
     Conn,
     Event,
@@ -31,16 +31,15 @@ SCRIPT: Final = (
     Event.STOP,
     Event.RESET,
 )
-_TRACE_LINE = re.compile(r"^([FB])\t\d+\t(\w+)")
 
 
 @dataclass(frozen=True)
 class WireCount:
-    """Protocol messages per state change, counted from the wire."""
+    """Statements and round trips of a number of state changes."""
 
     state_changes: int
-    statements: int  # Query and Execute messages the client sent
-    round_trips: int  # ReadyForQuery messages: the client waited for the server
+    statements: int  # statements the client's cursors executed
+    round_trips: int  # flights through the proxy: the client waited for the server
 
     @property
     def statements_per_change(self) -> float:
@@ -69,39 +68,42 @@ def play_script(
     return len(script)
 
 
+def _counting_cursor(sent: list[int]) -> type[psycopg.Cursor[Any]]:
+    """A cursor class that counts the statements it sends in ``sent[0]``."""
+
+    class Counting(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **options: Any) -> Self:
+            sent[0] += 1
+            return super().execute(query, params, **options)
+
+    return Counting
+
+
 def count_round_trips(
     conninfo: str, path: WritePath, machine: uuid.UUID, *, cycles: int = 3
-) -> WireCount | None:
+) -> WireCount:
     """Count statements and round trips per state change of ``path``.
 
-    Runs :data:`SCRIPT` a few times untraced (so psycopg has prepared what it
-    prepares: steady state), then ``cycles`` times under libpq's trace.
-    Returns None when this libpq cannot trace (before 14).
+    Round trips are the benchmark's: flights through its proxy
+    (:class:`~machine_sync.benchmark.proxy.DelayProxy`, no delay added), each
+    a burst of bytes from the client after the server last spoke. Statements
+    are the ones the connection's cursors execute. Runs :data:`SCRIPT` a few
+    times first, so psycopg has prepared what it prepares (steady state),
+    then ``cycles`` times counted.
     """
     processes = ProcessIds(conninfo)
-    with connect(conninfo, name="machine-sync trace") as conn:
+    sent = [0]
+    with (
+        DelayProxy(proxy_target(conninfo), rtt_ms=0) as proxy,
+        psycopg.connect(
+            conninfo_via(conninfo, proxy),
+            autocommit=True,
+            application_name="machine-sync trips",
+            cursor_factory=_counting_cursor(sent),
+        ) as conn,
+    ):
         for _ in range(6):
             play_script(conn, path, machine, processes, SCRIPT)
-        fd, name = tempfile.mkstemp(prefix="machine-sync-trace-")
-        try:
-            try:
-                conn.pgconn.trace(fd)
-                conn.pgconn.set_trace_flags(
-                    psycopg.pq.Trace.SUPPRESS_TIMESTAMPS | psycopg.pq.Trace.REGRESS_MODE
-                )
-            except psycopg.NotSupportedError:
-                return None
-            try:
-                changes = sum(
-                    play_script(conn, path, machine, processes, SCRIPT) for _ in range(cycles)
-                )
-            finally:
-                conn.pgconn.untrace()
-            with open(name, encoding="utf-8", errors="replace") as trace:
-                messages = [m.groups() for m in map(_TRACE_LINE.match, trace) if m is not None]
-        finally:
-            os.close(fd)
-            os.unlink(name)
-    sent = sum(1 for way, kind in messages if way == "F" and kind in ("Query", "Execute"))
-    waits = sum(1 for way, kind in messages if way == "B" and kind == "ReadyForQuery")
-    return WireCount(changes, sent, waits)
+        sent[0], flights = 0, proxy.flights
+        changes = sum(play_script(conn, path, machine, processes, SCRIPT) for _ in range(cycles))
+        return WireCount(changes, sent[0], proxy.flights - flights)

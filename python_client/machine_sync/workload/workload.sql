@@ -1,7 +1,7 @@
 -- Every statement the workload and the demo send, each under a
 -- `-- name: <name>` header followed by a one-line description. Python loads
--- them by name (machine_sync.workload.queries, through machine_sync._queries);
--- `:name` placeholders are bound parameters, never formatted text.
+-- them by name (machine_sync._queries); `%(name)s` placeholders are psycopg's
+-- bound parameters, never formatted text.
 
 
 -- The legacy call sites, exactly as production runs them. The client's
@@ -10,14 +10,14 @@
 -- name: legacy_read_status
 -- Legacy start, step one: read the status to check it in Python.
 SELECT status FROM public.machines
-WHERE id = :machine;
+WHERE id = %(machine)s;
 
 
 -- name: legacy_start_machines
 -- Legacy start, first write: machines.
 UPDATE public.machines
-SET status = 'processing', current_process_id = :process, updated_at = :now
-WHERE id = :machine;
+SET status = 'processing', current_process_id = %(process)s, updated_at = %(now)s
+WHERE id = %(machine)s;
 
 
 -- name: legacy_start_state
@@ -25,64 +25,64 @@ WHERE id = :machine;
 UPDATE public.machine_state
 SET
     current_state = 'processing',
-    process_id = :process,
-    state_since = :now,
+    process_id = %(process)s,
+    state_since = %(now)s,
     is_failure_mode = FALSE,
     failure_component = NULL,
     failure_description = NULL
-WHERE machine_id = :machine;
+WHERE machine_id = %(machine)s;
 
 
 -- name: legacy_complete_machines
 -- Legacy completion (and reset), first write: machines idle.
 UPDATE public.machines SET status = 'idle', current_process_id = NULL
-WHERE id = :machine;
+WHERE id = %(machine)s;
 
 
 -- name: legacy_complete_state
 -- Legacy completion (and reset), second write: machine_state idle.
 UPDATE public.machine_state
-SET current_state = 'idle', process_id = NULL, state_since = :now, is_failure_mode = FALSE
-WHERE machine_id = :machine;
+SET current_state = 'idle', process_id = NULL, state_since = %(now)s, is_failure_mode = FALSE
+WHERE machine_id = %(machine)s;
 
 
 -- name: legacy_error_state
 -- Legacy error, first write: machine_state (production writes it first).
 UPDATE public.machine_state
-SET current_state = 'error', is_failure_mode = TRUE, failure_description = :description
-WHERE machine_id = :machine;
+SET current_state = 'error', is_failure_mode = TRUE, failure_description = %(description)s
+WHERE machine_id = %(machine)s;
 
 
 -- name: legacy_error_machines
 -- Legacy error, second write: machines.
 UPDATE public.machines SET status = 'error', current_process_id = NULL
-WHERE id = :machine;
+WHERE id = %(machine)s;
 
 
 -- name: legacy_stop_machines
 -- Legacy stop, first write: machines loses its process, its status stays.
 UPDATE public.machines SET current_process_id = NULL
-WHERE id = :machine;
+WHERE id = %(machine)s;
 
 
 -- name: legacy_stop_state
 -- Legacy stop, second write: machine_state idle.
 UPDATE public.machine_state
 SET current_state = 'idle', process_id = NULL, is_failure_mode = FALSE
-WHERE machine_id = :machine;
+WHERE machine_id = %(machine)s;
 
 
 -- Setup: machines for the workload, each starting with an agreeing state row.
 
 -- name: create_machines
--- Insert :count idle machines named :prefix and a number; their ids.
+-- Insert count idle machines named prefix and a number; their ids.
 INSERT INTO public.machines (
     serial_number, location, lab_name, lab_institution, model, machine_type,
     install_date, last_maintenance_date, status, admin_id
 )
 SELECT
-    :prefix || lpad(n::text, 4, '0') AS serial_number,
-    'Bay ' || (1 + n % 3) AS location,
+    %(prefix)s || lpad(n::text, 4, '0') AS serial_number,
+    'Bay ' || (1 + mod(n, 3)) AS location,
     'Thin Films Lab' AS lab_name,
     'Example Institute' AS lab_institution,
     'Savannah S200' AS model,
@@ -91,12 +91,12 @@ SELECT
     timestamptz '2026-06-01 00:00+00' AS last_maintenance_date,
     'idle' AS status,
     '00000000-0000-4000-b000-000000000001' AS admin_id
-FROM generate_series(1, :count) AS n
+FROM generate_series(1, %(count)s) AS n
 RETURNING id;
 
 
 -- name: create_missing_state_rows
--- A state row for each of :ids that has none (on a migrated database the
+-- A state row for each of ids that has none (on a migrated database the
 -- mirror already made them: this inserts none).
 INSERT INTO public.machine_state (machine_id, current_state)
 SELECT
@@ -104,7 +104,7 @@ SELECT
     m.status AS current_state
 FROM public.machines AS m
 WHERE
-    m.id = any(:ids)
+    m.id = any(%(ids)s)
     AND NOT EXISTS (
         SELECT FROM public.machine_state AS s
         WHERE s.machine_id = m.id
@@ -117,20 +117,20 @@ SELECT to_regclass('public.process_executions') IS NOT NULL;
 
 
 -- name: create_processes
--- Insert :count process_executions rows; their ids.
+-- Insert count process_executions rows; their ids.
 INSERT INTO public.process_executions (recipe_name)
-SELECT 'machine-sync workload' FROM generate_series(1, :count)
+SELECT 'machine-sync workload' FROM generate_series(1, %(count)s)
 RETURNING id;
 
 
 -- name: set_statement_timeout
 -- Set this session's statement_timeout.
-SELECT set_config('statement_timeout', :value, FALSE);
+SELECT set_config('statement_timeout', %(value)s, FALSE);
 
 
 -- name: set_lock_timeout
 -- Set this session's lock_timeout.
-SELECT set_config('lock_timeout', :value, FALSE);
+SELECT set_config('lock_timeout', %(value)s, FALSE);
 
 
 -- name: schema_is_migrated
@@ -141,32 +141,32 @@ SELECT to_regclass('machine_sync.drift') IS NOT NULL;
 -- Fault injection: hold the row the second write needs, then kill its writer.
 
 -- name: lock_state_row
--- Lock the machine_state row of :machine.
+-- Lock the machine_state row of machine.
 SELECT FROM public.machine_state
-WHERE machine_id = :machine FOR UPDATE;
+WHERE machine_id = %(machine)s FOR UPDATE;
 
 
 -- name: lock_machine_row
--- Lock the machines row of :machine.
+-- Lock the machines row of machine.
 SELECT FROM public.machines
-WHERE id = :machine FOR UPDATE;
+WHERE id = %(machine)s FOR UPDATE;
 
 
 -- name: is_blocking
--- Whether this session blocks the backend :victim.
-SELECT pg_backend_pid() = any(pg_blocking_pids(:victim));
+-- Whether this session blocks the backend victim.
+SELECT pg_backend_pid() = any(pg_blocking_pids(%(victim)s));
 
 
 -- name: terminate
--- Terminate the backend :victim.
-SELECT pg_terminate_backend(:victim);
+-- Terminate the backend victim.
+SELECT pg_terminate_backend(%(victim)s);
 
 
 -- name: legacy_drift
 -- Drift on a legacy database, where machine_sync.drift does not exist yet:
 -- the same problems in the same precedence as the view, over the three pairs
 -- a legacy machines row can express (status, process, failure mode). All
--- machines when :ids is NULL.
+-- machines when ids is NULL.
 SELECT
     m.id AS machine_id,
     CASE
@@ -178,7 +178,7 @@ SELECT
 FROM public.machines AS m
 LEFT JOIN public.machine_state AS s ON m.id = s.machine_id
 WHERE
-    (:ids::uuid[] IS NULL OR m.id = any(:ids))
+    (%(ids)s::uuid[] IS NULL OR m.id = any(%(ids)s))
     AND (
         s.machine_id IS NULL
         OR (m.status, m.current_process_id, m.status = 'error')
@@ -187,12 +187,12 @@ WHERE
 
 
 -- name: migrated_drift
--- Drift on a migrated database: machine_sync.drift (all machines when :ids is NULL).
+-- Drift on a migrated database: machine_sync.drift (all machines when ids is NULL).
 SELECT
     machine_id,
     problem
 FROM machine_sync.drift
-WHERE :ids::uuid[] IS NULL OR machine_id = any(:ids);
+WHERE %(ids)s::uuid[] IS NULL OR machine_id = any(%(ids)s);
 
 
 -- The audit of production's tables: how many machines, how many state rows, and
@@ -224,19 +224,19 @@ ORDER BY origin DESC, spelling ASC;
 
 
 -- name: legacy_rpcs_present
--- How many of the functions :names exist in schema public.
+-- How many of the functions names exist in schema public.
 SELECT count(*) FROM pg_catalog.pg_proc AS p
 INNER JOIN pg_catalog.pg_namespace AS n ON p.pronamespace = n.oid
-WHERE n.nspname = 'public' AND p.proname = any(:names);
+WHERE n.nspname = 'public' AND p.proname = any(%(names)s);
 
 
 -- name: agreeing_machines
--- How many of :ids have a state row and no drift.
+-- How many of ids have a state row and no drift.
 SELECT count(*)
 FROM public.machines AS m
 INNER JOIN public.machine_state AS s ON m.id = s.machine_id
 WHERE
-    m.id = any(:ids)
+    m.id = any(%(ids)s)
     AND NOT EXISTS (
         SELECT FROM machine_sync.drift AS d
         WHERE d.machine_id = m.id
@@ -252,41 +252,41 @@ ORDER BY id;
 -- The legacy RPCs, called the way PostgREST calls them: named arguments.
 
 -- name: rpc_processing
--- atomic_processing_machine_state: start :process on :machine.
+-- atomic_processing_machine_state: start process on machine.
 SELECT public.atomic_processing_machine_state(
-    p_machine_id => :machine, p_process_id => :process
+    p_machine_id => %(machine)s, p_process_id => %(process)s
 );
 
 
 -- name: rpc_complete
--- atomic_complete_machine_state: :machine back to idle.
-SELECT public.atomic_complete_machine_state(p_machine_id => :machine);
+-- atomic_complete_machine_state: machine back to idle.
+SELECT public.atomic_complete_machine_state(p_machine_id => %(machine)s);
 
 
 -- name: rpc_error
--- atomic_error_machine_state: :machine fails with :message.
+-- atomic_error_machine_state: machine fails with message.
 SELECT public.atomic_error_machine_state(
-    p_machine_id => :machine, p_error_message => :message
+    p_machine_id => %(machine)s, p_error_message => %(message)s
 );
 
 
 -- name: rpc_update
--- atomic_update_machine_state: both tables of :machine to :status.
+-- atomic_update_machine_state: both tables of machine to status.
 SELECT public.atomic_update_machine_state(
-    p_machine_id => :machine, p_machine_status => :status,
-    p_machine_state_current_state => :status
+    p_machine_id => %(machine)s, p_machine_status => %(status)s,
+    p_machine_state_current_state => %(status)s
 );
 
 
 -- name: state_row
--- The machine_state row of :machine, as the RPC checks read it.
+-- The machine_state row of machine, as the RPC checks read it.
 SELECT
     current_state,
     process_id,
     is_failure_mode,
     failure_description
 FROM public.machine_state
-WHERE machine_id = :machine;
+WHERE machine_id = %(machine)s;
 
 
 -- name: server_version
