@@ -545,11 +545,12 @@ $$;
 --   not rewrite machine_state.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
 -- * One trigger call per UPDATE: the BEFORE trigger decides the row and
---   writes its state row. An UPDATE that touches none of the columns it
+--   writes its state row. An UPDATE that sets none of the columns it
 --   watches (status, current_process_id, the failure fields, status_since,
---   updated_at, id) calls no function at all (the trigger's WHEN). A new
---   machine takes two calls: its state row can only be written AFTER the
---   machine exists, because of the foreign key.
+--   updated_at, id) calls no function at all (the trigger's column list;
+--   a WHEN clause would cost more, as PostgreSQL reads it anew for every
+--   statement). A new machine takes two calls: its state row can only be
+--   written AFTER the machine exists, because of the foreign key.
 -- * The function runs as machine_sync_mirror (00_schema.sql): that is how
 --   the guard on machine_state (60_guard.sql) knows the mirror's own
 --   writes, and why they work when the writer may not write machine_state.
@@ -558,9 +559,12 @@ $$;
 --
 -- Ordering with the application's own triggers: BEFORE triggers fire in
 -- name order and this one is named zz_machine_sync so that it fires after
--- the usual ones (an updated_at stamper, say) and sees their changes. A
--- BEFORE trigger that sorts after it must not change the columns above:
--- machine_state would miss that change (machine_sync.drift reports it).
+-- the usual ones (an updated_at stamper, say) and sees their changes. It
+-- fires when the UPDATE itself sets a watched column: an application's
+-- BEFORE trigger that changes the status (or the process, or the failure
+-- fields) of an UPDATE that sets none of them, or that sorts after
+-- zz_machine_sync, is not seen, and machine_state would miss that change
+-- (machine_sync.drift reports it; machine-sync reconcile repairs it).
 -- AFTER triggers of the application's see both tables already written.
 
 CREATE OR REPLACE FUNCTION machine_sync.machines_sync()
@@ -569,14 +573,39 @@ LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
+-- Written for its hot path, an UPDATE that changes the status to one the
+-- rules allow: every condition below is an expression PostgreSQL prepares
+-- anew in each transaction, and a condition with a subquery is a whole
+-- query however it short-circuits, so the hot path meets few of them and
+-- one query besides its write.
 DECLARE
     -- The status before this write, canonical; NULL for a new machine or a
     -- stored status outside the vocabulary (which may be corrected freely).
     was text;
-    -- Whether the change from `was` to NEW.status is known to be allowed.
-    allowed boolean := FALSE;
+    -- Whether the change from `was` to NEW.status is known to be allowed
+    -- (NULL, unknown, until a probe says; no default, which would be one
+    -- more expression on every call).
+    allowed boolean;
 BEGIN
-    IF TG_WHEN = 'AFTER' THEN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.id IS DISTINCT FROM OLD.id THEN
+            RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
+            USING ERRCODE = 'MS003';
+        END IF;
+        was := OLD.status;
+        IF NEW.status IS DISTINCT FROM was THEN
+            -- One probe proves both spellings canonical (the table's
+            -- foreign keys) and the change allowed.
+            allowed := EXISTS (
+                SELECT FROM machine_sync.allowed_transition AS t
+                WHERE t.from_status = was AND t.to_status = NEW.status
+            );
+            IF NOT allowed THEN
+                NEW.status := machine_sync.normalize_status(NEW.status);
+                was := machine_sync.canonical_status(OLD.status);
+            END IF;
+        END IF;
+    ELSIF TG_WHEN = 'AFTER' THEN
         -- A new machine. A state row left behind by a restore that bypassed
         -- triggers is overwritten, not kept.
         INSERT INTO public.machine_state AS s (
@@ -596,35 +625,14 @@ BEGIN
             failure_description = excluded.failure_description,
             updated_at = excluded.updated_at;
         RETURN NULL;
+    ELSIF NOT EXISTS (
+        SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
+    ) THEN
+        NEW.status := machine_sync.normalize_status(NEW.status);
     END IF;
 
-    IF TG_OP = 'INSERT' THEN
-        IF NOT EXISTS (
-            SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
-        ) THEN
-            NEW.status := machine_sync.normalize_status(NEW.status);
-        END IF;
-    ELSE
-        IF NEW.id IS DISTINCT FROM OLD.id THEN
-            RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
-            USING ERRCODE = 'MS003';
-        END IF;
-        was := OLD.status;
-        IF NEW.status IS DISTINCT FROM OLD.status THEN
-            -- Hot path: one probe proves both spellings canonical (the
-            -- table's foreign keys) and the change allowed.
-            allowed := EXISTS (
-                SELECT FROM machine_sync.allowed_transition AS t
-                WHERE t.from_status = OLD.status AND t.to_status = NEW.status
-            );
-            IF NOT allowed THEN
-                NEW.status := machine_sync.normalize_status(NEW.status);
-                was := machine_sync.canonical_status(OLD.status);
-            END IF;
-        END IF;
-    END IF;
-
-    -- A status and its process go together.
+    -- A status and its process go together. (OLD is NULL for a new machine:
+    -- a comparison with it is NULL, so never true.)
     IF NEW.status = 'processing' THEN
         IF NEW.current_process_id IS NULL THEN
             IF was = 'processing' THEN
@@ -636,18 +644,14 @@ BEGIN
                     NEW.id
                 USING ERRCODE = 'MS003';
             END IF;
-        ELSIF
-            was = 'processing'
-            AND OLD.current_process_id IS NOT NULL
-            AND NEW.current_process_id <> OLD.current_process_id
-        THEN
+        ELSIF was = 'processing' AND NEW.current_process_id <> OLD.current_process_id THEN
             RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
             USING ERRCODE = 'MS002',
                   DETAIL = 'refused process ' || NEW.current_process_id::text,
                   HINT = 'End the running process first (status idle, error or offline).';
         END IF;
     ELSIF NEW.current_process_id IS NOT NULL THEN
-        IF TG_OP = 'UPDATE' AND NEW.current_process_id = OLD.current_process_id THEN
+        IF NEW.current_process_id = OLD.current_process_id THEN
             -- The run ends with the status it ran in.
             NEW.current_process_id := NULL;
         ELSE
@@ -657,8 +661,6 @@ BEGIN
         END IF;
     END IF;
 
-    -- (Nested, so that the hot path, already allowed, runs no query here: a
-    -- condition with a subquery is a whole query however it short-circuits.)
     IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
         IF NOT EXISTS (
             SELECT FROM machine_sync.allowed_transition AS t
@@ -678,12 +680,9 @@ BEGIN
         NEW.failure_description := NULL;
         NEW.failure_component := NULL;
     END IF;
-    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM was THEN
-        NEW.status_since := now();
-    ELSE
-        NEW.status_since := OLD.status_since;
-    END IF;
     NEW.updated_at := now();
+    -- A new machine has no `was`: its status is new.
+    NEW.status_since := CASE WHEN NEW.status IS DISTINCT FROM was THEN now() ELSE OLD.status_since END;
 
     IF TG_OP = 'UPDATE' THEN
         UPDATE public.machine_state AS s
@@ -707,15 +706,17 @@ BEGIN
         IF NOT FOUND THEN
             -- Either the row agrees already, or it is missing (drift made by
             -- bypassing triggers): then this write repairs it.
-            INSERT INTO public.machine_state AS s (
-                machine_id, current_state, state_since, process_id,
-                is_failure_mode, failure_component, failure_description, updated_at
-            ) VALUES (
-                NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
-                NEW.status = 'error', NEW.failure_component, NEW.failure_description,
-                NEW.updated_at
-            )
-            ON CONFLICT (machine_id) DO NOTHING;
+            IF NOT EXISTS (SELECT FROM public.machine_state AS s WHERE s.machine_id = NEW.id) THEN
+                INSERT INTO public.machine_state AS s (
+                    machine_id, current_state, state_since, process_id,
+                    is_failure_mode, failure_component, failure_description, updated_at
+                ) VALUES (
+                    NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
+                    NEW.status = 'error', NEW.failure_component, NEW.failure_description,
+                    NEW.updated_at
+                )
+                ON CONFLICT (machine_id) DO NOTHING;
+            END IF;
         END IF;
     END IF;
     RETURN NEW;
@@ -731,20 +732,11 @@ ALTER FUNCTION machine_sync.machines_sync() OWNER TO machine_sync_mirror;
 REVOKE CREATE ON SCHEMA machine_sync FROM machine_sync_mirror;
 
 CREATE OR REPLACE TRIGGER zz_machine_sync
-BEFORE UPDATE ON public.machines
-FOR EACH ROW
-WHEN (
-    (
-        old.status, old.current_process_id, old.failure_description,
-        old.failure_component, old.status_since, old.updated_at, old.id
-    )
-    IS DISTINCT FROM
-    (
-        new.status, new.current_process_id, new.failure_description,
-        new.failure_component, new.status_since, new.updated_at, new.id
-    )
-)
-EXECUTE FUNCTION machine_sync.machines_sync();
+BEFORE UPDATE OF
+status, current_process_id, failure_description, failure_component,
+status_since, updated_at, id
+ON public.machines
+FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 
 CREATE OR REPLACE TRIGGER zz_machine_sync_insert
 BEFORE INSERT ON public.machines
@@ -763,8 +755,10 @@ FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 -- A write is the mirror's exactly when it runs as machine_sync_mirror
 -- (00_schema.sql); every other write to machine_state is "direct", whoever
 -- makes it: a client, a function, an application's trigger, a foreign-key
--- action. The triggers below ignore the mirror's writes in their WHEN
--- clause, so the mirror pays no function call for them.
+-- action. The two triggers the mirror's UPDATE meets have no WHEN clause:
+-- PostgreSQL reads a WHEN clause anew for every statement, and the mirror's
+-- write is a statement per machine, where a function that returns at once
+-- costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
 --
 -- Guarantees:
 -- * mode 'compat': a direct UPDATE or INSERT succeeds with the caller's own
@@ -803,6 +797,9 @@ AS $$
 DECLARE
     since timestamptz;
 BEGIN
+    IF current_user = 'machine_sync_mirror' THEN
+        RETURN NEW;  -- the mirror's own write
+    END IF;
     -- The setting itself, not machine_sync.mode_v1(): a SQL function with a SET
     -- clause is never inlined, and this runs on every legacy write.
     IF (SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton) = 'strict' THEN
@@ -928,6 +925,18 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF current_user = 'machine_sync_mirror' THEN
+        RETURN NULL;  -- the mirror's own write
+    END IF;
+    IF TG_OP = 'UPDATE' THEN
+        IF (
+            NEW.current_state, NEW.process_id, NEW.failure_description, NEW.failure_component
+        ) IS NOT DISTINCT FROM (
+            OLD.current_state, OLD.process_id, OLD.failure_description, OLD.failure_component
+        ) THEN
+            RETURN NULL;  -- nothing mirrored changed: machines is not written
+        END IF;
+    END IF;
     UPDATE public.machines AS m
     SET
         status = NEW.current_state,
@@ -981,20 +990,11 @@ $$;
 CREATE OR REPLACE TRIGGER machine_state_direct_write
 BEFORE INSERT OR UPDATE ON public.machine_state
 FOR EACH ROW
-WHEN (current_user <> 'machine_sync_mirror')
 EXECUTE FUNCTION machine_sync.machine_state_direct_write();
 
 CREATE OR REPLACE TRIGGER machine_state_carry_update
 AFTER UPDATE ON public.machine_state
 FOR EACH ROW
-WHEN (
-    current_user <> 'machine_sync_mirror'
-    AND (
-        old.current_state, old.process_id, old.failure_description, old.failure_component
-    ) IS DISTINCT FROM (
-        new.current_state, new.process_id, new.failure_description, new.failure_component
-    )
-)
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
 
 CREATE OR REPLACE TRIGGER machine_state_carry_insert

@@ -490,7 +490,7 @@ def refused_everywhere(conn: Conn, machine_id: uuid.UUID, value: str) -> None:
 
 
 def check_hostile_statuses(conn: Conn, subtests: Any) -> None:
-    conn.execute("SELECT machine_sync.set_mode('compat')")
+    conn.execute("SELECT machine_sync.set_mode_v1('compat')")
     # A status with a k, so that the Kelvin sign has something to pass for.
     conn.execute("INSERT INTO machine_sync.allowed_status VALUES ('parked', 'Parked.')")
     conn.execute(

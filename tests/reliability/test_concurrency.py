@@ -830,7 +830,7 @@ def mode_op(rng: random.Random) -> Stmt:
     mode = rng.choice(("compat", "strict"))
     if rng.random() < 0.5:
         return Stmt(lambda conn: Client(conn).set_mode(mode), lambda _rows, _mode: None)
-    return plain("SELECT machine_sync.set_mode(%(mode)s)", {"mode": mode}, lambda _r, _m: None)
+    return plain("SELECT machine_sync.set_mode_v1(%(mode)s)", {"mode": mode}, lambda _r, _m: None)
 
 
 def next_operation(owner: Owner, rng: random.Random) -> tuple[str, list[Step]]:
