@@ -399,3 +399,70 @@ def test_a_before_trigger_sorting_after_the_mirror_that_changes_status_makes_rep
     assert conn.execute(
         "SELECT problem FROM machine_sync.drift WHERE machine_id = %s", [machine_id]
     ).fetchall() == [("value_mismatch",)]
+
+
+def test_a_before_trigger_changing_the_status_of_an_update_that_sets_no_watched_column_is_not_seen(
+    conn,
+):
+    """zz_machine_sync fires on its column list: what an application trigger
+    changes in an update whose SET names no watched column is drift, reported
+    and repaired like any other."""
+    conn.execute(
+        """CREATE FUNCTION public.retire() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               IF NEW.location = 'scrapyard' THEN NEW.status := 'offline'; END IF;
+               RETURN NEW;
+           END $$"""
+    )
+    conn.execute(
+        "CREATE TRIGGER a_retire BEFORE UPDATE ON machines FOR EACH ROW"
+        " EXECUTE FUNCTION public.retire()"
+    )
+    machine_id = add_machine(conn, status="idle")
+    conn.execute("UPDATE machines SET location = 'scrapyard' WHERE id = %s", [machine_id])
+    assert machine(conn, machine_id)["status"] == "offline"
+    assert state(conn, machine_id)["current_state"] == "idle"
+    assert conn.execute(
+        "SELECT problem FROM machine_sync.drift WHERE machine_id = %s", [machine_id]
+    ).fetchall() == [("value_mismatch",)]
+    repaired = conn.execute(
+        "SELECT repaired FROM machine_sync.reconcile_v1() WHERE machine_id = %s", [machine_id]
+    ).fetchall()
+    assert repaired == [(True,)]
+    assert state(conn, machine_id)["current_state"] == "offline"
+    assert_consistent(conn)
+
+
+def test_only_an_update_that_sets_a_watched_column_calls_the_mirror(db):
+    """The column list: an UPDATE of other columns calls no function; one that
+    sets a watched column to the value it has calls the mirror, which
+    rewrites nothing."""
+    with db.connect(admin=True) as conn:
+        conn.execute("SET track_functions = 'all'")
+        machine_id = add_machine(conn, status="idle")
+        conn.commit()
+
+        def calls() -> int:
+            return conn.execute(
+                "SELECT coalesce(sum(calls), 0) FROM pg_stat_xact_user_functions"
+                " WHERE schemaname = 'machine_sync' AND funcname = 'machines_sync'"
+            ).fetchone()[0]
+
+        def state_version() -> str:
+            return conn.execute(
+                "SELECT xmin::text FROM machine_state WHERE machine_id = %s", [machine_id]
+            ).fetchone()[0]
+
+        def calls_by(statement: str) -> int:
+            before = calls()
+            conn.execute(statement, [machine_id])
+            return calls() - before
+
+        version = state_version()
+        assert calls_by("UPDATE machines SET location = 'bay 2' WHERE id = %s") == 0
+        assert calls_by("UPDATE machines SET status = 'idle' WHERE id = %s") == 1
+        assert state_version() == version
+        assert calls_by("UPDATE machines SET status = 'maintenance' WHERE id = %s") == 1
+        assert state_version() != version
+        conn.commit()
+        assert_consistent(conn)
