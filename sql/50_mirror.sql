@@ -74,86 +74,71 @@ BEGIN
                 was := machine_sync.canonical_status(OLD.status);
             END IF;
         END IF;
-    ELSIF TG_WHEN = 'AFTER' THEN
-        -- A new machine. A state row left behind by a restore that bypassed
-        -- triggers is overwritten, not kept.
-        INSERT INTO public.machine_state AS s (
-            machine_id, current_state, state_since, process_id,
-            is_failure_mode, failure_component, failure_description, updated_at
-        ) VALUES (
-            NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
-            NEW.status = 'error', NEW.failure_component, NEW.failure_description,
-            NEW.updated_at
-        )
-        ON CONFLICT (machine_id) DO UPDATE SET
-            current_state = excluded.current_state,
-            state_since = excluded.state_since,
-            process_id = excluded.process_id,
-            is_failure_mode = excluded.is_failure_mode,
-            failure_component = excluded.failure_component,
-            failure_description = excluded.failure_description,
-            updated_at = excluded.updated_at;
-        RETURN NULL;
-    ELSIF NOT EXISTS (
-        SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
-    ) THEN
-        NEW.status := machine_sync.normalize_status(NEW.status);
+    ELSIF TG_WHEN = 'BEFORE' THEN
+        IF NOT EXISTS (
+            SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
+        ) THEN
+            NEW.status := machine_sync.normalize_status(NEW.status);
+        END IF;
     END IF;
 
-    -- A status and its process go together. (OLD is NULL for a new machine:
-    -- a comparison with it is NULL, so never true.)
-    IF NEW.status = 'processing' THEN
-        IF NEW.current_process_id IS NULL THEN
-            IF was = 'processing' THEN
-                -- The run was cleared: the machine stopped.
-                NEW.status := 'idle';
-                allowed := FALSE;
+    IF TG_WHEN = 'BEFORE' THEN
+        -- A status and its process go together. (OLD is NULL for a new machine:
+        -- a comparison with it is NULL, so never true.)
+        IF NEW.status = 'processing' THEN
+            IF NEW.current_process_id IS NULL THEN
+                IF was = 'processing' THEN
+                    -- The run was cleared: the machine stopped.
+                    NEW.status := 'idle';
+                    allowed := FALSE;
+                ELSE
+                    RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
+                        NEW.id
+                    USING ERRCODE = 'MS003';
+                END IF;
+            ELSIF was = 'processing' AND NEW.current_process_id <> OLD.current_process_id THEN
+                RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
+                USING ERRCODE = 'MS002',
+                      DETAIL = 'refused process ' || NEW.current_process_id::text,
+                      HINT = 'End the running process first (status idle, error or offline).';
+            END IF;
+        ELSIF NEW.current_process_id IS NOT NULL THEN
+            IF NEW.current_process_id = OLD.current_process_id THEN
+                -- The run ends with the status it ran in.
+                NEW.current_process_id := NULL;
             ELSE
-                RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
-                    NEW.id
+                RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
+                    NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
             END IF;
-        ELSIF was = 'processing' AND NEW.current_process_id <> OLD.current_process_id THEN
-            RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
-            USING ERRCODE = 'MS002',
-                  DETAIL = 'refused process ' || NEW.current_process_id::text,
-                  HINT = 'End the running process first (status idle, error or offline).';
         END IF;
-    ELSIF NEW.current_process_id IS NOT NULL THEN
-        IF NEW.current_process_id = OLD.current_process_id THEN
-            -- The run ends with the status it ran in.
-            NEW.current_process_id := NULL;
-        ELSE
-            RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
-                NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
-            USING ERRCODE = 'MS003';
+
+        IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
+            IF NOT EXISTS (
+                SELECT FROM machine_sync.allowed_transition AS t
+                WHERE t.from_status = was AND t.to_status = NEW.status
+            ) THEN
+                RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
+                USING ERRCODE = 'MS003',
+                      DETAIL = coalesce('allowed from ' || was || ': ' || (
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          FROM machine_sync.allowed_transition AS t
+                          WHERE t.from_status = was), 'nothing is allowed from ' || was),
+                      HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+            END IF;
         END IF;
-    END IF;
 
-    IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
-        IF NOT EXISTS (
-            SELECT FROM machine_sync.allowed_transition AS t
-            WHERE t.from_status = was AND t.to_status = NEW.status
-        ) THEN
-            RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
-            USING ERRCODE = 'MS003',
-                  DETAIL = coalesce('allowed from ' || was || ': ' || (
-                      SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
-                      FROM machine_sync.allowed_transition AS t
-                      WHERE t.from_status = was), 'nothing is allowed from ' || was),
-                  HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+        IF was = 'error' AND NEW.status <> 'error' THEN
+            NEW.failure_description := NULL;
+            NEW.failure_component := NULL;
         END IF;
-    END IF;
+        NEW.updated_at := now();
+        -- A new machine has no `was`: its status is new.
+        NEW.status_since := CASE WHEN NEW.status IS DISTINCT FROM was THEN now() ELSE OLD.status_since END;
 
-    IF was = 'error' AND NEW.status <> 'error' THEN
-        NEW.failure_description := NULL;
-        NEW.failure_component := NULL;
-    END IF;
-    NEW.updated_at := now();
-    -- A new machine has no `was`: its status is new.
-    NEW.status_since := CASE WHEN NEW.status IS DISTINCT FROM was THEN now() ELSE OLD.status_since END;
-
-    IF TG_OP = 'UPDATE' THEN
+        IF TG_OP = 'INSERT' THEN
+            RETURN NEW;  -- the state row is written AFTER, once the machine exists
+        END IF;
         UPDATE public.machine_state AS s
         SET
             current_state = NEW.status,
@@ -172,22 +157,34 @@ BEGIN
                 NEW.status::varchar, NEW.status_since, NEW.current_process_id,
                 NEW.status = 'error', NEW.failure_component, NEW.failure_description
             );
-        IF NOT FOUND THEN
-            -- Either the row agrees already, or it is missing (drift made by
-            -- bypassing triggers): then this write repairs it.
-            IF NOT EXISTS (SELECT FROM public.machine_state AS s WHERE s.machine_id = NEW.id) THEN
-                INSERT INTO public.machine_state AS s (
-                    machine_id, current_state, state_since, process_id,
-                    is_failure_mode, failure_component, failure_description, updated_at
-                ) VALUES (
-                    NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
-                    NEW.status = 'error', NEW.failure_component, NEW.failure_description,
-                    NEW.updated_at
-                )
-                ON CONFLICT (machine_id) DO NOTHING;
-            END IF;
+        IF FOUND THEN
+            RETURN NEW;
         END IF;
+        IF EXISTS (SELECT FROM public.machine_state AS s WHERE s.machine_id = NEW.id) THEN
+            RETURN NEW;  -- the row agrees already
+        END IF;
+        -- The row is missing (drift made by bypassing triggers): this write
+        -- repairs it, below.
     END IF;
+
+    -- A new machine's state row (AFTER INSERT), or a missing one. A state row
+    -- left behind by a restore that bypassed triggers is overwritten, not kept.
+    INSERT INTO public.machine_state AS s (
+        machine_id, current_state, state_since, process_id,
+        is_failure_mode, failure_component, failure_description, updated_at
+    ) VALUES (
+        NEW.id, NEW.status, NEW.status_since, NEW.current_process_id,
+        NEW.status = 'error', NEW.failure_component, NEW.failure_description,
+        NEW.updated_at
+    )
+    ON CONFLICT (machine_id) DO UPDATE SET
+        current_state = excluded.current_state,
+        state_since = excluded.state_since,
+        process_id = excluded.process_id,
+        is_failure_mode = excluded.is_failure_mode,
+        failure_component = excluded.failure_component,
+        failure_description = excluded.failure_description,
+        updated_at = excluded.updated_at;
     RETURN NEW;
 END
 $$;
