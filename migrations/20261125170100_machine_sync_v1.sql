@@ -793,13 +793,22 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     since timestamptz;
+    in_strict boolean;
+    canonical boolean;
 BEGIN
     IF current_user = 'machine_sync_mirror' THEN
         RETURN NEW;  -- the mirror's own write
     END IF;
-    -- The setting itself, not machine_sync.mode_v1(): a SQL function with a SET
-    -- clause is never inlined, and this runs on every legacy write.
-    IF (SELECT s.mode FROM machine_sync.settings AS s WHERE s.singleton) = 'strict' THEN
+    -- One query for the mode and the spelling. (The setting itself, not
+    -- machine_sync.mode_v1(): a SQL function with a SET clause is never
+    -- inlined, and this runs on every legacy write.)
+    SELECT
+        s.mode = 'strict',
+        EXISTS (SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.current_state)
+    INTO in_strict, canonical
+    FROM machine_sync.settings AS s
+    WHERE s.singleton;
+    IF in_strict THEN
         RAISE EXCEPTION 'machine_state is maintained by machine-sync and is read-only in strict mode: write public.machines instead'
         USING ERRCODE = 'MS001',
               HINT = 'UPDATE public.machines SET status = ... WHERE id = ...; machine_state follows in the same transaction.';
@@ -809,9 +818,7 @@ BEGIN
             OLD.machine_id, NEW.machine_id
         USING ERRCODE = 'MS001';
     END IF;
-    IF NOT EXISTS (
-        SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.current_state
-    ) THEN
+    IF NOT canonical THEN
         NEW.current_state := machine_sync.normalize_status(NEW.current_state);
     END IF;
     NEW.is_failure_mode := (NEW.current_state = 'error');
@@ -819,7 +826,15 @@ BEGIN
     IF NEW.machine_id IS NULL THEN
         RETURN NEW;  -- the NOT NULL constraint answers (23502)
     END IF;
-    since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
+    -- The machine's row, at once when no other transaction holds it (and
+    -- the caller may see and lock it); else lock_machine decides.
+    SELECT m.status_since INTO since
+    FROM public.machines AS m
+    WHERE m.id = NEW.machine_id
+    FOR NO KEY UPDATE SKIP LOCKED;
+    IF NOT FOUND THEN
+        since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
+    END IF;
     IF TG_OP = 'UPDATE' AND (
         NEW.current_state, NEW.process_id, NEW.failure_description, NEW.failure_component
     ) IS NOT DISTINCT FROM (
