@@ -544,6 +544,10 @@ $$;
 --   and the same failure fields. A write that changes none of these does
 --   not rewrite machine_state.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
+--   (Except where the cascade does not fire: zz_machine_sync_delete.)
+-- * On a logical replication subscriber of machines alone, with these
+--   triggers set ENABLE ALWAYS, applied rows are mirrored as the
+--   publisher wrote them: no rule is checked again, no clock is reset.
 -- * One trigger call per UPDATE: the BEFORE trigger decides the row and
 --   writes its state row. An UPDATE that touches none of the columns it
 --   watches (status, current_process_id, the failure fields, status_since,
@@ -575,7 +579,18 @@ DECLARE
     was text;
     -- Whether the change from `was` to NEW.status is known to be allowed.
     allowed boolean := FALSE;
+    -- A row a logical replication subscriber applies (its apply worker runs
+    -- with session_replication_role = replica, where this trigger fires
+    -- only when set ENABLE ALWAYS): the publisher checked it and set its
+    -- clocks already, so it is mirrored as it is.
+    applied constant boolean := pg_catalog.current_setting('session_replication_role') = 'replica';
 BEGIN
+    IF TG_OP = 'DELETE' THEN
+        -- Only for an applied delete (see zz_machine_sync_delete): the foreign
+        -- key's cascade does not fire in replica mode.
+        DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
+        RETURN NULL;
+    END IF;
     IF TG_WHEN = 'AFTER' THEN
         -- A new machine. A state row left behind by a restore that bypassed
         -- triggers is overwritten, not kept.
@@ -598,7 +613,9 @@ BEGIN
         RETURN NULL;
     END IF;
 
-    IF TG_OP = 'INSERT' THEN
+    IF applied THEN
+        NULL;  -- as the publisher wrote it: straight to the state row below
+    ELSIF TG_OP = 'INSERT' THEN
         IF NOT EXISTS (
             SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
         ) THEN
@@ -624,66 +641,68 @@ BEGIN
         END IF;
     END IF;
 
-    -- A status and its process go together.
-    IF NEW.status = 'processing' THEN
-        IF NEW.current_process_id IS NULL THEN
-            IF was = 'processing' THEN
-                -- The run was cleared: the machine stopped.
-                NEW.status := 'idle';
-                allowed := FALSE;
+    IF NOT applied THEN
+        -- A status and its process go together.
+        IF NEW.status = 'processing' THEN
+            IF NEW.current_process_id IS NULL THEN
+                IF was = 'processing' THEN
+                    -- The run was cleared: the machine stopped.
+                    NEW.status := 'idle';
+                    allowed := FALSE;
+                ELSE
+                    RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
+                        NEW.id
+                    USING ERRCODE = 'MS003';
+                END IF;
+            ELSIF
+                was = 'processing'
+                AND OLD.current_process_id IS NOT NULL
+                AND NEW.current_process_id <> OLD.current_process_id
+            THEN
+                RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
+                USING ERRCODE = 'MS002',
+                      DETAIL = 'refused process ' || NEW.current_process_id::text,
+                      HINT = 'End the running process first (status idle, error or offline).';
+            END IF;
+        ELSIF NEW.current_process_id IS NOT NULL THEN
+            IF TG_OP = 'UPDATE' AND NEW.current_process_id = OLD.current_process_id THEN
+                -- The run ends with the status it ran in.
+                NEW.current_process_id := NULL;
             ELSE
-                RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
-                    NEW.id
+                RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
+                    NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
             END IF;
-        ELSIF
-            was = 'processing'
-            AND OLD.current_process_id IS NOT NULL
-            AND NEW.current_process_id <> OLD.current_process_id
-        THEN
-            RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
-            USING ERRCODE = 'MS002',
-                  DETAIL = 'refused process ' || NEW.current_process_id::text,
-                  HINT = 'End the running process first (status idle, error or offline).';
         END IF;
-    ELSIF NEW.current_process_id IS NOT NULL THEN
-        IF TG_OP = 'UPDATE' AND NEW.current_process_id = OLD.current_process_id THEN
-            -- The run ends with the status it ran in.
-            NEW.current_process_id := NULL;
+
+        -- (Nested, so that the hot path, already allowed, runs no query here: a
+        -- condition with a subquery is a whole query however it short-circuits.)
+        IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
+            IF NOT EXISTS (
+                SELECT FROM machine_sync.allowed_transition AS t
+                WHERE t.from_status = was AND t.to_status = NEW.status
+            ) THEN
+                RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
+                USING ERRCODE = 'MS003',
+                      DETAIL = coalesce('allowed from ' || was || ': ' || (
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          FROM machine_sync.allowed_transition AS t
+                          WHERE t.from_status = was), 'nothing is allowed from ' || was),
+                      HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+            END IF;
+        END IF;
+
+        IF was = 'error' AND NEW.status <> 'error' THEN
+            NEW.failure_description := NULL;
+            NEW.failure_component := NULL;
+        END IF;
+        IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM was THEN
+            NEW.status_since := now();
         ELSE
-            RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
-                NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
-            USING ERRCODE = 'MS003';
+            NEW.status_since := OLD.status_since;
         END IF;
+        NEW.updated_at := now();
     END IF;
-
-    -- (Nested, so that the hot path, already allowed, runs no query here: a
-    -- condition with a subquery is a whole query however it short-circuits.)
-    IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
-        IF NOT EXISTS (
-            SELECT FROM machine_sync.allowed_transition AS t
-            WHERE t.from_status = was AND t.to_status = NEW.status
-        ) THEN
-            RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
-            USING ERRCODE = 'MS003',
-                  DETAIL = coalesce('allowed from ' || was || ': ' || (
-                      SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
-                      FROM machine_sync.allowed_transition AS t
-                      WHERE t.from_status = was), 'nothing is allowed from ' || was),
-                  HINT = 'The rules are the rows of machine_sync.allowed_transition.';
-        END IF;
-    END IF;
-
-    IF was = 'error' AND NEW.status <> 'error' THEN
-        NEW.failure_description := NULL;
-        NEW.failure_component := NULL;
-    END IF;
-    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM was THEN
-        NEW.status_since := now();
-    ELSE
-        NEW.status_since := OLD.status_since;
-    END IF;
-    NEW.updated_at := now();
 
     IF TG_OP = 'UPDATE' THEN
         UPDATE public.machine_state AS s
@@ -730,19 +749,24 @@ GRANT CREATE ON SCHEMA machine_sync TO machine_sync_mirror;
 ALTER FUNCTION machine_sync.machines_sync() OWNER TO machine_sync_mirror;
 REVOKE CREATE ON SCHEMA machine_sync FROM machine_sync_mirror;
 
+-- The WHEN clauses and the drift view spell out each column's IS DISTINCT
+-- FROM: PostgreSQL expands a row comparison into nested ORs, which pg_dump
+-- writes out flat, and it writes every implicit cast as an explicit one, so
+-- a restored database would hold another expression tree than the
+-- migration made (and `migrate status` would call the restored trigger
+-- changed). Written flat with the casts spelled out, the restore
+-- reproduces it.
 CREATE OR REPLACE TRIGGER zz_machine_sync
 BEFORE UPDATE ON public.machines
 FOR EACH ROW
 WHEN (
-    (
-        old.status, old.current_process_id, old.failure_description,
-        old.failure_component, old.status_since, old.updated_at, old.id
-    )
-    IS DISTINCT FROM
-    (
-        new.status, new.current_process_id, new.failure_description,
-        new.failure_component, new.status_since, new.updated_at, new.id
-    )
+    old.status IS DISTINCT FROM new.status
+    OR old.current_process_id IS DISTINCT FROM new.current_process_id
+    OR old.failure_description IS DISTINCT FROM new.failure_description
+    OR old.failure_component IS DISTINCT FROM new.failure_component
+    OR old.status_since IS DISTINCT FROM new.status_since
+    OR old.updated_at IS DISTINCT FROM new.updated_at
+    OR old.id IS DISTINCT FROM new.id
 )
 EXECUTE FUNCTION machine_sync.machines_sync();
 
@@ -753,6 +777,17 @@ FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 CREATE OR REPLACE TRIGGER zz_machine_sync_insert_state
 AFTER INSERT ON public.machines
 FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
+
+-- A deleted machine's state row goes with it by the foreign key's cascade,
+-- which does not fire in replica mode: on a logical replication subscriber
+-- of machines alone (this and the three above set ENABLE ALWAYS, see
+-- MIGRATING.md) this trigger deletes it instead. Elsewhere its WHEN is
+-- false, so no delete ever queues it.
+CREATE OR REPLACE TRIGGER zz_machine_sync_delete
+AFTER DELETE ON public.machines
+FOR EACH ROW
+WHEN (pg_catalog.current_setting('session_replication_role') = 'replica')
+EXECUTE FUNCTION machine_sync.machines_sync();
 
 -- ---------------------------------------------------------------------------
 -- sql/60_guard.sql
@@ -987,12 +1022,15 @@ EXECUTE FUNCTION machine_sync.machine_state_direct_write();
 CREATE OR REPLACE TRIGGER machine_state_carry_update
 AFTER UPDATE ON public.machine_state
 FOR EACH ROW
+-- (Column by column, not a row comparison, and the cast written out:
+-- see zz_machine_sync.)
 WHEN (
     current_user <> 'machine_sync_mirror'
     AND (
-        old.current_state, old.process_id, old.failure_description, old.failure_component
-    ) IS DISTINCT FROM (
-        new.current_state, new.process_id, new.failure_description, new.failure_component
+        old.current_state::text IS DISTINCT FROM new.current_state::text
+        OR old.process_id IS DISTINCT FROM new.process_id
+        OR old.failure_description IS DISTINCT FROM new.failure_description
+        OR old.failure_component IS DISTINCT FROM new.failure_component
     )
 )
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
@@ -1052,9 +1090,9 @@ SELECT
         WHEN s.machine_id IS NULL THEN 'missing_state'
         WHEN m.id IS NULL THEN 'orphaned_state'
         WHEN
-            m.status <> s.current_state
+            m.status <> s.current_state::text
             AND machine_sync.canonical_status(m.status)
-            = machine_sync.canonical_status(s.current_state)
+            = machine_sync.canonical_status(s.current_state::text)
             THEN 'status_case'
         WHEN (m.status IS DISTINCT FROM machine_sync.canonical_status(m.status))
             THEN 'noncanonical_status'
@@ -1062,19 +1100,19 @@ SELECT
     END AS problem
 FROM public.machines AS m
 FULL OUTER JOIN public.machine_state AS s ON m.id = s.machine_id
+-- (Column by column, not a row comparison, and each cast written out, so
+-- that a restore reproduces the view exactly: see zz_machine_sync in
+-- 50_mirror.sql.)
 WHERE
     m.id IS NULL
     OR s.machine_id IS NULL
     OR m.status IS DISTINCT FROM machine_sync.canonical_status(m.status)
-    OR (
-        m.status, m.status_since, m.current_process_id, m.status = 'error',
-        m.failure_description, m.failure_component
-    )
-    IS DISTINCT FROM
-    (
-        s.current_state::text, s.state_since, s.process_id, s.is_failure_mode,
-        s.failure_description, s.failure_component
-    );
+    OR m.status IS DISTINCT FROM s.current_state::text
+    OR m.status_since IS DISTINCT FROM s.state_since
+    OR m.current_process_id IS DISTINCT FROM s.process_id
+    OR (m.status = 'error') IS DISTINCT FROM s.is_failure_mode
+    OR m.failure_description IS DISTINCT FROM s.failure_description
+    OR m.failure_component IS DISTINCT FROM s.failure_component;
 
 COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '
@@ -1333,7 +1371,9 @@ public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
 GRANT SELECT ON public.machines TO machine_sync_mirror;
-GRANT SELECT, INSERT, UPDATE ON public.machine_state TO machine_sync_mirror;
+-- DELETE: only for a delete a logical replication subscriber applies
+-- (zz_machine_sync_delete); the guard keeps refusing everyone else's.
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
 
 DO $$
 BEGIN
@@ -1508,7 +1548,14 @@ AS $$
     SELECT
         'function' AS kind,
         p.oid::regprocedure::text AS object_name,
-        md5(pg_catalog.pg_get_functiondef(p.oid)) AS digest,
+        -- Who owns it too: the mirror works only as machine_sync_mirror's,
+        -- and a restore by a non-superuser (or with --no-owner) leaves it
+        -- the restorer's.
+        md5(concat_ws(
+            '|',
+            pg_catalog.pg_get_functiondef(p.oid),
+            (p.proowner = to_regrole('machine_sync_mirror'))::text
+        )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_proc AS p
     WHERE
@@ -1536,17 +1583,26 @@ AS $$
                 '|',
                 t.tgfoid::regprocedure::text,
                 t.tgtype::text,
-                t.tgenabled::text,
+                -- ENABLE ALWAYS fires wherever ENABLE (origin) does, and also
+                -- for a logical replication subscriber's apply worker: the
+                -- documented set-up of a subscriber of machines alone.
+                CASE t.tgenabled WHEN 'A' THEN 'O' ELSE t.tgenabled END,
                 t.tgattr::text,
                 encode(t.tgargs, 'hex'),
-                t.tgqual::text,
+                -- Parse positions and object ids left out: a restore (pg_dump)
+                -- re-parses the WHEN clause from its deparsed text, with other
+                -- positions, in a database whose objects have other oids.
+                regexp_replace(
+                    t.tgqual::text,
+                    ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+                ),
                 t.tgdeferrable::text,
                 t.tginitdeferred::text,
                 t.tgoldtable::text,
                 t.tgnewtable::text
             )
         ) AS digest,
-        t.tgenabled <> 'D' AS enabled
+        t.tgenabled IN ('O', 'A') AS enabled
     FROM pg_catalog.pg_trigger AS t
     INNER JOIN pg_catalog.pg_proc AS p ON t.tgfoid = p.oid
     WHERE
@@ -1558,7 +1614,11 @@ AS $$
         c.oid::regclass::text AS object_name,
         -- The stored query tree, not pg_get_viewdef(): deparsing a view takes
         -- ACCESS SHARE on every table it reads, and looking must lock nothing.
-        md5(r.ev_action::text) AS digest,
+        -- (Without parse positions and object ids, as a trigger's WHEN.)
+        md5(regexp_replace(
+            r.ev_action::text,
+            ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+        )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_class AS c
     INNER JOIN pg_catalog.pg_rewrite AS r ON c.oid = r.ev_class AND r.rulename = '_RETURN'

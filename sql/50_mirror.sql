@@ -13,6 +13,10 @@
 --   and the same failure fields. A write that changes none of these does
 --   not rewrite machine_state.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
+--   (Except where the cascade does not fire: zz_machine_sync_delete.)
+-- * On a logical replication subscriber of machines alone, with these
+--   triggers set ENABLE ALWAYS, applied rows are mirrored as the
+--   publisher wrote them: no rule is checked again, no clock is reset.
 -- * One trigger call per UPDATE: the BEFORE trigger decides the row and
 --   writes its state row. An UPDATE that touches none of the columns it
 --   watches (status, current_process_id, the failure fields, status_since,
@@ -44,7 +48,18 @@ DECLARE
     was text;
     -- Whether the change from `was` to NEW.status is known to be allowed.
     allowed boolean := FALSE;
+    -- A row a logical replication subscriber applies (its apply worker runs
+    -- with session_replication_role = replica, where this trigger fires
+    -- only when set ENABLE ALWAYS): the publisher checked it and set its
+    -- clocks already, so it is mirrored as it is.
+    applied constant boolean := pg_catalog.current_setting('session_replication_role') = 'replica';
 BEGIN
+    IF TG_OP = 'DELETE' THEN
+        -- Only for an applied delete (see zz_machine_sync_delete): the foreign
+        -- key's cascade does not fire in replica mode.
+        DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
+        RETURN NULL;
+    END IF;
     IF TG_WHEN = 'AFTER' THEN
         -- A new machine. A state row left behind by a restore that bypassed
         -- triggers is overwritten, not kept.
@@ -67,7 +82,9 @@ BEGIN
         RETURN NULL;
     END IF;
 
-    IF TG_OP = 'INSERT' THEN
+    IF applied THEN
+        NULL;  -- as the publisher wrote it: straight to the state row below
+    ELSIF TG_OP = 'INSERT' THEN
         IF NOT EXISTS (
             SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
         ) THEN
@@ -93,66 +110,68 @@ BEGIN
         END IF;
     END IF;
 
-    -- A status and its process go together.
-    IF NEW.status = 'processing' THEN
-        IF NEW.current_process_id IS NULL THEN
-            IF was = 'processing' THEN
-                -- The run was cleared: the machine stopped.
-                NEW.status := 'idle';
-                allowed := FALSE;
+    IF NOT applied THEN
+        -- A status and its process go together.
+        IF NEW.status = 'processing' THEN
+            IF NEW.current_process_id IS NULL THEN
+                IF was = 'processing' THEN
+                    -- The run was cleared: the machine stopped.
+                    NEW.status := 'idle';
+                    allowed := FALSE;
+                ELSE
+                    RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
+                        NEW.id
+                    USING ERRCODE = 'MS003';
+                END IF;
+            ELSIF
+                was = 'processing'
+                AND OLD.current_process_id IS NOT NULL
+                AND NEW.current_process_id <> OLD.current_process_id
+            THEN
+                RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
+                USING ERRCODE = 'MS002',
+                      DETAIL = 'refused process ' || NEW.current_process_id::text,
+                      HINT = 'End the running process first (status idle, error or offline).';
+            END IF;
+        ELSIF NEW.current_process_id IS NOT NULL THEN
+            IF TG_OP = 'UPDATE' AND NEW.current_process_id = OLD.current_process_id THEN
+                -- The run ends with the status it ran in.
+                NEW.current_process_id := NULL;
             ELSE
-                RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
-                    NEW.id
+                RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
+                    NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
             END IF;
-        ELSIF
-            was = 'processing'
-            AND OLD.current_process_id IS NOT NULL
-            AND NEW.current_process_id <> OLD.current_process_id
-        THEN
-            RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
-            USING ERRCODE = 'MS002',
-                  DETAIL = 'refused process ' || NEW.current_process_id::text,
-                  HINT = 'End the running process first (status idle, error or offline).';
         END IF;
-    ELSIF NEW.current_process_id IS NOT NULL THEN
-        IF TG_OP = 'UPDATE' AND NEW.current_process_id = OLD.current_process_id THEN
-            -- The run ends with the status it ran in.
-            NEW.current_process_id := NULL;
+
+        -- (Nested, so that the hot path, already allowed, runs no query here: a
+        -- condition with a subquery is a whole query however it short-circuits.)
+        IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
+            IF NOT EXISTS (
+                SELECT FROM machine_sync.allowed_transition AS t
+                WHERE t.from_status = was AND t.to_status = NEW.status
+            ) THEN
+                RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
+                USING ERRCODE = 'MS003',
+                      DETAIL = coalesce('allowed from ' || was || ': ' || (
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          FROM machine_sync.allowed_transition AS t
+                          WHERE t.from_status = was), 'nothing is allowed from ' || was),
+                      HINT = 'The rules are the rows of machine_sync.allowed_transition.';
+            END IF;
+        END IF;
+
+        IF was = 'error' AND NEW.status <> 'error' THEN
+            NEW.failure_description := NULL;
+            NEW.failure_component := NULL;
+        END IF;
+        IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM was THEN
+            NEW.status_since := now();
         ELSE
-            RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
-                NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
-            USING ERRCODE = 'MS003';
+            NEW.status_since := OLD.status_since;
         END IF;
+        NEW.updated_at := now();
     END IF;
-
-    -- (Nested, so that the hot path, already allowed, runs no query here: a
-    -- condition with a subquery is a whole query however it short-circuits.)
-    IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
-        IF NOT EXISTS (
-            SELECT FROM machine_sync.allowed_transition AS t
-            WHERE t.from_status = was AND t.to_status = NEW.status
-        ) THEN
-            RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
-            USING ERRCODE = 'MS003',
-                  DETAIL = coalesce('allowed from ' || was || ': ' || (
-                      SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
-                      FROM machine_sync.allowed_transition AS t
-                      WHERE t.from_status = was), 'nothing is allowed from ' || was),
-                  HINT = 'The rules are the rows of machine_sync.allowed_transition.';
-        END IF;
-    END IF;
-
-    IF was = 'error' AND NEW.status <> 'error' THEN
-        NEW.failure_description := NULL;
-        NEW.failure_component := NULL;
-    END IF;
-    IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM was THEN
-        NEW.status_since := now();
-    ELSE
-        NEW.status_since := OLD.status_since;
-    END IF;
-    NEW.updated_at := now();
 
     IF TG_OP = 'UPDATE' THEN
         UPDATE public.machine_state AS s
@@ -199,19 +218,24 @@ GRANT CREATE ON SCHEMA machine_sync TO machine_sync_mirror;
 ALTER FUNCTION machine_sync.machines_sync() OWNER TO machine_sync_mirror;
 REVOKE CREATE ON SCHEMA machine_sync FROM machine_sync_mirror;
 
+-- The WHEN clauses and the drift view spell out each column's IS DISTINCT
+-- FROM: PostgreSQL expands a row comparison into nested ORs, which pg_dump
+-- writes out flat, and it writes every implicit cast as an explicit one, so
+-- a restored database would hold another expression tree than the
+-- migration made (and `migrate status` would call the restored trigger
+-- changed). Written flat with the casts spelled out, the restore
+-- reproduces it.
 CREATE OR REPLACE TRIGGER zz_machine_sync
 BEFORE UPDATE ON public.machines
 FOR EACH ROW
 WHEN (
-    (
-        old.status, old.current_process_id, old.failure_description,
-        old.failure_component, old.status_since, old.updated_at, old.id
-    )
-    IS DISTINCT FROM
-    (
-        new.status, new.current_process_id, new.failure_description,
-        new.failure_component, new.status_since, new.updated_at, new.id
-    )
+    old.status IS DISTINCT FROM new.status
+    OR old.current_process_id IS DISTINCT FROM new.current_process_id
+    OR old.failure_description IS DISTINCT FROM new.failure_description
+    OR old.failure_component IS DISTINCT FROM new.failure_component
+    OR old.status_since IS DISTINCT FROM new.status_since
+    OR old.updated_at IS DISTINCT FROM new.updated_at
+    OR old.id IS DISTINCT FROM new.id
 )
 EXECUTE FUNCTION machine_sync.machines_sync();
 
@@ -222,3 +246,14 @@ FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 CREATE OR REPLACE TRIGGER zz_machine_sync_insert_state
 AFTER INSERT ON public.machines
 FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
+
+-- A deleted machine's state row goes with it by the foreign key's cascade,
+-- which does not fire in replica mode: on a logical replication subscriber
+-- of machines alone (this and the three above set ENABLE ALWAYS, see
+-- MIGRATING.md) this trigger deletes it instead. Elsewhere its WHEN is
+-- false, so no delete ever queues it.
+CREATE OR REPLACE TRIGGER zz_machine_sync_delete
+AFTER DELETE ON public.machines
+FOR EACH ROW
+WHEN (pg_catalog.current_setting('session_replication_role') = 'replica')
+EXECUTE FUNCTION machine_sync.machines_sync();

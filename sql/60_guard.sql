@@ -227,12 +227,15 @@ EXECUTE FUNCTION machine_sync.machine_state_direct_write();
 CREATE OR REPLACE TRIGGER machine_state_carry_update
 AFTER UPDATE ON public.machine_state
 FOR EACH ROW
+-- (Column by column, not a row comparison, and the cast written out:
+-- see zz_machine_sync.)
 WHEN (
     current_user <> 'machine_sync_mirror'
     AND (
-        old.current_state, old.process_id, old.failure_description, old.failure_component
-    ) IS DISTINCT FROM (
-        new.current_state, new.process_id, new.failure_description, new.failure_component
+        old.current_state::text IS DISTINCT FROM new.current_state::text
+        OR old.process_id IS DISTINCT FROM new.process_id
+        OR old.failure_description IS DISTINCT FROM new.failure_description
+        OR old.failure_component IS DISTINCT FROM new.failure_component
     )
 )
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
