@@ -315,7 +315,9 @@ COMMENT ON TABLE public.machine_state IS
 --   'IDLE' or 'running' keeps working. Nothing else is folded: the rule is
 --   the same in every database locale ('İDLE', full-width letters or a
 --   zero-width space are not a status).
--- * Anything else is refused with SQLSTATE 23514 naming the allowed values.
+-- * Anything else is refused with SQLSTATE 23514 naming the allowed values,
+--   listed in code-point order (COLLATE "C") whatever the database's
+--   collation, as every list in a message is.
 --   Error messages quote at most 40 characters of a bad value and give its
 --   length, so a huge value cannot make a huge message or log line.
 -- * Operators extend the vocabulary with plain INSERTs into these two
@@ -403,12 +405,12 @@ BEGIN
     IF canonical IS NULL THEN
         RAISE EXCEPTION 'invalid machine status %: allowed statuses are %',
             machine_sync.quote_bounded(raw),
-            (SELECT string_agg(a.status, ', ' ORDER BY a.status)
+            (SELECT string_agg(a.status, ', ' ORDER BY a.status COLLATE "C")
              FROM machine_sync.allowed_status AS a)
         USING ERRCODE = 'check_violation',
               CONSTRAINT = 'machines_status_allowed',
               DETAIL = coalesce('accepted aliases: ' || (
-                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias)
+                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias COLLATE "C")
                   FROM machine_sync.status_alias AS s), 'no aliases'),
               HINT = 'Add a status with INSERT INTO machine_sync.allowed_status.';
     END IF;
@@ -685,7 +687,7 @@ BEGIN
                 RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
                 USING ERRCODE = 'MS003',
                       DETAIL = coalesce('allowed from ' || was || ': ' || (
-                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status COLLATE "C")
                           FROM machine_sync.allowed_transition AS t
                           WHERE t.from_status = was), 'nothing is allowed from ' || was),
                       HINT = 'The rules are the rows of machine_sync.allowed_transition.';

@@ -154,7 +154,7 @@ BEGIN
                 RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
                 USING ERRCODE = 'MS003',
                       DETAIL = coalesce('allowed from ' || was || ': ' || (
-                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status COLLATE "C")
                           FROM machine_sync.allowed_transition AS t
                           WHERE t.from_status = was), 'nothing is allowed from ' || was),
                       HINT = 'The rules are the rows of machine_sync.allowed_transition.';
