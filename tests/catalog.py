@@ -74,7 +74,10 @@ SNAPSHOT_QUERIES = {
     name: query.replace("{nspacl}", _acl("nspacl", "acldefault('n'::\"char\", nspowner)"))
     .replace(
         "{relacl}",
-        _acl("c.relacl", "acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::\"char\", c.relowner)"),
+        _acl(
+            "c.relacl",
+            "acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::\"char\", c.relowner)",
+        ),
     )
     .replace("{attacl}", _acl("a.attacl"))
     .replace("{proacl}", _acl("p.proacl", "acldefault('f'::\"char\", p.proowner)"))

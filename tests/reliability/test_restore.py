@@ -24,11 +24,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from .workload import LEGACY_PATHS, legacy_params
 from catalog import snapshot as catalog_snapshot
 from conftest import Cluster, Database
 from machines import add_machine, assert_consistent, disagreements
-
-from .workload import LEGACY_PATHS, legacy_params
 
 Conn = psycopg.Connection[Any]
 

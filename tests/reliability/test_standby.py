@@ -22,11 +22,11 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from conftest import Cluster, Database
 from machine_sync import server as pgserver
-from machines import add_machine, assert_consistent, disagreements
 
 from .workload import DEADLOCK, LEGACY_PATHS, REFUSALS, Tx, WriterLog, legacy_params, run_writers
+from conftest import Cluster, Database
+from machines import add_machine, assert_consistent, disagreements
 
 Conn = psycopg.Connection[Any]
 
@@ -149,7 +149,8 @@ def test_standby_snapshots_show_whole_commits(cluster: Cluster, db: Database, re
                     positions.add(replayed(replica))
                     # Three statements, one snapshot.
                     assert disagreements(replica) == []
-                    assert replica.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
+                    drift = replica.execute("SELECT count(*) FROM machine_sync.drift")
+                    assert drift.fetchone() == (0,)
                     machines, states = table_rows(replica)
                     assert len(machines) == len(states) == MACHINES
                 snapshots += 1
@@ -178,4 +179,4 @@ def test_standby_snapshots_show_whole_commits(cluster: Cluster, db: Database, re
             assert_consistent(replica)
     # Snapshots were taken while the standby replayed: it moved between them.
     assert len(positions) > 10, positions
-    print(f"standby: {snapshots} snapshots at {len(positions)} replay positions, {done.total} writes")
+    print(f"standby: {snapshots} snapshots, {len(positions)} replay positions, {done.total} writes")
