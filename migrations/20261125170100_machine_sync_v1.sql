@@ -315,7 +315,9 @@ COMMENT ON TABLE public.machine_state IS
 --   'IDLE' or 'running' keeps working. Nothing else is folded: the rule is
 --   the same in every database locale ('İDLE', full-width letters or a
 --   zero-width space are not a status).
--- * Anything else is refused with SQLSTATE 23514 naming the allowed values.
+-- * Anything else is refused with SQLSTATE 23514 naming the allowed values,
+--   listed in code-point order (COLLATE "C") whatever the database's
+--   collation, as every list in a message is.
 --   Error messages quote at most 40 characters of a bad value and give its
 --   length, so a huge value cannot make a huge message or log line.
 -- * Operators extend the vocabulary with plain INSERTs into these two
@@ -403,12 +405,12 @@ BEGIN
     IF canonical IS NULL THEN
         RAISE EXCEPTION 'invalid machine status %: allowed statuses are %',
             machine_sync.quote_bounded(raw),
-            (SELECT string_agg(a.status, ', ' ORDER BY a.status)
+            (SELECT string_agg(a.status, ', ' ORDER BY a.status COLLATE "C")
              FROM machine_sync.allowed_status AS a)
         USING ERRCODE = 'check_violation',
               CONSTRAINT = 'machines_status_allowed',
               DETAIL = coalesce('accepted aliases: ' || (
-                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias)
+                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias COLLATE "C")
                   FROM machine_sync.status_alias AS s), 'no aliases'),
               HINT = 'Add a status with INSERT INTO machine_sync.allowed_status.';
     END IF;
@@ -544,6 +546,10 @@ $$;
 --   and the same failure fields. A write that changes none of these does
 --   not rewrite machine_state.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
+-- * On a logical replication subscriber of machines alone, with
+--   zz_machine_sync_applied enabled for replica mode (below), applied rows
+--   are mirrored as the publisher wrote them: no rule is checked again, no
+--   clock is reset, and an applied delete takes its state row along.
 -- * One trigger call per UPDATE: the BEFORE trigger decides the row and
 --   writes its state row. An UPDATE that sets none of the columns it
 --   watches (status, current_process_id, the failure fields, status_since,
@@ -587,33 +593,41 @@ DECLARE
     -- more expression on every call).
     allowed boolean;
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.id IS DISTINCT FROM OLD.id THEN
-            RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
-            USING ERRCODE = 'MS003';
+    IF TG_WHEN = 'AFTER' THEN
+        -- A new machine (zz_machine_sync_insert_state), or a row a logical
+        -- replication subscriber applies (zz_machine_sync_applied): the
+        -- publisher checked it and set its clocks, so it is mirrored as it is.
+        IF TG_OP = 'DELETE' THEN
+            -- The foreign key's cascade does not fire in replica mode.
+            DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
+            RETURN NULL;
         END IF;
-        was := OLD.status;
-        IF NEW.status IS DISTINCT FROM was THEN
-            -- One probe proves both spellings canonical (the table's
-            -- foreign keys) and the change allowed.
-            allowed := EXISTS (
-                SELECT FROM machine_sync.allowed_transition AS t
-                WHERE t.from_status = was AND t.to_status = NEW.status
-            );
-            IF NOT allowed THEN
-                NEW.status := machine_sync.normalize_status(NEW.status);
-                was := machine_sync.canonical_status(OLD.status);
+    ELSE
+        IF TG_OP = 'UPDATE' THEN
+            IF NEW.id IS DISTINCT FROM OLD.id THEN
+                RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
+                USING ERRCODE = 'MS003';
             END IF;
-        END IF;
-    ELSIF TG_WHEN = 'BEFORE' THEN
-        IF NOT EXISTS (
+            was := OLD.status;
+            IF NEW.status IS DISTINCT FROM was THEN
+                -- One probe proves both spellings canonical (the table's
+                -- foreign keys) and the change allowed.
+                allowed := EXISTS (
+                    SELECT FROM machine_sync.allowed_transition AS t
+                    WHERE t.from_status = was AND t.to_status = NEW.status
+                );
+                IF NOT allowed THEN
+                    NEW.status := machine_sync.normalize_status(NEW.status);
+                    was := machine_sync.canonical_status(OLD.status);
+                END IF;
+            END IF;
+        ELSIF NOT EXISTS (
             SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
         ) THEN
             NEW.status := machine_sync.normalize_status(NEW.status);
         END IF;
-    END IF;
 
-    IF TG_WHEN = 'BEFORE' THEN
+
         -- A status and its process go together. (OLD is NULL for a new machine:
         -- a comparison with it is NULL, so never true.)
         IF NEW.status = 'processing' THEN
@@ -652,7 +666,7 @@ BEGIN
                 RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
                 USING ERRCODE = 'MS003',
                       DETAIL = coalesce('allowed from ' || was || ': ' || (
-                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status COLLATE "C")
                           FROM machine_sync.allowed_transition AS t
                           WHERE t.from_status = was), 'nothing is allowed from ' || was),
                       HINT = 'The rules are the rows of machine_sync.allowed_transition.';
@@ -698,8 +712,8 @@ BEGIN
         -- repairs it, below.
     END IF;
 
-    -- A new machine's state row (AFTER INSERT), or a missing one. A state row
-    -- left behind by a restore that bypassed triggers is overwritten, not kept.
+    -- A new machine's state row, an applied one, or a missing one. A state
+    -- row left behind by a restore that bypassed triggers is overwritten.
     INSERT INTO public.machine_state AS s (
         machine_id, current_state, state_since, process_id,
         is_failure_mode, failure_component, failure_description, updated_at
@@ -742,6 +756,28 @@ FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 CREATE OR REPLACE TRIGGER zz_machine_sync_insert_state
 AFTER INSERT ON public.machines
 FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
+
+-- A logical replication subscriber of machines alone applies rows with
+-- session_replication_role = replica, where the triggers above do not fire
+-- (and the foreign key's cascade neither). This one mirrors what it
+-- applies, and only there: it is created disabled, and the subscriber's
+-- set-up enables it for replica mode alone (ALTER TABLE public.machines
+-- ENABLE REPLICA TRIGGER zz_machine_sync_applied; see MIGRATING.md). So it
+-- costs a normal install nothing, and a migration run again leaves its
+-- state as it is.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_trigger AS t
+        WHERE t.tgrelid = 'public.machines'::regclass AND t.tgname = 'zz_machine_sync_applied'
+    ) THEN
+        CREATE TRIGGER zz_machine_sync_applied
+        AFTER INSERT OR UPDATE OR DELETE ON public.machines
+        FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
+        ALTER TABLE public.machines DISABLE TRIGGER zz_machine_sync_applied;
+    END IF;
+END
+$$;
 
 -- ---------------------------------------------------------------------------
 -- sql/60_guard.sql
@@ -1064,9 +1100,9 @@ SELECT
         WHEN s.machine_id IS NULL THEN 'missing_state'
         WHEN m.id IS NULL THEN 'orphaned_state'
         WHEN
-            m.status <> s.current_state
+            m.status <> s.current_state::text
             AND machine_sync.canonical_status(m.status)
-            = machine_sync.canonical_status(s.current_state)
+            = machine_sync.canonical_status(s.current_state::text)
             THEN 'status_case'
         WHEN (m.status IS DISTINCT FROM machine_sync.canonical_status(m.status))
             THEN 'noncanonical_status'
@@ -1074,19 +1110,19 @@ SELECT
     END AS problem
 FROM public.machines AS m
 FULL OUTER JOIN public.machine_state AS s ON m.id = s.machine_id
+-- (Column by column, not a row comparison, and each cast written out, so
+-- that a restore reproduces the view exactly: see zz_machine_sync in
+-- 50_mirror.sql.)
 WHERE
     m.id IS NULL
     OR s.machine_id IS NULL
     OR m.status IS DISTINCT FROM machine_sync.canonical_status(m.status)
-    OR (
-        m.status, m.status_since, m.current_process_id, m.status = 'error',
-        m.failure_description, m.failure_component
-    )
-    IS DISTINCT FROM
-    (
-        s.current_state::text, s.state_since, s.process_id, s.is_failure_mode,
-        s.failure_description, s.failure_component
-    );
+    OR m.status IS DISTINCT FROM s.current_state::text
+    OR m.status_since IS DISTINCT FROM s.state_since
+    OR m.current_process_id IS DISTINCT FROM s.process_id
+    OR (m.status = 'error') IS DISTINCT FROM s.is_failure_mode
+    OR m.failure_description IS DISTINCT FROM s.failure_description
+    OR m.failure_component IS DISTINCT FROM s.failure_component;
 
 COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '
@@ -1345,7 +1381,9 @@ public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
 GRANT SELECT ON public.machines TO machine_sync_mirror;
-GRANT SELECT, INSERT, UPDATE ON public.machine_state TO machine_sync_mirror;
+-- DELETE: only for a delete a logical replication subscriber applies
+-- (zz_machine_sync_delete); the guard keeps refusing everyone else's.
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
 
 DO $$
 BEGIN
@@ -1520,7 +1558,14 @@ AS $$
     SELECT
         'function' AS kind,
         p.oid::regprocedure::text AS object_name,
-        md5(pg_catalog.pg_get_functiondef(p.oid)) AS digest,
+        -- Who owns it too: the mirror works only as machine_sync_mirror's,
+        -- and a restore by a non-superuser (or with --no-owner) leaves it
+        -- the restorer's.
+        md5(concat_ws(
+            '|',
+            pg_catalog.pg_get_functiondef(p.oid),
+            (p.proowner = to_regrole('machine_sync_mirror'))::text
+        )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_proc AS p
     WHERE
@@ -1548,17 +1593,31 @@ AS $$
                 '|',
                 t.tgfoid::regprocedure::text,
                 t.tgtype::text,
-                t.tgenabled::text,
+                -- ENABLE ALWAYS fires wherever ENABLE (origin) does. The
+                -- applied-row trigger is installed disabled, and a subscriber
+                -- of machines alone enables it for replica mode only (its
+                -- documented set-up): both are as installed.
+                CASE
+                    WHEN t.tgenabled = 'A' THEN 'O'
+                    WHEN t.tgname = 'zz_machine_sync_applied' AND t.tgenabled = 'R' THEN 'D'
+                    ELSE t.tgenabled
+                END,
                 t.tgattr::text,
                 encode(t.tgargs, 'hex'),
-                t.tgqual::text,
+                -- Parse positions and object ids left out: a restore (pg_dump)
+                -- re-parses the WHEN clause from its deparsed text, with other
+                -- positions, in a database whose objects have other oids.
+                regexp_replace(
+                    t.tgqual::text,
+                    ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+                ),
                 t.tgdeferrable::text,
                 t.tginitdeferred::text,
                 t.tgoldtable::text,
                 t.tgnewtable::text
             )
         ) AS digest,
-        t.tgenabled <> 'D' AS enabled
+        t.tgenabled IN ('O', 'A') OR t.tgname = 'zz_machine_sync_applied' AS enabled
     FROM pg_catalog.pg_trigger AS t
     INNER JOIN pg_catalog.pg_proc AS p ON t.tgfoid = p.oid
     WHERE
@@ -1570,7 +1629,11 @@ AS $$
         c.oid::regclass::text AS object_name,
         -- The stored query tree, not pg_get_viewdef(): deparsing a view takes
         -- ACCESS SHARE on every table it reads, and looking must lock nothing.
-        md5(r.ev_action::text) AS digest,
+        -- (Without parse positions and object ids, as a trigger's WHEN.)
+        md5(regexp_replace(
+            r.ev_action::text,
+            ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+        )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_class AS c
     INNER JOIN pg_catalog.pg_rewrite AS r ON c.oid = r.ev_class AND r.rulename = '_RETURN'

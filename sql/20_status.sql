@@ -7,7 +7,9 @@
 --   'IDLE' or 'running' keeps working. Nothing else is folded: the rule is
 --   the same in every database locale ('İDLE', full-width letters or a
 --   zero-width space are not a status).
--- * Anything else is refused with SQLSTATE 23514 naming the allowed values.
+-- * Anything else is refused with SQLSTATE 23514 naming the allowed values,
+--   listed in code-point order (COLLATE "C") whatever the database's
+--   collation, as every list in a message is.
 --   Error messages quote at most 40 characters of a bad value and give its
 --   length, so a huge value cannot make a huge message or log line.
 -- * Operators extend the vocabulary with plain INSERTs into these two
@@ -95,12 +97,12 @@ BEGIN
     IF canonical IS NULL THEN
         RAISE EXCEPTION 'invalid machine status %: allowed statuses are %',
             machine_sync.quote_bounded(raw),
-            (SELECT string_agg(a.status, ', ' ORDER BY a.status)
+            (SELECT string_agg(a.status, ', ' ORDER BY a.status COLLATE "C")
              FROM machine_sync.allowed_status AS a)
         USING ERRCODE = 'check_violation',
               CONSTRAINT = 'machines_status_allowed',
               DETAIL = coalesce('accepted aliases: ' || (
-                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias)
+                  SELECT string_agg(s.alias || ' -> ' || s.status, ', ' ORDER BY s.alias COLLATE "C")
                   FROM machine_sync.status_alias AS s), 'no aliases'),
               HINT = 'Add a status with INSERT INTO machine_sync.allowed_status.';
     END IF;

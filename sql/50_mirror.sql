@@ -13,6 +13,10 @@
 --   and the same failure fields. A write that changes none of these does
 --   not rewrite machine_state.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
+-- * On a logical replication subscriber of machines alone, with
+--   zz_machine_sync_applied enabled for replica mode (below), applied rows
+--   are mirrored as the publisher wrote them: no rule is checked again, no
+--   clock is reset, and an applied delete takes its state row along.
 -- * One trigger call per UPDATE: the BEFORE trigger decides the row and
 --   writes its state row. An UPDATE that sets none of the columns it
 --   watches (status, current_process_id, the failure fields, status_since,
@@ -56,33 +60,41 @@ DECLARE
     -- more expression on every call).
     allowed boolean;
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.id IS DISTINCT FROM OLD.id THEN
-            RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
-            USING ERRCODE = 'MS003';
+    IF TG_WHEN = 'AFTER' THEN
+        -- A new machine (zz_machine_sync_insert_state), or a row a logical
+        -- replication subscriber applies (zz_machine_sync_applied): the
+        -- publisher checked it and set its clocks, so it is mirrored as it is.
+        IF TG_OP = 'DELETE' THEN
+            -- The foreign key's cascade does not fire in replica mode.
+            DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
+            RETURN NULL;
         END IF;
-        was := OLD.status;
-        IF NEW.status IS DISTINCT FROM was THEN
-            -- One probe proves both spellings canonical (the table's
-            -- foreign keys) and the change allowed.
-            allowed := EXISTS (
-                SELECT FROM machine_sync.allowed_transition AS t
-                WHERE t.from_status = was AND t.to_status = NEW.status
-            );
-            IF NOT allowed THEN
-                NEW.status := machine_sync.normalize_status(NEW.status);
-                was := machine_sync.canonical_status(OLD.status);
+    ELSE
+        IF TG_OP = 'UPDATE' THEN
+            IF NEW.id IS DISTINCT FROM OLD.id THEN
+                RAISE EXCEPTION 'machines.id cannot change (machine %)', OLD.id
+                USING ERRCODE = 'MS003';
             END IF;
-        END IF;
-    ELSIF TG_WHEN = 'BEFORE' THEN
-        IF NOT EXISTS (
+            was := OLD.status;
+            IF NEW.status IS DISTINCT FROM was THEN
+                -- One probe proves both spellings canonical (the table's
+                -- foreign keys) and the change allowed.
+                allowed := EXISTS (
+                    SELECT FROM machine_sync.allowed_transition AS t
+                    WHERE t.from_status = was AND t.to_status = NEW.status
+                );
+                IF NOT allowed THEN
+                    NEW.status := machine_sync.normalize_status(NEW.status);
+                    was := machine_sync.canonical_status(OLD.status);
+                END IF;
+            END IF;
+        ELSIF NOT EXISTS (
             SELECT FROM machine_sync.allowed_status AS a WHERE a.status = NEW.status
         ) THEN
             NEW.status := machine_sync.normalize_status(NEW.status);
         END IF;
-    END IF;
 
-    IF TG_WHEN = 'BEFORE' THEN
+
         -- A status and its process go together. (OLD is NULL for a new machine:
         -- a comparison with it is NULL, so never true.)
         IF NEW.status = 'processing' THEN
@@ -121,7 +133,7 @@ BEGIN
                 RAISE EXCEPTION 'machine % cannot go from % to %', NEW.id, was, NEW.status
                 USING ERRCODE = 'MS003',
                       DETAIL = coalesce('allowed from ' || was || ': ' || (
-                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status)
+                          SELECT string_agg(t.to_status, ', ' ORDER BY t.to_status COLLATE "C")
                           FROM machine_sync.allowed_transition AS t
                           WHERE t.from_status = was), 'nothing is allowed from ' || was),
                       HINT = 'The rules are the rows of machine_sync.allowed_transition.';
@@ -167,8 +179,8 @@ BEGIN
         -- repairs it, below.
     END IF;
 
-    -- A new machine's state row (AFTER INSERT), or a missing one. A state row
-    -- left behind by a restore that bypassed triggers is overwritten, not kept.
+    -- A new machine's state row, an applied one, or a missing one. A state
+    -- row left behind by a restore that bypassed triggers is overwritten.
     INSERT INTO public.machine_state AS s (
         machine_id, current_state, state_since, process_id,
         is_failure_mode, failure_component, failure_description, updated_at
@@ -211,3 +223,25 @@ FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
 CREATE OR REPLACE TRIGGER zz_machine_sync_insert_state
 AFTER INSERT ON public.machines
 FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
+
+-- A logical replication subscriber of machines alone applies rows with
+-- session_replication_role = replica, where the triggers above do not fire
+-- (and the foreign key's cascade neither). This one mirrors what it
+-- applies, and only there: it is created disabled, and the subscriber's
+-- set-up enables it for replica mode alone (ALTER TABLE public.machines
+-- ENABLE REPLICA TRIGGER zz_machine_sync_applied; see MIGRATING.md). So it
+-- costs a normal install nothing, and a migration run again leaves its
+-- state as it is.
+DO $$
+BEGIN
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_trigger AS t
+        WHERE t.tgrelid = 'public.machines'::regclass AND t.tgname = 'zz_machine_sync_applied'
+    ) THEN
+        CREATE TRIGGER zz_machine_sync_applied
+        AFTER INSERT OR UPDATE OR DELETE ON public.machines
+        FOR EACH ROW EXECUTE FUNCTION machine_sync.machines_sync();
+        ALTER TABLE public.machines DISABLE TRIGGER zz_machine_sync_applied;
+    END IF;
+END
+$$;

@@ -33,9 +33,9 @@ SELECT
         WHEN s.machine_id IS NULL THEN 'missing_state'
         WHEN m.id IS NULL THEN 'orphaned_state'
         WHEN
-            m.status <> s.current_state
+            m.status <> s.current_state::text
             AND machine_sync.canonical_status(m.status)
-            = machine_sync.canonical_status(s.current_state)
+            = machine_sync.canonical_status(s.current_state::text)
             THEN 'status_case'
         WHEN (m.status IS DISTINCT FROM machine_sync.canonical_status(m.status))
             THEN 'noncanonical_status'
@@ -43,19 +43,19 @@ SELECT
     END AS problem
 FROM public.machines AS m
 FULL OUTER JOIN public.machine_state AS s ON m.id = s.machine_id
+-- (Column by column, not a row comparison, and each cast written out, so
+-- that a restore reproduces the view exactly: see zz_machine_sync in
+-- 50_mirror.sql.)
 WHERE
     m.id IS NULL
     OR s.machine_id IS NULL
     OR m.status IS DISTINCT FROM machine_sync.canonical_status(m.status)
-    OR (
-        m.status, m.status_since, m.current_process_id, m.status = 'error',
-        m.failure_description, m.failure_component
-    )
-    IS DISTINCT FROM
-    (
-        s.current_state::text, s.state_since, s.process_id, s.is_failure_mode,
-        s.failure_description, s.failure_component
-    );
+    OR m.status IS DISTINCT FROM s.current_state::text
+    OR m.status_since IS DISTINCT FROM s.state_since
+    OR m.current_process_id IS DISTINCT FROM s.process_id
+    OR (m.status = 'error') IS DISTINCT FROM s.is_failure_mode
+    OR m.failure_description IS DISTINCT FROM s.failure_description
+    OR m.failure_component IS DISTINCT FROM s.failure_component;
 
 COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '

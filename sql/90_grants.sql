@@ -49,7 +49,9 @@ public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
 GRANT SELECT ON public.machines TO machine_sync_mirror;
-GRANT SELECT, INSERT, UPDATE ON public.machine_state TO machine_sync_mirror;
+-- DELETE: only for a delete a logical replication subscriber applies
+-- (zz_machine_sync_applied); the guard keeps refusing everyone else's.
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
 
 DO $$
 BEGIN

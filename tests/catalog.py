@@ -8,9 +8,12 @@ import psycopg
 
 
 # An ACL as a sorted array: the order of its items depends on the order of
-# the GRANTs that made it, not on what it grants.
-def _acl(column: str) -> str:
-    return f"(SELECT array_agg(i::text ORDER BY i::text) FROM unnest({column}) AS i)"
+# the GRANTs that made it, not on what it grants. NULL is the object's default
+# ACL spelled out: a GRANT that restores the default leaves it explicit, a
+# restore (pg_dump writes no GRANT for a default ACL) leaves it NULL.
+def _acl(column: str, default: str | None = None) -> str:
+    value = column if default is None else f"coalesce({column}, {default})"
+    return f"(SELECT array_agg(i::text ORDER BY i::text) FROM unnest({value}) AS i)"
 
 
 # Tables the product owns or reshapes. Foreign keys from them to tables outside
@@ -68,10 +71,16 @@ SNAPSHOT_QUERIES = {
 }
 
 SNAPSHOT_QUERIES = {
-    name: query.replace("{nspacl}", _acl("nspacl"))
-    .replace("{relacl}", _acl("c.relacl"))
+    name: query.replace("{nspacl}", _acl("nspacl", "acldefault('n'::\"char\", nspowner)"))
+    .replace(
+        "{relacl}",
+        _acl(
+            "c.relacl",
+            "acldefault((CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::\"char\", c.relowner)",
+        ),
+    )
     .replace("{attacl}", _acl("a.attacl"))
-    .replace("{proacl}", _acl("p.proacl"))
+    .replace("{proacl}", _acl("p.proacl", "acldefault('f'::\"char\", p.proowner)"))
     for name, query in SNAPSHOT_QUERIES.items()
 }
 

@@ -18,6 +18,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,23 @@ SUPABASE_ROLES = TESTS / "sql" / "supabase_roles.sql"
 SUPABASE_LINTS = TESTS / "sql" / "supabase_lints.sql"
 # default: MACHINE_SYNC_TEST_DSN, Docker or the embedded wheel; pg15: Debian's PostgreSQL 15.
 SERVER_KINDS = ("default", "pg15")
+# The databases' collation: "c" (the servers' own, --locale=C), or "unicode",
+# the best non-C collation a server offers: ICU's en-US where it has ICU
+# (Debian's 15), else libc's en_US.UTF-8 where the system has that locale.
+COLLATIONS = ("c", "unicode")
+# Modules whose tests run under both collations by default (the rest under C):
+# status folding, bad input, the rules, the mirror, drift, the legacy paths.
+COLLATION_MODULES = {
+    "test_bad_input",
+    "test_collation",
+    "test_compat",
+    "test_drift",
+    "test_edge_writes",
+    "test_legacy_rpc",
+    "test_migrations",
+    "test_mirror",
+    "test_rules",
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -45,6 +63,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         choices=SERVER_KINDS,
         help="server kinds to use: default, pg15 (repeatable)",
+    )
+    parser.addoption(
+        "--collation",
+        choices=("c", "unicode", "both", "auto"),
+        default="auto",
+        help=(
+            "database collation: c, unicode (ICU en-US, else libc en_US.UTF-8), both; "
+            "auto (default): both for the modules where collation could matter, c elsewhere"
+        ),
     )
 
 
@@ -67,11 +94,26 @@ def _server_kinds(config: pytest.Config) -> list[str]:
     return kinds
 
 
+def _collations(metafunc: pytest.Metafunc) -> list[str]:
+    chosen = metafunc.config.getoption("--collation")
+    if chosen == "auto":
+        module = metafunc.module.__name__.rsplit(".", 1)[-1]
+        return list(COLLATIONS) if module in COLLATION_MODULES else ["c"]
+    return list(COLLATIONS) if chosen == "both" else [chosen]
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "cluster" in metafunc.fixturenames:
-        metafunc.parametrize(
-            "cluster", _server_kinds(metafunc.config), indirect=True, scope="session"
-        )
+        params = [
+            kind if collation == "c" else f"{kind}-{collation}"
+            for kind in _server_kinds(metafunc.config)
+            for collation in _collations(metafunc)
+        ]
+        metafunc.parametrize("cluster", params, indirect=True, scope="session")
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return f"machine-sync collations: --collation {config.getoption('--collation')}"
 
 
 def migration_files() -> list[Path]:
@@ -147,6 +189,9 @@ class Cluster:
     psql: str
     #: The non-superuser that owns the tables and applies migrations.
     owner: str
+    #: The locale clause of CREATE DATABASE for this cluster's databases
+    #: (empty: the server's own, C).
+    locale: str = ""
     templates: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -160,7 +205,11 @@ class Cluster:
         name = f"t_{uuid.uuid4().hex[:16]}"
         with self._admin() as conn:
             if template is None:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+                conn.execute(
+                    sql.SQL("CREATE DATABASE {} {}").format(
+                        sql.Identifier(name), sql.SQL(self.locale)
+                    )
+                )
             else:
                 conn.execute(
                     sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
@@ -203,20 +252,74 @@ class Cluster:
         return self.templates[kind]
 
 
+def unicode_locale(server: pgserver.Server) -> str:
+    """The CREATE DATABASE clause of the server's best non-C collation."""
+    clauses = (
+        "LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8' TEMPLATE template0",
+        "LOCALE 'en_US.UTF-8' TEMPLATE template0",
+    )
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        icu = conn.execute("SELECT count(*) FROM pg_collation WHERE collprovider = 'i'")
+        has_icu = icu.fetchone() != (0,)
+        for clause in clauses[0 if has_icu else 1 :]:
+            probe = f"machine_sync_locale_{uuid.uuid4().hex[:8]}"
+            try:
+                conn.execute(f"CREATE DATABASE {probe} {clause}")
+            except psycopg.Error:
+                continue
+            conn.execute(f"DROP DATABASE {probe}")
+            return clause
+    raise pgserver.ServerUnavailable(
+        f"{server.label} offers no UTF-8 collation but C: it has no ICU, and the system has"
+        " no en_US.UTF-8 locale (localedef -i en_US -f UTF-8 en_US.UTF-8)"
+    )
+
+
+class Servers:
+    """The servers of this session, each started once, and a Cluster per
+    server kind and collation (its databases and templates)."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._servers: dict[str, pgserver.Server] = {}
+        self._clusters: dict[str, Cluster] = {}
+
+    def cluster(self, param: str) -> Cluster:
+        if param not in self._clusters:
+            kind, _, collation = param.partition("-")
+            if kind not in self._servers:
+                manager = pgserver.debian_server() if kind == "pg15" else pgserver.provide_server()
+                self._servers[kind] = self._stack.enter_context(manager)
+            server = self._servers[kind]
+            with psycopg.connect(server.dsn) as conn:
+                superuser = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
+            owner = "postgres" if superuser != "postgres" else "app_owner"
+            locale = unicode_locale(server) if collation == "unicode" else ""
+            cluster = Cluster(server, pgserver.find_psql(server), owner, locale)
+            # The owner migrates first, so that it creates (and may take) the
+            # mirror role: a superuser that creates it first (the demo, run on
+            # this server) would not grant it to the owner.
+            cluster.template("migrated")
+            self._clusters[param] = cluster
+        return self._clusters[param]
+
+    def close(self) -> None:
+        self._stack.close()
+
+
 @pytest.fixture(scope="session")
-def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
-    kind = request.param
-    manager = pgserver.debian_server() if kind == "pg15" else pgserver.provide_server()
-    with manager as server:
-        with psycopg.connect(server.dsn) as conn:
-            superuser = conn.execute("SELECT current_user").fetchone()[0]  # type: ignore[index]
-        owner = "postgres" if superuser != "postgres" else "app_owner"
-        cluster = Cluster(server, pgserver.find_psql(server), owner)
-        # The owner migrates first, so that it creates (and may take) the
-        # mirror role: a superuser that creates it first (the demo, run on
-        # this server) would not grant it to the owner.
-        cluster.template("migrated")
-        yield cluster
+def servers() -> Iterator[Servers]:
+    found = Servers()
+    try:
+        yield found
+    finally:
+        found.close()
+
+
+@pytest.fixture(scope="session")
+def cluster(request: pytest.FixtureRequest, servers: Servers) -> Cluster:
+    """A server kind and collation: ``default``, ``pg15``, ``default-unicode``..."""
+    return servers.cluster(request.param)
 
 
 def _database(cluster: Cluster, template: str) -> Iterator[Database]:

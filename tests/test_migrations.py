@@ -103,7 +103,7 @@ def test_fresh_install_legacy_migration_and_sql_definitions_match(cluster, empty
             assert fresh[part] == legacy[part], f"fresh and migrated legacy differ in {part}"
             assert fresh[part] == definitions[part], f"migrations and sql/ differ in {part}"
         assert len(fresh["functions"]) >= 14
-        assert len(fresh["triggers"]) == 8
+        assert len(fresh["triggers"]) == 9
     finally:
         cluster.drop(from_sql)
 

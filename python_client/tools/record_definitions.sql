@@ -43,7 +43,14 @@ AS $$
     SELECT
         'function' AS kind,
         p.oid::regprocedure::text AS object_name,
-        md5(pg_catalog.pg_get_functiondef(p.oid)) AS digest,
+        -- Who owns it too: the mirror works only as machine_sync_mirror's,
+        -- and a restore by a non-superuser (or with --no-owner) leaves it
+        -- the restorer's.
+        md5(concat_ws(
+            '|',
+            pg_catalog.pg_get_functiondef(p.oid),
+            (p.proowner = to_regrole('machine_sync_mirror'))::text
+        )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_proc AS p
     WHERE
@@ -71,17 +78,31 @@ AS $$
                 '|',
                 t.tgfoid::regprocedure::text,
                 t.tgtype::text,
-                t.tgenabled::text,
+                -- ENABLE ALWAYS fires wherever ENABLE (origin) does. The
+                -- applied-row trigger is installed disabled, and a subscriber
+                -- of machines alone enables it for replica mode only (its
+                -- documented set-up): both are as installed.
+                CASE
+                    WHEN t.tgenabled = 'A' THEN 'O'
+                    WHEN t.tgname = 'zz_machine_sync_applied' AND t.tgenabled = 'R' THEN 'D'
+                    ELSE t.tgenabled
+                END,
                 t.tgattr::text,
                 encode(t.tgargs, 'hex'),
-                t.tgqual::text,
+                -- Parse positions and object ids left out: a restore (pg_dump)
+                -- re-parses the WHEN clause from its deparsed text, with other
+                -- positions, in a database whose objects have other oids.
+                regexp_replace(
+                    t.tgqual::text,
+                    ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+                ),
                 t.tgdeferrable::text,
                 t.tginitdeferred::text,
                 t.tgoldtable::text,
                 t.tgnewtable::text
             )
         ) AS digest,
-        t.tgenabled <> 'D' AS enabled
+        t.tgenabled IN ('O', 'A') OR t.tgname = 'zz_machine_sync_applied' AS enabled
     FROM pg_catalog.pg_trigger AS t
     INNER JOIN pg_catalog.pg_proc AS p ON t.tgfoid = p.oid
     WHERE
@@ -93,7 +114,11 @@ AS $$
         c.oid::regclass::text AS object_name,
         -- The stored query tree, not pg_get_viewdef(): deparsing a view takes
         -- ACCESS SHARE on every table it reads, and looking must lock nothing.
-        md5(r.ev_action::text) AS digest,
+        -- (Without parse positions and object ids, as a trigger's WHEN.)
+        md5(regexp_replace(
+            r.ev_action::text,
+            ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+        )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_class AS c
     INNER JOIN pg_catalog.pg_rewrite AS r ON c.oid = r.ev_class AND r.rulename = '_RETURN'

@@ -372,6 +372,7 @@ V2_TRIGGERS = {
     "zz_machine_sync": ("machines", "machines_sync", True),
     "zz_machine_sync_insert": ("machines", "machines_sync", True),
     "zz_machine_sync_insert_state": ("machines", "machines_sync", True),
+    "zz_machine_sync_applied": ("machines", "machines_sync", True),
     "machine_state_direct_write": ("machine_state", "machine_state_direct_write", False),
     "machine_state_carry_update": ("machine_state", "machine_state_carry_to_machines", False),
     "machine_state_carry_insert": ("machine_state", "machine_state_carry_to_machines", False),
@@ -397,12 +398,14 @@ def test_the_v2_triggers_and_who_their_functions_run_as(conn: Conn) -> None:
         "zz_machine_sync",
         "zz_machine_sync_insert",
         "zz_machine_sync_insert_state",
+        "zz_machine_sync_applied",
     }
-    # Every trigger is enabled (origin and local).
+    # Every trigger is enabled (origin and local), but the one for rows a
+    # logical replication subscriber applies, which a subscriber turns on.
     assert conn.execute(
-        "SELECT count(*) FROM pg_trigger WHERE tgname = ANY(%s) AND tgenabled <> 'O'",
+        "SELECT tgname, tgenabled FROM pg_trigger WHERE tgname = ANY(%s) AND tgenabled <> 'O'",
         [list(V2_TRIGGERS)],
-    ).fetchone() == (0,)
+    ).fetchall() == [("zz_machine_sync_applied", "D")]
 
 
 def test_the_v2_grants(conn: Conn, subtests: Any) -> None:
@@ -419,7 +422,7 @@ def test_the_v2_grants(conn: Conn, subtests: Any) -> None:
         ("service_role", "machines"): {"SELECT", "INSERT", "UPDATE", "DELETE"},
         ("service_role", "machine_state"): {"SELECT", "INSERT", "UPDATE"},
         ("machine_sync_mirror", "machines"): {"SELECT"},
-        ("machine_sync_mirror", "machine_state"): {"SELECT", "INSERT", "UPDATE"},
+        ("machine_sync_mirror", "machine_state"): {"SELECT", "INSERT", "UPDATE", "DELETE"},
     }
     for (role, table), allowed in expected.items():
         with subtests.test(role=role, table=table):
