@@ -1382,7 +1382,7 @@ FROM public;
 
 GRANT SELECT ON public.machines TO machine_sync_mirror;
 -- DELETE: only for a delete a logical replication subscriber applies
--- (zz_machine_sync_delete); the guard keeps refusing everyone else's.
+-- (zz_machine_sync_applied); the guard keeps refusing everyone else's.
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
 
 DO $$
