@@ -40,8 +40,9 @@ SERVER_KINDS = ("default", "pg15")
 # the best non-C collation a server offers: ICU's en-US where it has ICU
 # (Debian's 15), else libc's en_US.UTF-8 where the system has that locale.
 COLLATIONS = ("c", "unicode")
-# Modules whose tests run under both collations by default (the rest under C):
-# status folding, bad input, the rules, the mirror, drift, the legacy paths.
+# The modules --collation auto (a quicker local run) runs under both
+# collations, the rest under C: status folding, bad input, the rules, the
+# mirror, drift, the legacy paths. By default every module runs under both.
 COLLATION_MODULES = {
     "test_bad_input",
     "test_collation",
@@ -67,10 +68,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--collation",
         choices=("c", "unicode", "both", "auto"),
-        default="auto",
+        default="both",
         help=(
-            "database collation: c, unicode (ICU en-US, else libc en_US.UTF-8), both; "
-            "auto (default): both for the modules where collation could matter, c elsewhere"
+            "database collation: c, unicode (ICU en-US, else libc en_US.UTF-8), "
+            "both (default); auto: both for the modules where collation could matter, "
+            "c elsewhere (quicker)"
         ),
     )
 
