@@ -536,15 +536,19 @@ $$;
 --
 -- Guarantees:
 -- * machines.status is always canonical (20_status.sql) and changes only as
---   the rules allow (30_transitions.sql), for every writer.
+--   the rules allow (30_transitions.sql), for every writer. (One exception,
+--   under "Ordering" below: a change an application's own BEFORE trigger
+--   makes to an UPDATE whose SET names no watched column.)
 -- * machines.updated_at is the database's clock, never the client's;
 --   machines.status_since moves exactly when the status changes. Both are
 --   set here and nowhere else.
 -- * After every INSERT or UPDATE of a machine its machine_state row exists
 --   and has current_state = status, state_since = status_since,
 --   process_id = current_process_id, is_failure_mode = (status = 'error')
---   and the same failure fields. A write that changes none of these does
---   not rewrite machine_state.
+--   and the same failure fields (with the same exception). A write that
+--   changes none of these does not rewrite machine_state, and one that
+--   changes no watched column (below) leaves the machine as it was,
+--   updated_at included.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
 -- * On a logical replication subscriber of machines alone, with
 --   zz_machine_sync_applied enabled for replica mode (below), applied rows
@@ -597,6 +601,19 @@ BEGIN
         -- A new machine (zz_machine_sync_insert_state), or a row a logical
         -- replication subscriber applies (zz_machine_sync_applied): the
         -- publisher checked it and set its clocks, so it is mirrored as it is.
+        -- In replica mode only a subscription's own workers apply rows: a
+        -- restore of a subscriber's dump (data loaded with
+        -- session_replication_role = replica, machine_state's rows with it)
+        -- must not be mirrored a second time.
+        IF pg_catalog.current_setting('session_replication_role') = 'replica' THEN
+            IF NOT EXISTS (
+                SELECT
+                FROM pg_catalog.pg_stat_get_subscription(NULL) AS w
+                WHERE w.pid = pg_catalog.pg_backend_pid()
+            ) THEN
+                RETURN NULL;
+            END IF;
+        END IF;
         IF TG_OP = 'DELETE' THEN
             -- The foreign key's cascade does not fire in replica mode.
             DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
@@ -609,7 +626,20 @@ BEGIN
                 USING ERRCODE = 'MS003';
             END IF;
             was := OLD.status;
-            IF NEW.status IS DISTINCT FROM was THEN
+            IF NEW.status IS NOT DISTINCT FROM was THEN
+                -- The trigger fires when the SET names a watched column; when
+                -- none of them changes, nor updated_at, the write is left as
+                -- it is (so `SET status = status` moves no clock).
+                IF (
+                    NEW.current_process_id, NEW.failure_description, NEW.failure_component,
+                    NEW.status_since, NEW.updated_at
+                ) IS NOT DISTINCT FROM (
+                    OLD.current_process_id, OLD.failure_description, OLD.failure_component,
+                    OLD.status_since, OLD.updated_at
+                ) THEN
+                    RETURN NEW;
+                END IF;
+            ELSE
                 -- One probe proves both spellings canonical (the table's
                 -- foreign keys) and the change allowed.
                 allowed := EXISTS (
@@ -626,7 +656,6 @@ BEGIN
         ) THEN
             NEW.status := machine_sync.normalize_status(NEW.status);
         END IF;
-
 
         -- A status and its process go together. (OLD is NULL for a new machine:
         -- a comparison with it is NULL, so never true.)
@@ -854,7 +883,7 @@ BEGIN
             OLD.machine_id, NEW.machine_id
         USING ERRCODE = 'MS001';
     END IF;
-    IF NOT canonical THEN
+    IF canonical IS NOT TRUE THEN  -- (NULL too: no settings row to read)
         NEW.current_state := machine_sync.normalize_status(NEW.current_state);
     END IF;
     NEW.is_failure_mode := (NEW.current_state = 'error');
@@ -1545,6 +1574,23 @@ CREATE TABLE IF NOT EXISTS machine_sync_installed.definition (
 COMMENT ON TABLE machine_sync_installed.definition IS
 'One row per function, trigger and view a migration installed: md5 of its definition.';
 
+-- The objects a catalog object depends on, by name, in a fixed order: the
+-- part of a trigger's or a view's definition that its stored tree names by
+-- oid, which a restore changes.
+CREATE OR REPLACE FUNCTION machine_sync_installed.depends_on(catalog regclass, object_id oid)
+RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(described.name, ', ' ORDER BY described.name COLLATE "C")
+    FROM (
+        SELECT pg_describe_object(d.refclassid, d.refobjid, d.refobjsubid) AS name
+        FROM pg_depend AS d
+        WHERE d.classid = depends_on.catalog AND d.objid = depends_on.object_id
+    ) AS described
+$$;
+
 -- The definitions as the catalog holds them now: functions and views in
 -- schema machine_sync, the legacy RPCs in public, and the triggers that call
 -- machine_sync functions (a disabled trigger is not the shipped trigger).
@@ -1602,7 +1648,13 @@ AS $$
                     WHEN t.tgname = 'zz_machine_sync_applied' AND t.tgenabled = 'R' THEN 'D'
                     ELSE t.tgenabled
                 END,
-                t.tgattr::text,
+                -- The column list by name: a restored table may number its
+                -- columns otherwise.
+                (
+                    SELECT string_agg(a.attname::text, ',' ORDER BY a.attname::text COLLATE "C")
+                    FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = t.tgrelid AND a.attnum = ANY(t.tgattr)
+                ),
                 encode(t.tgargs, 'hex'),
                 -- Parse positions and object ids left out: a restore (pg_dump)
                 -- re-parses the WHEN clause from its deparsed text, with other
@@ -1614,7 +1666,9 @@ AS $$
                 t.tgdeferrable::text,
                 t.tginitdeferred::text,
                 t.tgoldtable::text,
-                t.tgnewtable::text
+                t.tgnewtable::text,
+                -- What the trigger refers to, by name (the oids were left out).
+                machine_sync_installed.depends_on('pg_catalog.pg_trigger'::regclass, t.oid)
             )
         ) AS digest,
         t.tgenabled IN ('O', 'A') OR t.tgname = 'zz_machine_sync_applied' AS enabled
@@ -1630,9 +1684,14 @@ AS $$
         -- The stored query tree, not pg_get_viewdef(): deparsing a view takes
         -- ACCESS SHARE on every table it reads, and looking must lock nothing.
         -- (Without parse positions and object ids, as a trigger's WHEN.)
-        md5(regexp_replace(
-            r.ev_action::text,
-            ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+        md5(concat_ws(
+            '|',
+            regexp_replace(
+                r.ev_action::text,
+                ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+            ),
+            -- What the view reads and calls, by name (the oids were left out).
+            machine_sync_installed.depends_on('pg_catalog.pg_rewrite'::regclass, r.oid)
         )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_class AS c
@@ -1682,6 +1741,7 @@ AS $$
     SELECT count(*) FROM recorded;
 $$;
 
+REVOKE ALL ON FUNCTION machine_sync_installed.depends_on(regclass, oid) FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.live() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.problems_v1() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;

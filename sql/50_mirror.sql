@@ -3,15 +3,19 @@
 --
 -- Guarantees:
 -- * machines.status is always canonical (20_status.sql) and changes only as
---   the rules allow (30_transitions.sql), for every writer.
+--   the rules allow (30_transitions.sql), for every writer. (One exception,
+--   under "Ordering" below: a change an application's own BEFORE trigger
+--   makes to an UPDATE whose SET names no watched column.)
 -- * machines.updated_at is the database's clock, never the client's;
 --   machines.status_since moves exactly when the status changes. Both are
 --   set here and nowhere else.
 -- * After every INSERT or UPDATE of a machine its machine_state row exists
 --   and has current_state = status, state_since = status_since,
 --   process_id = current_process_id, is_failure_mode = (status = 'error')
---   and the same failure fields. A write that changes none of these does
---   not rewrite machine_state.
+--   and the same failure fields (with the same exception). A write that
+--   changes none of these does not rewrite machine_state, and one that
+--   changes no watched column (below) leaves the machine as it was,
+--   updated_at included.
 -- * DELETE needs no trigger: the foreign key cascades (10_tables.sql).
 -- * On a logical replication subscriber of machines alone, with
 --   zz_machine_sync_applied enabled for replica mode (below), applied rows
@@ -64,6 +68,19 @@ BEGIN
         -- A new machine (zz_machine_sync_insert_state), or a row a logical
         -- replication subscriber applies (zz_machine_sync_applied): the
         -- publisher checked it and set its clocks, so it is mirrored as it is.
+        -- In replica mode only a subscription's own workers apply rows: a
+        -- restore of a subscriber's dump (data loaded with
+        -- session_replication_role = replica, machine_state's rows with it)
+        -- must not be mirrored a second time.
+        IF pg_catalog.current_setting('session_replication_role') = 'replica' THEN
+            IF NOT EXISTS (
+                SELECT
+                FROM pg_catalog.pg_stat_get_subscription(NULL) AS w
+                WHERE w.pid = pg_catalog.pg_backend_pid()
+            ) THEN
+                RETURN NULL;
+            END IF;
+        END IF;
         IF TG_OP = 'DELETE' THEN
             -- The foreign key's cascade does not fire in replica mode.
             DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
@@ -76,7 +93,20 @@ BEGIN
                 USING ERRCODE = 'MS003';
             END IF;
             was := OLD.status;
-            IF NEW.status IS DISTINCT FROM was THEN
+            IF NEW.status IS NOT DISTINCT FROM was THEN
+                -- The trigger fires when the SET names a watched column; when
+                -- none of them changes, nor updated_at, the write is left as
+                -- it is (so `SET status = status` moves no clock).
+                IF (
+                    NEW.current_process_id, NEW.failure_description, NEW.failure_component,
+                    NEW.status_since, NEW.updated_at
+                ) IS NOT DISTINCT FROM (
+                    OLD.current_process_id, OLD.failure_description, OLD.failure_component,
+                    OLD.status_since, OLD.updated_at
+                ) THEN
+                    RETURN NEW;
+                END IF;
+            ELSE
                 -- One probe proves both spellings canonical (the table's
                 -- foreign keys) and the change allowed.
                 allowed := EXISTS (
@@ -93,7 +123,6 @@ BEGIN
         ) THEN
             NEW.status := machine_sync.normalize_status(NEW.status);
         END IF;
-
 
         -- A status and its process go together. (OLD is NULL for a new machine:
         -- a comparison with it is NULL, so never true.)

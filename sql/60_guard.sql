@@ -69,7 +69,7 @@ BEGIN
             OLD.machine_id, NEW.machine_id
         USING ERRCODE = 'MS001';
     END IF;
-    IF NOT canonical THEN
+    IF canonical IS NOT TRUE THEN  -- (NULL too: no settings row to read)
         NEW.current_state := machine_sync.normalize_status(NEW.current_state);
     END IF;
     NEW.is_failure_mode := (NEW.current_state = 'error');

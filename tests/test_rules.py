@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
@@ -458,10 +459,16 @@ def test_only_an_update_that_sets_a_watched_column_calls_the_mirror(db):
             conn.execute(statement, [machine_id])
             return calls() - before
 
-        version = state_version()
+        def updated_at() -> Any:
+            return conn.execute(
+                "SELECT updated_at FROM machines WHERE id = %s", [machine_id]
+            ).fetchone()[0]
+
+        version, stamped = state_version(), updated_at()
         assert calls_by("UPDATE machines SET location = 'bay 2' WHERE id = %s") == 0
         assert calls_by("UPDATE machines SET status = 'idle' WHERE id = %s") == 1
-        assert state_version() == version
+        # It changed nothing: no clock moves, machine_state is not rewritten.
+        assert (state_version(), updated_at()) == (version, stamped)
         assert calls_by("UPDATE machines SET status = 'maintenance' WHERE id = %s") == 1
         assert state_version() != version
         conn.commit()

@@ -266,6 +266,25 @@ def test_a_later_migration_does_not_pass_off_a_hand_edit_as_shipped(db, conn, tm
     ]
 
 
+def test_a_view_pointed_at_a_look_alike_function_is_reported(db, conn):
+    """The digests leave out oids (a restore changes them) and name what a
+    view refers to instead: a look-alike function elsewhere is a change."""
+    conn.execute("CREATE SCHEMA evil")
+    conn.execute(
+        "CREATE FUNCTION evil.canonical_status(raw text) RETURNS text LANGUAGE sql"
+        " AS $$SELECT lower(raw)$$"
+    )
+    definition = conn.execute("SELECT pg_get_viewdef('machine_sync.drift'::regclass)").fetchone()
+    assert "machine_sync.canonical_status(" in definition[0]
+    conn.execute(
+        "CREATE OR REPLACE VIEW machine_sync.drift AS "
+        + definition[0].replace("machine_sync.canonical_status(", "evil.canonical_status(")
+    )
+    assert [(p.kind, p.name, p.problem) for p in runner(conn).status().definition_problems] == [
+        ("view", "machine_sync.drift", "changed")
+    ]
+
+
 def test_a_function_added_by_hand_is_reported(db, conn):
     conn.execute(
         "CREATE FUNCTION machine_sync.extra() RETURNS int "

@@ -37,6 +37,7 @@ $$;
 DROP TRIGGER IF EXISTS zz_machine_sync ON public.machines;
 DROP TRIGGER IF EXISTS zz_machine_sync_insert ON public.machines;
 DROP TRIGGER IF EXISTS zz_machine_sync_insert_state ON public.machines;
+DROP TRIGGER IF EXISTS zz_machine_sync_applied ON public.machines;
 DROP TRIGGER IF EXISTS machine_state_direct_write ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_carry_update ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_carry_insert ON public.machine_state;

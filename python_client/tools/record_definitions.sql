@@ -30,6 +30,23 @@ CREATE TABLE IF NOT EXISTS machine_sync_installed.definition (
 COMMENT ON TABLE machine_sync_installed.definition IS
 'One row per function, trigger and view a migration installed: md5 of its definition.';
 
+-- The objects a catalog object depends on, by name, in a fixed order: the
+-- part of a trigger's or a view's definition that its stored tree names by
+-- oid, which a restore changes.
+CREATE OR REPLACE FUNCTION machine_sync_installed.depends_on(catalog regclass, object_id oid)
+RETURNS text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT string_agg(described.name, ', ' ORDER BY described.name COLLATE "C")
+    FROM (
+        SELECT pg_describe_object(d.refclassid, d.refobjid, d.refobjsubid) AS name
+        FROM pg_depend AS d
+        WHERE d.classid = depends_on.catalog AND d.objid = depends_on.object_id
+    ) AS described
+$$;
+
 -- The definitions as the catalog holds them now: functions and views in
 -- schema machine_sync, the legacy RPCs in public, and the triggers that call
 -- machine_sync functions (a disabled trigger is not the shipped trigger).
@@ -87,7 +104,13 @@ AS $$
                     WHEN t.tgname = 'zz_machine_sync_applied' AND t.tgenabled = 'R' THEN 'D'
                     ELSE t.tgenabled
                 END,
-                t.tgattr::text,
+                -- The column list by name: a restored table may number its
+                -- columns otherwise.
+                (
+                    SELECT string_agg(a.attname::text, ',' ORDER BY a.attname::text COLLATE "C")
+                    FROM pg_catalog.pg_attribute AS a
+                    WHERE a.attrelid = t.tgrelid AND a.attnum = ANY(t.tgattr)
+                ),
                 encode(t.tgargs, 'hex'),
                 -- Parse positions and object ids left out: a restore (pg_dump)
                 -- re-parses the WHEN clause from its deparsed text, with other
@@ -99,7 +122,9 @@ AS $$
                 t.tgdeferrable::text,
                 t.tginitdeferred::text,
                 t.tgoldtable::text,
-                t.tgnewtable::text
+                t.tgnewtable::text,
+                -- What the trigger refers to, by name (the oids were left out).
+                machine_sync_installed.depends_on('pg_catalog.pg_trigger'::regclass, t.oid)
             )
         ) AS digest,
         t.tgenabled IN ('O', 'A') OR t.tgname = 'zz_machine_sync_applied' AS enabled
@@ -115,9 +140,14 @@ AS $$
         -- The stored query tree, not pg_get_viewdef(): deparsing a view takes
         -- ACCESS SHARE on every table it reads, and looking must lock nothing.
         -- (Without parse positions and object ids, as a trigger's WHEN.)
-        md5(regexp_replace(
-            r.ev_action::text,
-            ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+        md5(concat_ws(
+            '|',
+            regexp_replace(
+                r.ev_action::text,
+                ' :(location|stmt_location|stmt_len|relid|resorigtbl|funcid|checkAsUser) -?[0-9]+', '', 'g'
+            ),
+            -- What the view reads and calls, by name (the oids were left out).
+            machine_sync_installed.depends_on('pg_catalog.pg_rewrite'::regclass, r.oid)
         )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_class AS c
@@ -167,6 +197,7 @@ AS $$
     SELECT count(*) FROM recorded;
 $$;
 
+REVOKE ALL ON FUNCTION machine_sync_installed.depends_on(regclass, oid) FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.live() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.problems_v1() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;

@@ -254,3 +254,38 @@ def test_subscriber_of_machines_alone_mirrors_with_the_applied_row_trigger(
         assert_consistent(sub)
         status = subscriber.one("SELECT count(*) FROM machine_sync_installed.problems_v1()")
         assert status == 0
+
+
+def test_rows_loaded_in_replica_mode_by_anything_but_a_subscription_are_not_mirrored(db):
+    """A subscriber's dump restores the applied-row trigger enabled for
+    replica mode, and a restore loads its data in replica mode, machine_state
+    included: only a subscription's own workers may be mirrored, or the
+    restore would write each state row twice (23505)."""
+    with db.connect() as conn:
+        mirror_applied_rows(conn)
+        machine_id = add_machine(conn, status="idle")
+        start(conn, machine_id)
+        machine_row = conn.execute("SELECT * FROM machines WHERE id = %s", [machine_id]).fetchone()
+        state_row = rows(conn, "public.machine_state")
+        conn.execute("DELETE FROM machines WHERE id = %s", [machine_id])
+        conn.commit()
+    with db.connect(admin=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        assert machine_row is not None
+        conn.execute(
+            sql.SQL("INSERT INTO machines VALUES ({})").format(
+                sql.SQL(", ").join(sql.Placeholder() * len(machine_row))
+            ),
+            machine_row,
+        )
+        for state in state_row:
+            conn.execute(
+                sql.SQL("INSERT INTO machine_state VALUES ({})").format(
+                    sql.SQL(", ").join(sql.Placeholder() * len(state))
+                ),
+                state,
+            )
+        conn.commit()
+        assert rows(conn, "public.machine_state") == state_row  # as loaded, not rewritten
+        conn.execute("SET session_replication_role = origin")
+        assert_consistent(conn)
