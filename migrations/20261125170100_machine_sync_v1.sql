@@ -928,6 +928,8 @@ $$;
 -- raises a retryable error and nothing is half-applied: 40001 for the cycle,
 -- 55P03 when the time is up. Returns the machine's status_since, or NULL
 -- when the caller may not lock the row (not visible, or not writable).
+-- Called only when the row could not be taken at once (the guard tries
+-- that itself, with no call, first).
 CREATE OR REPLACE FUNCTION machine_sync.lock_machine(machine_id uuid, caller_lock_timeout text)
 RETURNS timestamptz
 LANGUAGE plpgsql
@@ -939,14 +941,8 @@ DECLARE
     deadline timestamptz;
     since timestamptz;
 BEGIN
-    SELECT m.status_since INTO since
-    FROM public.machines AS m
-    WHERE m.id = lock_machine.machine_id
-    FOR NO KEY UPDATE SKIP LOCKED;
-    IF FOUND THEN
-        RETURN since;
-    END IF;
-    -- Locked by another transaction, or not ours to lock: NOWAIT tells.
+    -- The caller's SKIP LOCKED found nothing: locked by another
+    -- transaction, or not ours to lock. NOWAIT tells.
     BEGIN
         SELECT m.status_since INTO since
         FROM public.machines AS m
