@@ -25,7 +25,9 @@
 --   each other. So a legacy write never waits for a lock while it holds the
 --   state row: it takes its machine's row at once or polls for it, for at
 --   most half of deadlock_timeout (or the caller's lower lock_timeout), and
---   gives up the moment another transaction waits for it. It then fails
+--   gives up the moment another transaction waits for it; any lock wait on
+--   the way (SKIP LOCKED does not skip them all) is cut short at 1 ms,
+--   long before deadlock_timeout lets a cycle form. It then fails
 --   with a retryable error (40001 in a cycle, 55P03 when time is up) and
 --   nothing is half-applied. No mix of writers can deadlock, nothing takes a
 --   table lock, and only writers of that one machine ever wait.
@@ -46,6 +48,7 @@ DECLARE
     since timestamptz;
     in_strict boolean;
     canonical boolean;
+    caller_lock_timeout text;
 BEGIN
     IF current_user = 'machine_sync_mirror' THEN
         RETURN NEW;  -- the mirror's own write
@@ -78,14 +81,22 @@ BEGIN
         RETURN NEW;  -- the NOT NULL constraint answers (23502)
     END IF;
     -- The machine's row, at once when no other transaction holds it (and
-    -- the caller may see and lock it); else lock_machine decides.
+    -- the caller may see and lock it); else lock_machine decides. SKIP
+    -- LOCKED and NOWAIT do not cover every wait of a row lock: having
+    -- locked a version, PostgreSQL follows the row's update chain and waits
+    -- for a writer of a later version, and the caller's policies may wait
+    -- for anything. So every lock wait here is cut short at 1 ms (55P03,
+    -- retry), long before deadlock_timeout lets a cycle be found.
+    caller_lock_timeout := current_setting('lock_timeout');
+    PERFORM set_config('lock_timeout', '1ms', true);
     SELECT m.status_since INTO since
     FROM public.machines AS m
     WHERE m.id = NEW.machine_id
     FOR NO KEY UPDATE SKIP LOCKED;
     IF NOT FOUND THEN
-        since := machine_sync.lock_machine(NEW.machine_id, current_setting('lock_timeout'));
+        since := machine_sync.lock_machine(NEW.machine_id, caller_lock_timeout);
     END IF;
+    PERFORM set_config('lock_timeout', caller_lock_timeout, true);
     IF TG_OP = 'UPDATE' AND (
         NEW.current_state, NEW.process_id, NEW.failure_description, NEW.failure_component
     ) IS NOT DISTINCT FROM (
@@ -107,7 +118,9 @@ $$;
 -- Locks a machine's row for a legacy write without ever waiting for a lock:
 -- the caller holds the machine's state row already, and every writer of
 -- machines takes the two rows the other way round, so a wait here could
--- close a cycle. It polls instead, every millisecond, for at most half of
+-- close a cycle (and the guard's 1 ms lock_timeout cuts short the waits
+-- that SKIP LOCKED and NOWAIT leave). It polls instead, every millisecond,
+-- for at most half of
 -- deadlock_timeout (or the caller's own lower lock_timeout), and gives up at
 -- once when some transaction is waiting for this one (that transaction holds
 -- the machine and wants the state row: neither could go on). Either way it
@@ -164,11 +177,15 @@ BEGIN
                   HINT = 'In compat mode a write to machine_state also writes machines; write public.machines directly to wait as long as any writer.';
         END IF;
         PERFORM pg_catalog.pg_sleep(0.001);
-        SELECT m.status_since INTO since
-        FROM public.machines AS m
-        WHERE m.id = lock_machine.machine_id
-        FOR NO KEY UPDATE SKIP LOCKED;
-        EXIT WHEN FOUND;
+        BEGIN
+            SELECT m.status_since INTO since
+            FROM public.machines AS m
+            WHERE m.id = lock_machine.machine_id
+            FOR NO KEY UPDATE SKIP LOCKED;
+            EXIT WHEN FOUND;
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;  -- a wait SKIP LOCKED did not skip, cut short: poll on
+        END;
     END LOOP;
     RETURN since;
 END

@@ -490,6 +490,74 @@ def test_a_legacy_write_in_a_lock_cycle_gives_up_at_once(db):
         assert_consistent(observer)
 
 
+GATE = 4242  # the advisory lock a test-only policy on machines waits for
+
+
+def _gate_machines_inside_triggers(conn):
+    """A restrictive policy on machines whose check waits for advisory lock
+    GATE whenever it runs inside a trigger, that is, in the legacy write's
+    lock step (the statement's own scan of machine_state runs outside any
+    trigger). It stands for every wait PostgreSQL may add to a row lock
+    (following a row's update chain waits, whatever SKIP LOCKED says)."""
+    open_policies(conn)
+    conn.execute(
+        "CREATE FUNCTION public.gate() RETURNS boolean LANGUAGE plpgsql AS $$"
+        " BEGIN IF pg_trigger_depth() > 0 THEN"
+        f" PERFORM pg_advisory_xact_lock_shared({GATE}); END IF; RETURN true; END $$"
+    )
+    conn.execute(
+        "CREATE POLICY gate ON machines AS RESTRICTIVE FOR ALL TO authenticated"
+        " USING (public.gate())"
+    )
+
+
+def test_a_wait_inside_the_legacy_lock_step_gives_up_before_a_cycle_can_form(db):
+    """The legacy write holds the state row when its lock step meets a wait
+    that SKIP LOCKED does not skip; the transaction it waits for then writes
+    the machine's status, which needs that state row. Were the legacy write
+    to wait there, the two would deadlock. Every wait of the lock step is
+    bounded at 1 ms: the legacy write fails at once with 55P03 (retry) and
+    writes nothing, and the other writer goes on."""
+    with db.connect() as setup:
+        machine_id = add_machine(setup)
+        _gate_machines_inside_triggers(setup)
+        deadlock_ms = _deadlock_timeout_ms(setup)
+    with db.connect(autocommit=False) as writer, db.connect(autocommit=False) as legacy:
+        writer.execute("SELECT pg_advisory_xact_lock(%s)", [GATE])
+        as_api_role(legacy, "authenticated")
+        timing = {}
+
+        def legacy_write():
+            started = time.monotonic()
+            try:
+                legacy.execute(
+                    "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+                    [machine_id],
+                )
+            finally:
+                timing["elapsed"] = time.monotonic() - started
+
+        thread, outcome = in_thread(legacy_write)
+        thread.join(deadlock_ms / 1000 / 2)
+        # A legacy write still waiting now would close the cycle below.
+        writer.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [machine_id])
+        writer.commit()
+        thread.join(20)
+        assert isinstance(outcome.get("error"), psycopg.errors.LockNotAvailable), outcome
+        assert timing["elapsed"] < deadlock_ms / 1000 / 2
+        legacy.rollback()
+        assert state(legacy, machine_id)["current_state"] == "offline"
+        # The retry, with the gate open, succeeds and leaves the caller's
+        # lock_timeout as it was.
+        as_api_role(legacy, "authenticated")
+        legacy.execute("SET LOCAL lock_timeout = '5s'")
+        legacy_write()
+        assert legacy.execute("SHOW lock_timeout").fetchone() == ("5s",)
+        legacy.commit()
+        assert machine(legacy, machine_id)["status"] == "maintenance"
+        assert_consistent(legacy)
+
+
 @pytest.mark.parametrize("caller_lock_timeout", ["0", "200ms"])
 def test_a_legacy_write_waits_for_a_busy_machine_within_its_bound(db, caller_lock_timeout):
     """A transaction holds the machine's row and stays idle: the legacy write
