@@ -27,6 +27,7 @@ MIRRORED = {
     "legacy-transaction",
     "stored-procedure",
     "machine-sync",
+    "minimal-trigger",
 }
 
 
@@ -101,12 +102,15 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
         "legacy-transaction": 4,
         "stored-procedure": 1,
         "machine-sync": 1,
+        "minimal-trigger": 1,
         "floor": 1,
     }
 
     bulk = data["bulk"]
     assert {(b["workload"], b["rows"]) for b in bulk} == {
-        (w, n) for w in ("legacy-transaction", "machine-sync", "floor") for n in (1, 60)
+        (w, n)
+        for w in ("legacy-transaction", "machine-sync", "minimal-trigger", "floor")
+        for n in (1, 60)
     }
     for cell in bulk:
         assert cell["writes_seen"] == cell["writes_expected"] >= cell["statements"] * cell["rows"]
@@ -150,7 +154,8 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
     ):
         assert heading in report
     assert "machine-sync vs stored procedure, 1 client" in report
-    assert "in 36 of 36 measured cells" in report
+    assert "minimal trigger mirror vs floor, 1 client" in report
+    assert "in 43 of 43 measured cells" in report
     assert json.loads((out / "report.json").read_text())["cells"] == cells
     assert (out / "report.png").exists() == ("no chart" not in result.stderr)
 

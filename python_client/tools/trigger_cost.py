@@ -48,10 +48,12 @@ STOP = "'idle', NULL"
 WORKLOADS: dict[str, tuple[list[str], int]] = {
     "floor (no trigger)": (["update_floor"], 1),
     "machine-sync": (["update_machines"], 1),
+    "minimal trigger (reference)": (["update_minimal_machines"], 1),
     "stored procedure": (["call_stored_procedure"], 1),
     "legacy pair": (["update_legacy_machines", "update_legacy_state"], 1),
     "bulk floor (per row)": (["bulk_update_floor"], BULK_ROWS),
     "bulk machine-sync (per row)": (["bulk_update_machines"], BULK_ROWS),
+    "bulk minimal trigger (per row)": (["bulk_update_minimal_machines"], BULK_ROWS),
 }
 
 

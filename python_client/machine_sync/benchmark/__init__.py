@@ -1,5 +1,6 @@
 """`machine-sync bench`: what the trigger costs, against the legacy dual write,
-the stored procedure (the RPC approach) and a bare UPDATE without trigger.
+the stored procedure (the RPC approach), the cheapest trigger mirror (for
+reference) and a bare UPDATE without trigger.
 
 Modules: ``workloads`` (what each workload sends), ``scratch`` (where it
 runs), ``drivers`` (psycopg threads and pgbench), ``proxy`` (added network

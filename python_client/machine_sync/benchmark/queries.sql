@@ -109,10 +109,24 @@ SELECT
     updated_at
 FROM public.machine_state;
 
+-- name: copy_minimal_machines
+-- The reference mirror's machines get the very rows the legacy twin has.
+-- Both are LIKE public.machines, so they have the same columns in the same
+-- order, and * is exactly that list.
+INSERT INTO machine_sync_bench.minimal_machines
+SELECT * FROM machine_sync_bench.legacy_machines;  -- noqa: AM04
+
+-- name: copy_minimal_machine_state
+-- The reference mirror's machine_state, likewise from the legacy twin (both
+-- LIKE public.machine_state).
+INSERT INTO machine_sync_bench.minimal_machine_state
+SELECT * FROM machine_sync_bench.legacy_machine_state;  -- noqa: AM04
+
 -- name: empty_tables
 -- Start a data set from nothing (the guard allows TRUNCATE ... CASCADE).
 TRUNCATE public.machines, machine_sync_bench.floor_machines,
-machine_sync_bench.legacy_machines, machine_sync_bench.legacy_machine_state
+machine_sync_bench.legacy_machines, machine_sync_bench.legacy_machine_state,
+machine_sync_bench.minimal_machines, machine_sync_bench.minimal_machine_state
 CASCADE;
 
 -- name: idle_machines
@@ -132,6 +146,12 @@ WHERE id = $3;
 -- name: update_machines
 -- machine-sync: one UPDATE; the triggers normalize it and write machine_state.
 UPDATE public.machines
+SET status = $1, current_process_id = $2, updated_at = now()
+WHERE id = $3;
+
+-- name: update_minimal_machines
+-- Reference: the same UPDATE on a twin whose trigger only copies into a second table.
+UPDATE machine_sync_bench.minimal_machines
 SET status = $1, current_process_id = $2, updated_at = now()
 WHERE id = $3;
 
@@ -161,6 +181,12 @@ SELECT machine_sync_bench.set_machine_status($3, $1, $2);
 -- name: bulk_update_floor
 -- Floor, bulk: one UPDATE of many machines on the table with no trigger.
 UPDATE machine_sync_bench.floor_machines
+SET status = $1, current_process_id = $2, updated_at = now()
+WHERE id = any($3);
+
+-- name: bulk_update_minimal_machines
+-- Reference, bulk: one UPDATE of many machines on the twin with the cheapest trigger mirror.
+UPDATE machine_sync_bench.minimal_machines
 SET status = $1, current_process_id = $2, updated_at = now()
 WHERE id = any($3);
 
@@ -305,6 +331,18 @@ WHERE
     OR m.status IS DISTINCT FROM s.current_state
     OR m.current_process_id IS DISTINCT FROM s.process_id;
 
+-- name: minimal_drift
+-- Machines whose reference twin rows disagree (or one of the two is missing).
+SELECT count(*)
+FROM machine_sync_bench.minimal_machines AS m
+FULL OUTER JOIN machine_sync_bench.minimal_machine_state AS s
+    ON m.id = s.machine_id
+WHERE
+    m.id IS NULL
+    OR s.machine_id IS NULL
+    OR m.status IS DISTINCT FROM s.current_state
+    OR m.current_process_id IS DISTINCT FROM s.process_id;
+
 -- name: table_writes
 -- Row updates so far per table ($1 = schema names), from the statistics.
 SELECT
@@ -334,7 +372,8 @@ WHERE s.name IN (
 -- Same starting point for every table before a group of runs.
 VACUUM (ANALYZE) public.machines, public.machine_state,
 machine_sync_bench.floor_machines, machine_sync_bench.legacy_machines,
-machine_sync_bench.legacy_machine_state;
+machine_sync_bench.legacy_machine_state, machine_sync_bench.minimal_machines,
+machine_sync_bench.minimal_machine_state;
 
 -- name: catalog_fingerprint
 -- Objects in the schemas $1, with the transaction that last changed each:

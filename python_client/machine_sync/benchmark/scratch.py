@@ -149,6 +149,8 @@ def load(place: Scratch, machines: int) -> None:
                 "copy_floor_machines",
                 "copy_legacy_machines",
                 "copy_legacy_machine_state",
+                "copy_minimal_machines",
+                "copy_minimal_machine_state",
             ):
                 conn.execute(query(name, schemas))
         vacuum(conn, schemas)

@@ -15,6 +15,8 @@ MACHINE_STATE = "public.machine_state"
 FLOOR = "machine_sync_bench.floor_machines"
 LEGACY_MACHINES = "machine_sync_bench.legacy_machines"
 LEGACY_STATE = "machine_sync_bench.legacy_machine_state"
+MINIMAL_MACHINES = "machine_sync_bench.minimal_machines"
+MINIMAL_STATE = "machine_sync_bench.minimal_machine_state"
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,14 @@ MACHINE_SYNC = Workload(
     (MACHINES, MACHINE_STATE),
     "sync_drift",
 )
+MINIMAL_TRIGGER = Workload(
+    "minimal-trigger",
+    "reference: the same UPDATE, a trigger that only copies into a second table",
+    ("update_minimal_machines",),
+    False,
+    (MINIMAL_MACHINES, MINIMAL_STATE),
+    "minimal_drift",
+)
 FLOOR_UPDATE = Workload(
     "floor",
     "floor: the same UPDATE on a table without trigger",
@@ -84,6 +94,7 @@ WORKLOADS: tuple[Workload, ...] = (
     LEGACY_TRANSACTION,
     STORED_PROCEDURE,
     MACHINE_SYNC,
+    MINIMAL_TRIGGER,
     FLOOR_UPDATE,
 )
 
@@ -104,6 +115,14 @@ BULK_WORKLOADS: tuple[Workload, ...] = (
         False,
         (MACHINES, MACHINE_STATE),
         "sync_drift",
+    ),
+    Workload(
+        "minimal-trigger",
+        MINIMAL_TRIGGER.label,
+        ("bulk_update_minimal_machines",),
+        False,
+        (MINIMAL_MACHINES, MINIMAL_STATE),
+        "minimal_drift",
     ),
     Workload(
         "floor",
