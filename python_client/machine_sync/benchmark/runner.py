@@ -36,7 +36,7 @@ class BenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)
     drivers: tuple[str, ...] = DRIVERS
     workloads: tuple[str, ...] = ()  # empty: all
-    rounds: int = 3
+    rounds: int = 5
     seconds: float = 1.0  # per run; pgbench rounds it up to whole seconds
     pgbench_transactions: int = 0  # > 0: pgbench -t this many per client instead of -T
     bulk_sizes: tuple[int, ...] = (1, 100, 10_000)
