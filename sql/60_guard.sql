@@ -86,7 +86,9 @@ BEGIN
     -- locked a version, PostgreSQL follows the row's update chain and waits
     -- for a writer of a later version, and the caller's policies may wait
     -- for anything. So every lock wait here is cut short at 1 ms (55P03,
-    -- retry), long before deadlock_timeout lets a cycle be found.
+    -- retry), long before deadlock_timeout lets a cycle be found; so is a
+    -- wait for a table lock that DDL on machines holds (DDL that wants
+    -- machine_state next would close a cycle too).
     caller_lock_timeout := current_setting('lock_timeout');
     PERFORM set_config('lock_timeout', '1ms', true);
     SELECT m.status_since INTO since

@@ -558,6 +558,29 @@ def test_a_wait_inside_the_legacy_lock_step_gives_up_before_a_cycle_can_form(db)
         assert_consistent(legacy)
 
 
+def test_a_legacy_write_during_a_table_lock_on_machines_gives_up_at_once(db):
+    """A DDL statement (here LOCK TABLE) holds machines while a legacy write
+    holds its state row: waiting there could close a cycle with DDL that
+    wants machine_state next, so the write gives up at once (55P03, retry),
+    writes nothing, and succeeds once the lock is gone."""
+    with db.connect() as setup:
+        machine_id = add_machine(setup)
+        deadlock_ms = _deadlock_timeout_ms(setup)
+    statement = "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s"
+    with db.connect(autocommit=False) as ddl, db.connect() as legacy:
+        ddl.execute("LOCK TABLE machines IN ACCESS EXCLUSIVE MODE")
+        legacy.execute("SET lock_timeout = '10s'")
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.LockNotAvailable):
+            legacy.execute(statement, [machine_id])
+        assert time.monotonic() - started < deadlock_ms / 1000 / 2
+        ddl.rollback()
+        assert state(legacy, machine_id)["current_state"] == "idle"
+        assert legacy.execute(statement, [machine_id]).rowcount == 1
+        assert machine(legacy, machine_id)["status"] == "maintenance"
+        assert_consistent(legacy)
+
+
 @pytest.mark.parametrize("caller_lock_timeout", ["0", "200ms"])
 def test_a_legacy_write_waits_for_a_busy_machine_within_its_bound(db, caller_lock_timeout):
     """A transaction holds the machine's row and stays idle: the legacy write
