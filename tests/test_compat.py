@@ -428,6 +428,19 @@ def test_legacy_writers_after_a_no_op_machines_update_do_not_deadlock(db, interl
         assert_consistent(observer)
 
 
+MAINTENANCE = "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s"
+
+
+def timed_maintenance_write(conn, machine_id, timing):
+    """The legacy write these tests race (machine_state to maintenance);
+    how long it took, failed or not, lands in ``timing["elapsed"]``."""
+    started = time.monotonic()
+    try:
+        conn.execute(MAINTENANCE, [machine_id])
+    finally:
+        timing["elapsed"] = time.monotonic() - started
+
+
 def _deadlock_timeout_ms(conn):
     row = conn.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'")
     return row.fetchone()[0]
@@ -464,14 +477,7 @@ def test_a_legacy_write_in_a_lock_cycle_gives_up_at_once(db):
         timing = {}
 
         def legacy_write():
-            started = time.monotonic()
-            try:
-                legacy.execute(
-                    "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
-                    [machine_id],
-                )
-            finally:
-                timing["elapsed"] = time.monotonic() - started
+            timed_maintenance_write(legacy, machine_id, timing)
 
         def machines_write():
             writer.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [machine_id])
@@ -528,14 +534,7 @@ def test_a_wait_inside_the_legacy_lock_step_gives_up_before_a_cycle_can_form(db)
         timing = {}
 
         def legacy_write():
-            started = time.monotonic()
-            try:
-                legacy.execute(
-                    "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
-                    [machine_id],
-                )
-            finally:
-                timing["elapsed"] = time.monotonic() - started
+            timed_maintenance_write(legacy, machine_id, timing)
 
         thread, outcome = in_thread(legacy_write)
         thread.join(deadlock_ms / 1000 / 2)
@@ -566,17 +565,16 @@ def test_a_legacy_write_during_a_table_lock_on_machines_gives_up_at_once(db):
     with db.connect() as setup:
         machine_id = add_machine(setup)
         deadlock_ms = _deadlock_timeout_ms(setup)
-    statement = "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s"
     with db.connect(autocommit=False) as ddl, db.connect() as legacy:
         ddl.execute("LOCK TABLE machines IN ACCESS EXCLUSIVE MODE")
         legacy.execute("SET lock_timeout = '10s'")
-        started = time.monotonic()
+        timing = {}
         with pytest.raises(psycopg.errors.LockNotAvailable):
-            legacy.execute(statement, [machine_id])
-        assert time.monotonic() - started < deadlock_ms / 1000 / 2
+            timed_maintenance_write(legacy, machine_id, timing)
+        assert timing["elapsed"] < deadlock_ms / 1000 / 2
         ddl.rollback()
         assert state(legacy, machine_id)["current_state"] == "idle"
-        assert legacy.execute(statement, [machine_id]).rowcount == 1
+        assert legacy.execute(MAINTENANCE, [machine_id]).rowcount == 1
         assert machine(legacy, machine_id)["status"] == "maintenance"
         assert_consistent(legacy)
 
