@@ -82,16 +82,22 @@ def query(name: str, schemas: Schemas) -> str:
     return relocate(_text(name), schemas)
 
 
-def on_real_tables(name: str, schemas: Schemas) -> str:
-    """Query ``name``, written for the legacy twins, sent to the real tables instead.
+def on_tables(name: str, machines: str, machine_state: str, schemas: Schemas) -> str:
+    """Query ``name``, written for the legacy twins, sent to another pair of tables.
 
-    The legacy statements are the same text whichever tables they hit; this
-    is how the benchmark sends them to the migrated ``machines`` and
-    ``machine_state`` (where compat mode carries them through the triggers).
+    The legacy statements are the same text whichever pair they hit; a query
+    that names no legacy twin is returned as it is.
     """
-    text = _text(name).replace("machine_sync_bench.legacy_machine_state", "public.machine_state")
-    text = text.replace("machine_sync_bench.legacy_machines", "public.machines")
+    text = _text(name).replace("machine_sync_bench.legacy_machine_state", machine_state)
+    text = text.replace("machine_sync_bench.legacy_machines", machines)
     return relocate(text, schemas)
+
+
+def on_real_tables(name: str, schemas: Schemas) -> str:
+    """Query ``name``, written for the legacy twins, sent to the migrated
+    ``machines`` and ``machine_state`` (where compat mode carries them
+    through the triggers)."""
+    return on_tables(name, "public.machines", "public.machine_state", schemas)
 
 
 def setup_script(schemas: Schemas) -> str:

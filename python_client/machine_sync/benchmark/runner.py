@@ -20,7 +20,7 @@ from . import drivers
 from .contention import HotCell, OpsCell, hot_cells, ops_cells
 from .drivers import PsycopgClients, Run, find_pgbench, machine_uuid, run_pgbench
 from .proxy import DelayProxy
-from .queries import Schemas, query
+from .queries import Schemas, on_tables, query
 from .scratch import BenchError, Scratch, ScratchMode, load, scratch_place, vacuum
 from .workloads import BULK_WORKLOADS, Workload, by_key
 
@@ -222,7 +222,8 @@ def _check_writes(
 def _drift(conn: psycopg.Connection[Any], schemas: Schemas, workload: Workload) -> int | None:
     if workload.drift_query is None:
         return None
-    row = conn.execute(query(workload.drift_query, schemas)).fetchone()
+    machines, machine_state = workload.writes
+    row = conn.execute(on_tables(workload.drift_query, machines, machine_state, schemas)).fetchone()
     return int(row[0]) if row is not None else None
 
 

@@ -28,7 +28,9 @@ class Workload:
     statements: tuple[str, ...]  # query names (queries.sql), sent in this order
     transaction: bool  # wrapped in BEGIN ... COMMIT by the client
     writes: tuple[str, ...]  # tables that get one row update per state change
-    drift_query: str | None  # counts machines whose two rows disagree; None: no mirror
+    # Counts machines whose two rows disagree, run on the two tables of
+    # ``writes`` (queries.on_tables); None: no mirror.
+    drift_query: str | None
 
 
 LEGACY_AUTOCOMMIT = Workload(
@@ -77,7 +79,7 @@ MINIMAL_TRIGGER = Workload(
     ("update_minimal_machines",),
     False,
     (MINIMAL_MACHINES, MINIMAL_STATE),
-    "minimal_drift",
+    "legacy_drift",
 )
 FLOOR_UPDATE = Workload(
     "floor",
@@ -122,7 +124,7 @@ BULK_WORKLOADS: tuple[Workload, ...] = (
         ("bulk_update_minimal_machines",),
         False,
         (MINIMAL_MACHINES, MINIMAL_STATE),
-        "minimal_drift",
+        "legacy_drift",
     ),
     Workload(
         "floor",
