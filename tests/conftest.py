@@ -18,7 +18,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,6 +228,15 @@ class Cluster:
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.name))
             )
 
+    @contextmanager
+    def database(self, template: str) -> Iterator[Database]:
+        """A database made from ``template``, dropped when the block ends."""
+        db = self.create(template)
+        try:
+            yield db
+        finally:
+            self.drop(db)
+
     def template(self, kind: str) -> str:
         """Name of a template database, built on first use.
 
@@ -324,30 +333,25 @@ def cluster(request: pytest.FixtureRequest, servers: Servers) -> Cluster:
     return servers.cluster(request.param)
 
 
-def _database(cluster: Cluster, template: str) -> Iterator[Database]:
-    db = cluster.create(template)
-    try:
-        yield db
-    finally:
-        cluster.drop(db)
-
-
 @pytest.fixture
 def db(cluster: Cluster) -> Iterator[Database]:
     """A fresh install: Supabase-like roles, every migration applied."""
-    yield from _database(cluster, "migrated")
+    with cluster.database("migrated") as database:
+        yield database
 
 
 @pytest.fixture
 def legacy_db(cluster: Cluster) -> Iterator[Database]:
     """The production database before machine-sync, with its data."""
-    yield from _database(cluster, "legacy")
+    with cluster.database("legacy") as database:
+        yield database
 
 
 @pytest.fixture
 def empty_db(cluster: Cluster) -> Iterator[Database]:
     """Supabase-like roles and default privileges, no tables."""
-    yield from _database(cluster, "supabase")
+    with cluster.database("supabase") as database:
+        yield database
 
 
 @pytest.fixture

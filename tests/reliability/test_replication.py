@@ -116,11 +116,8 @@ class Subscription:
 
 @pytest.fixture
 def subscriber(cluster: Cluster) -> Iterator[Database]:
-    db = cluster.create("migrated")
-    try:
+    with cluster.database("migrated") as db:
         yield db
-    finally:
-        cluster.drop(db)
 
 
 @pytest.fixture

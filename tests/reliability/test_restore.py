@@ -279,11 +279,8 @@ def source(cluster: Cluster) -> Iterator[tuple[Database, dict[str, uuid.UUID]]]:
 @pytest.fixture
 def target(cluster: Cluster) -> Iterator[Database]:
     """An empty database of a new project: Supabase's roles, nothing else."""
-    db = cluster.create("supabase")
-    try:
+    with cluster.database("supabase") as db:
         yield db
-    finally:
-        cluster.drop(db)
 
 
 @pytest.mark.parametrize("drifted", [False, True], ids=["consistent", "drifted-dump"])
