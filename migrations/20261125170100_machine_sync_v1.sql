@@ -592,9 +592,10 @@ DECLARE
     -- The status before this write, canonical; NULL for a new machine or a
     -- stored status outside the vocabulary (which may be corrected freely).
     was text;
-    -- Whether the change from `was` to NEW.status is known to be allowed
-    -- (NULL, unknown, until a probe says; no default, which would be one
-    -- more expression on every call).
+    -- TRUE when a probe found the change from `was` to NEW.status allowed,
+    -- FALSE when a rule changed the status and the change must be checked,
+    -- NULL otherwise (no default, which would be one more expression on
+    -- every call).
     allowed boolean;
 BEGIN
     IF TG_WHEN = 'AFTER' THEN
@@ -642,11 +643,10 @@ BEGIN
             ELSE
                 -- One probe proves both spellings canonical (the table's
                 -- foreign keys) and the change allowed.
-                allowed := EXISTS (
-                    SELECT FROM machine_sync.allowed_transition AS t
-                    WHERE t.from_status = was AND t.to_status = NEW.status
-                );
-                IF NOT allowed THEN
+                SELECT TRUE INTO allowed
+                FROM machine_sync.allowed_transition AS t
+                WHERE t.from_status = was AND t.to_status = NEW.status;
+                IF allowed IS NOT TRUE THEN
                     NEW.status := machine_sync.normalize_status(NEW.status);
                     was := machine_sync.canonical_status(OLD.status);
                 END IF;
@@ -687,7 +687,7 @@ BEGIN
             END IF;
         END IF;
 
-        IF NOT allowed AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
+        IF allowed IS NOT TRUE AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
             IF NOT EXISTS (
                 SELECT FROM machine_sync.allowed_transition AS t
                 WHERE t.from_status = was AND t.to_status = NEW.status
@@ -710,8 +710,32 @@ BEGIN
         -- A new machine has no `was`: its status is new.
         NEW.status_since := CASE WHEN NEW.status IS DISTINCT FROM was THEN now() ELSE OLD.status_since END;
 
-        IF TG_OP = 'INSERT' THEN
-            RETURN NEW;  -- the state row is written AFTER, once the machine exists
+        -- The state row is written here. When the status changes, at once:
+        -- the row holds the old status's since, so it cannot agree already
+        -- (short of drift, or a second status change in one transaction,
+        -- where writing it again is harmless), and a filter would cost every
+        -- change. When the status stays it may agree (the clock alone moved,
+        -- or a carried legacy write wrote it first), and is written only if
+        -- it differs. (One condition with INSERT's: each costs the hot path
+        -- the same.)
+        IF TG_OP = 'INSERT' OR NEW.status IS NOT DISTINCT FROM was THEN
+            IF TG_OP = 'INSERT' THEN
+                RETURN NEW;  -- the state row is written AFTER, once the machine exists
+            END IF;
+            IF EXISTS (
+                SELECT FROM public.machine_state AS s
+                WHERE
+                    s.machine_id = NEW.id
+                    AND (
+                        s.current_state, s.state_since, s.process_id, s.is_failure_mode,
+                        s.failure_component, s.failure_description
+                    ) IS NOT DISTINCT FROM (
+                        NEW.status::varchar, NEW.status_since, NEW.current_process_id,
+                        NEW.status = 'error', NEW.failure_component, NEW.failure_description
+                    )
+            ) THEN
+                RETURN NEW;  -- the row agrees already
+            END IF;
         END IF;
         UPDATE public.machine_state AS s
         SET
@@ -722,20 +746,9 @@ BEGIN
             failure_component = NEW.failure_component,
             failure_description = NEW.failure_description,
             updated_at = NEW.updated_at
-        WHERE
-            s.machine_id = NEW.id
-            AND (
-                s.current_state, s.state_since, s.process_id, s.is_failure_mode,
-                s.failure_component, s.failure_description
-            ) IS DISTINCT FROM (
-                NEW.status::varchar, NEW.status_since, NEW.current_process_id,
-                NEW.status = 'error', NEW.failure_component, NEW.failure_description
-            );
+        WHERE s.machine_id = NEW.id;
         IF FOUND THEN
             RETURN NEW;
-        END IF;
-        IF EXISTS (SELECT FROM public.machine_state AS s WHERE s.machine_id = NEW.id) THEN
-            RETURN NEW;  -- the row agrees already
         END IF;
         -- The row is missing (drift made by bypassing triggers): this write
         -- repairs it, below.

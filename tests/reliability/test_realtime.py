@@ -274,6 +274,39 @@ def test_every_write_path_commits_both_tables_together(db: Any, slot: Slot) -> N
     assert len(txs) == 8
 
 
+def test_the_state_row_changes_once_per_change_and_not_for_the_clock_alone(
+    db: Any, slot: Slot
+) -> None:
+    """Realtime sees one machine_state change per state change: a status
+    change writes the row once; a write that keeps the status writes it only
+    where it differs, so the clock alone moves nothing there, and a legacy
+    write of the failure text, carried into machines, changes it once."""
+    with writer(db) as conn:
+        status_change, clock, failure_text = (add_machine(conn, status="idle") for _ in range(3))
+        conn.execute(
+            "UPDATE machines SET status = 'error', failure_description = 'a' WHERE id = %s",
+            [failure_text],
+        )
+        slot.transactions()  # only what follows counts
+        conn.execute("UPDATE machines SET status = 'maintenance' WHERE id = %s", [status_change])
+        conn.execute(
+            "UPDATE machines SET updated_at = now() - interval '1 day' WHERE id = %s", [clock]
+        )
+        conn.execute(
+            "UPDATE machine_state SET failure_description = 'b' WHERE machine_id = %s",
+            [failure_text],
+        )
+    txs = slot.transactions()
+
+    def tables_changed(machine_id: uuid.UUID) -> list[str]:
+        return sorted(c.table for c in only_transaction_for(txs, machine_id).touching(machine_id))
+
+    assert tables_changed(status_change) == ["machine_state", "machines"]
+    assert tables_changed(clock) == ["machines"]
+    assert tables_changed(failure_text) == ["machine_state", "machines"]
+    assert len(txs) == 3
+
+
 def test_rolled_back_changes_emit_nothing(db: Any, slot: Slot) -> None:
     with writer(db) as conn:
         kept, undone, failed, aborted = (add_machine(conn, status="idle") for _ in range(4))
