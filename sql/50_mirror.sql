@@ -177,15 +177,16 @@ BEGIN
         -- A new machine has no `was`: its status is new.
         NEW.status_since := CASE WHEN NEW.status IS DISTINCT FROM was THEN now() ELSE OLD.status_since END;
 
-        -- The state row is written here. When the status changes, at once:
-        -- the row holds the old status's since, so it cannot agree already
-        -- (short of drift, or a second status change in one transaction,
-        -- where writing it again is harmless), and a filter would cost every
-        -- change. When the status stays it may agree (the clock alone moved,
-        -- or a carried legacy write wrote it first), and is written only if
-        -- it differs. (One condition with INSERT's: each costs the hot path
-        -- the same.)
-        IF TG_OP = 'INSERT' OR NEW.status IS NOT DISTINCT FROM was THEN
+        -- The state row is written here, once per change. When the status
+        -- changes, at once: the row holds the old status's since, so it
+        -- cannot agree already (short of drift), and a filter would cost
+        -- every change. It may agree when the status stays (the clock alone
+        -- moved, or a carried legacy write wrote the row first), and when
+        -- the status already changed in this transaction (the old since is
+        -- now(), which a carried legacy write keeps): then it is written only
+        -- if it differs. (One condition with INSERT's: each costs the hot
+        -- path the same.)
+        IF TG_OP = 'INSERT' OR NEW.status IS NOT DISTINCT FROM was OR OLD.status_since = now() THEN
             IF TG_OP = 'INSERT' THEN
                 RETURN NEW;  -- the state row is written AFTER, once the machine exists
             END IF;

@@ -360,6 +360,72 @@ def test_deleting_a_transition_refuses_that_change_and_inserting_one_widens_the_
     assert_consistent(conn)
 
 
+def test_the_transition_probe_reads_only_the_table_for_any_spelling_old_or_new(db):
+    """The probe that lets a change through must find its row in the table:
+    a missing row refuses the change whatever the spellings (new or stored
+    outside the canonical form), and the stop path (clearing the process of
+    a processing machine) is checked like any other change."""
+    with db.connect() as conn, db.connect(admin=True) as admin:
+        conn.execute(
+            "DELETE FROM machine_sync.allowed_transition"
+            " WHERE (from_status, to_status) IN (('processing', 'idle'), ('idle', 'maintenance'))"
+        )
+
+        def stored(status, process=None):
+            machine_id = add_machine(conn, status="idle")
+            admin.execute("SET session_replication_role = replica")
+            admin.execute(
+                "UPDATE machines SET status = %s, current_process_id = %s WHERE id = %s",
+                [status, process, machine_id],
+            )
+            admin.execute(
+                "UPDATE machine_state SET current_state = %s, process_id = %s"
+                " WHERE machine_id = %s",
+                [status, process, machine_id],
+            )
+            admin.execute("SET session_replication_role = origin")
+            return machine_id
+
+        def write(machine_id, status, process=None):
+            conn.execute(
+                "UPDATE machines SET status = %s, current_process_id = %s WHERE id = %s",
+                [status, process, machine_id],
+            )
+            return machine(conn, machine_id)["status"]
+
+        run = uuid.uuid4()
+        for old, new in (
+            ("PROCESSING", " idle "),
+            ("processing", "IDLE"),
+            (" idle ", "MAINTENANCE"),
+        ):
+            machine_id = stored(old, run if "rocess" in old.lower() else None)
+            error = expect("MS003", write, machine_id, new)
+            assert f"cannot go from {old.strip().lower()} to {new.strip().lower()}" in str(error)
+        stop = add_machine(conn, status="idle")
+        start(conn, stop)
+        expect(
+            "MS003",
+            conn.execute,
+            "UPDATE machines SET current_process_id = NULL WHERE id = %s",
+            [stop],
+        )
+        assert machine(conn, stop)["status"] == "processing"  # refused: left as it was
+        accepted = [
+            (stored("PROCESSING", run), "\tError\n", None, "error"),
+            (stored(" idle "), "running", uuid.uuid4(), "processing"),
+            (stored("IDLE"), "idle", None, "idle"),
+        ]
+        expect("MS003", write, stored("ERROR"), "Processing", uuid.uuid4())
+        conn.execute("INSERT INTO machine_sync.allowed_transition VALUES ('error', 'processing')")
+        accepted.append((stored("ERROR"), "Processing", uuid.uuid4(), "processing"))
+        for machine_id, status, process, result in accepted:
+            assert write(machine_id, status, process) == result
+            assert state(conn, machine_id)["current_state"] == result
+        drifted = {row[0] for row in conn.execute("SELECT machine_id FROM machine_sync.drift")}
+        assert drifted.isdisjoint(machine_id for machine_id, *_ in accepted)
+
+
 # --- k. application BEFORE triggers and zz_machine_sync ----------------------
 
 

@@ -6,6 +6,7 @@ it, wal2json (Supabase's own plugin) in both its output formats."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
@@ -17,7 +18,7 @@ import psycopg
 import pytest
 
 from .workload import LEGACY_PATHS, RPC_CALLS, legacy_params
-from machines import add_machine
+from machines import add_machine, assert_consistent
 
 Conn = psycopg.Connection[Any]
 
@@ -305,6 +306,57 @@ def test_the_state_row_changes_once_per_change_and_not_for_the_clock_alone(
     assert tables_changed(clock) == ["machines"]
     assert tables_changed(failure_text) == ["machine_state", "machines"]
     assert len(txs) == 3
+
+
+@pytest.mark.parametrize("slot", ["test_decoding"], indirect=True)
+@pytest.mark.parametrize(
+    "first",
+    [
+        "INSERT",  # the machine is created in the transaction
+        "UPDATE machines SET status = 'maintenance' WHERE id = %s",
+        "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+    ],
+)
+def test_a_legacy_status_change_after_another_in_its_transaction_rewrites_nothing_twice(
+    db: Any, slot: Slot, first: str
+) -> None:
+    """A status change earlier in the transaction leaves the machine's
+    status_since at now(): a legacy write of a new status, which keeps the
+    machine's since, then writes the state row exactly as the mirror would.
+    The mirror must not write it again: a rewrite that changes nothing is
+    one more change for Realtime (and for an application's own trigger on
+    machine_state) with nothing in it."""
+    with writer(db) as conn:
+        machine_id = None if first == "INSERT" else add_machine(conn, status="idle")
+        slot.transactions()
+        with conn.transaction():
+            if machine_id is None:
+                machine_id = add_machine(conn, status="idle")
+            else:
+                conn.execute(first, [machine_id])
+            conn.execute(
+                "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'error')"
+                " ON CONFLICT (machine_id) DO UPDATE SET current_state = excluded.current_state",
+                [machine_id],
+            )
+            conn.execute(
+                "UPDATE machine_state SET current_state = 'offline' WHERE machine_id = %s",
+                [machine_id],
+            )
+        assert_consistent(conn)
+    images = [
+        data.split(": ", 2)[2]
+        for (data,) in slot.conn.execute(
+            "SELECT data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", [slot.name]
+        ).fetchall()
+        if data.startswith("table public.machine_state: ")
+        and f"machine_id[uuid]:'{machine_id}'" in data
+    ]
+    assert images[-1].startswith(
+        f"machine_id[uuid]:'{machine_id}' current_state[character varying]:'offline'"
+    )
+    repeated = [i for i, (a, b) in enumerate(itertools.pairwise(images)) if a == b]
+    assert repeated == [], f"identical consecutive state-row images at {repeated}: {images}"
 
 
 def test_rolled_back_changes_emit_nothing(db: Any, slot: Slot) -> None:
