@@ -184,9 +184,10 @@ BEGIN
         -- moved, or a carried legacy write wrote the row first), and when
         -- the status already changed in this transaction (the old since is
         -- now(), which a carried legacy write keeps): then it is written only
-        -- if it differs. (One condition with INSERT's: each costs the hot
-        -- path the same.)
-        IF TG_OP = 'INSERT' OR NEW.status IS NOT DISTINCT FROM was OR OLD.status_since = now() THEN
+        -- if it differs. Both cases are the ones where the since does not
+        -- move. (One condition with INSERT's: each costs the hot path the
+        -- same.)
+        IF TG_OP = 'INSERT' OR NEW.status_since = OLD.status_since THEN
             IF TG_OP = 'INSERT' THEN
                 RETURN NEW;  -- the state row is written AFTER, once the machine exists
             END IF;
