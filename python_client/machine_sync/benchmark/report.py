@@ -62,17 +62,17 @@ def _ratio_to(group: dict[str, Cell], other: str, of: str = SYNC) -> float | Non
     """``of``'s throughput over ``other``'s (for the legacy pair: the faster one)."""
     if of not in group:
         return None
-    sync = group[of].rates
+    rates = group[of].rates
     if other == "legacy-autocommit":
         legacy = ("legacy-autocommit", "legacy-autocommit-rev")
         pair = [group[k].rates for k in legacy if k in group]
         if not pair:
             return None
         best = [max(values) for values in zip(*pair, strict=False)]
-        return paired_ratio(sync, best)
+        return paired_ratio(rates, best)
     if other not in group:
         return None
-    return paired_ratio(sync, group[other].rates)
+    return paired_ratio(rates, group[other].rates)
 
 
 def _fmt_machines(n: int) -> str:
