@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from machine_sync import bench
 from machine_sync.benchmark import BenchConfig, run_benchmark
 from machine_sync.benchmark.report import markdown
+from machine_sync.benchmark.runner import _pgbench_count
 from machine_sync.benchmark.workloads import WORKLOADS
 
 from machines import add_machine, machine
@@ -158,6 +159,31 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
     assert "in 43 of 43 measured cells" in report
     assert json.loads((out / "report.json").read_text())["cells"] == cells
     assert (out / "report.png").exists() == ("no chart" not in result.stderr)
+
+
+def test_pgbench_runs_are_sized_from_the_round_before(cluster):
+    # Without a fixed count, a run lasts about `seconds` at the rate of the
+    # round before, not pgbench's whole seconds nor the warm-up's 20.
+    assert _pgbench_count(None, 1, 0.5) == 20
+    assert _pgbench_count(1_000.0, 1, 0.5) == 500
+    assert _pgbench_count(1_000.0, 4, 0.5) == 125
+    assert _pgbench_count(30.0, 1, 0.5) == 20
+    config = BenchConfig(
+        machines=(50,),
+        clients=(1,),
+        drivers=("pgbench",),
+        workloads=("floor",),
+        rounds=2,
+        seconds=0.4,
+        bulk_sizes=(),
+        latencies_ms=(),
+        hot_clients=(),
+        ops_writers=(),
+    )
+    result = run_benchmark(config, dsn=cluster.server.dsn, echo=lambda _line: None)
+    (cell,) = result.cells
+    assert cell.writes_ok
+    assert cell.ops > 2 * 20
 
 
 def test_scratch_schemas_leave_the_users_tables_alone(db):

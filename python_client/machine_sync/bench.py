@@ -122,6 +122,7 @@ def register(app: typer.Typer) -> None:
                     else base.latencies_ms
                 ),
                 network_clients=base.network_clients,
+                network_rounds=base.network_rounds,
                 network_seconds=base.network_seconds,
                 hot_machines=base.hot_machines,
                 hot_clients=base.hot_clients,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import platform
 import statistics
@@ -36,13 +37,21 @@ class BenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)
     drivers: tuple[str, ...] = DRIVERS
     workloads: tuple[str, ...] = ()  # empty: all
-    rounds: int = 5
-    seconds: float = 1.0  # per run; pgbench rounds it up to whole seconds
-    pgbench_transactions: int = 0  # > 0: pgbench -t this many per client instead of -T
+    # Many short rounds rather than a few long ones: on a VM with a disk that
+    # flushes a commit in anything from 0.2 to 1.5 ms from one second to the
+    # next, a pair of runs back to back sees the same disk, and the median of
+    # many pairs' ratios is steady where five pairs' was not.
+    rounds: int = 15
+    seconds: float = 0.5  # per run
+    # > 0: pgbench -t this many per client. 0: a count sized from the
+    # workload's rate in the round before to last about `seconds` (pgbench's
+    # -T counts whole seconds only).
+    pgbench_transactions: int = 0
     bulk_sizes: tuple[int, ...] = (1, 100, 10_000)
-    bulk_rounds: int = 5
+    bulk_rounds: int = 9
     latencies_ms: tuple[float, ...] = (1.0, 20.0)
     network_clients: tuple[int, ...] = (1,)
+    network_rounds: int = 5  # the round trip dominates there: few long runs suffice
     network_seconds: float = 2.0
     hot_machines: int = 18  # machines the contended clients share
     hot_clients: tuple[int, ...] = (4,)
@@ -61,7 +70,7 @@ class BenchConfig:
         unknown = set(self.drivers) - set(DRIVERS)
         if unknown or not self.drivers:
             raise ValueError(f"drivers: choose from {', '.join(DRIVERS)}")
-        if self.rounds < 1 or self.bulk_rounds < 1:
+        if self.rounds < 1 or self.bulk_rounds < 1 or self.network_rounds < 1:
             raise ValueError("rounds: at least 1")
         if self.seconds <= 0 or self.network_seconds <= 0:
             raise ValueError("seconds: must be positive")
@@ -83,6 +92,7 @@ QUICK = BenchConfig(
     bulk_sizes=(1, 10, 200),
     bulk_rounds=2,
     latencies_ms=(1.0,),
+    network_rounds=2,
     network_seconds=0.15,
     ops_writers=(1, 4),
 )
@@ -302,11 +312,17 @@ def _local_groups(
             else:
                 assert pgbench is not None
 
-                def run_bench(w: Workload, warm: bool, clients: int = clients) -> Run:
-                    tx = config.pgbench_transactions or None
-                    if warm:  # a few transactions: plans, caches and the binary warm
-                        tx = 5
-                    return run_pgbench(
+                rates: dict[str, float] = {}  # the workload's rate in the round before
+
+                def run_bench(
+                    w: Workload, warm: bool, clients: int = clients, rates: dict[str, float] = rates
+                ) -> Run:
+                    tx = config.pgbench_transactions or _pgbench_count(
+                        rates.get(w.key), clients, config.seconds
+                    )
+                    if warm:  # plans, caches and the binary warm, and a first rate
+                        tx = 20
+                    run = run_pgbench(
                         pgbench,
                         place,
                         w,
@@ -316,9 +332,18 @@ def _local_groups(
                         transactions=tx,
                         jobs=os.cpu_count() or 2,
                     )
+                    rates[w.key] = run.per_second
+                    return run
 
                 cells += _group(place, workloads, config.rounds, template, run_bench, echo)
     return cells
+
+
+def _pgbench_count(rate: float | None, clients: int, seconds: float) -> int:
+    """Transactions per client for a pgbench run of about ``seconds`` at ``rate`` per second."""
+    if not rate:
+        return 20
+    return max(20, math.ceil(rate * seconds / clients))
 
 
 def _bulk(place: Scratch, config: BenchConfig, machines: int, echo: Echo) -> list[BulkCell]:
@@ -401,7 +426,9 @@ def _network_groups(
                         seconds = config.network_seconds / 4 if warm else config.network_seconds
                         return pool.run(w, machines, seconds=seconds, proxy=proxy)
 
-                    cells += _group(place, workloads, config.rounds, template, run_proxied, echo)
+                    cells += _group(
+                        place, workloads, config.network_rounds, template, run_proxied, echo
+                    )
     return cells, rtt
 
 
