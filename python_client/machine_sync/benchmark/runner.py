@@ -41,8 +41,8 @@ class BenchConfig:
     # flushes a commit in anything from 0.2 to 1.5 ms from one second to the
     # next, a pair of runs back to back sees the same disk, and the median of
     # many pairs' ratios is steady where five pairs' was not.
-    rounds: int = 15
-    seconds: float = 0.5  # per run
+    rounds: int = 40
+    seconds: float = 0.25  # per run
     # > 0: pgbench -t this many per client. 0: a count sized from the
     # workload's rate in the round before to last about `seconds` (pgbench's
     # -T counts whole seconds only).
