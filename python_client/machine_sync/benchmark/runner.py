@@ -37,10 +37,10 @@ class BenchConfig:
     clients: tuple[int, ...] = (1, 8, 32)
     drivers: tuple[str, ...] = DRIVERS
     workloads: tuple[str, ...] = ()  # empty: all
-    # Many short rounds rather than a few long ones: on a VM with a disk that
-    # flushes a commit in anything from 0.2 to 1.5 ms from one second to the
-    # next, a pair of runs back to back sees the same disk, and the median of
-    # many pairs' ratios is steady where five pairs' was not.
+    # Many short rounds rather than a few long ones: where the disk's commit
+    # time moves from one second to the next (a VM's often does, threefold), a
+    # pair of runs back to back sees the same disk, and the median of many
+    # pairs' ratios is steady where five pairs' was not.
     rounds: int = 40
     seconds: float = 0.25  # per run
     # > 0: pgbench -t this many per client. 0: a count sized from the
