@@ -82,8 +82,20 @@ def register(app: typer.Typer) -> None:
                 "stored-procedure, machine-sync, minimal-trigger, floor."
             ),
         ] = None,
-        rounds: Annotated[int | None, typer.Option(help="Interleaved rounds per group.")] = None,
-        seconds: Annotated[float | None, typer.Option(help="Seconds per timed run.")] = None,
+        rounds: Annotated[
+            int | None,
+            typer.Option(
+                help=f"Interleaved rounds per group (default {BenchConfig.rounds}, with --quick "
+                f"{QUICK.rounds}; more rounds, steadier ratios)."
+            ),
+        ] = None,
+        seconds: Annotated[
+            float | None,
+            typer.Option(
+                help=f"Seconds per timed run (default {BenchConfig.seconds:g}, with --quick "
+                f"{QUICK.seconds:g})."
+            ),
+        ] = None,
         bulk: Annotated[
             str | None, typer.Option(help="Rows per bulk statement, e.g. 1,100,10000.")
         ] = None,
