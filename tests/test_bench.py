@@ -5,6 +5,7 @@ is asserted: speed claims come only from the benchmark's own side-by-side runs.
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import typer
 from typer.testing import CliRunner
 
 from machine_sync import bench
-from machine_sync.benchmark import BenchConfig, run_benchmark
+from machine_sync.benchmark import BenchConfig, run_benchmark, runner
 from machine_sync.benchmark.report import markdown
-from machine_sync.benchmark.runner import _pgbench_count
+from machine_sync.benchmark.runner import PGBENCH_WARM_UP, _pgbench_count
 from machine_sync.benchmark.workloads import WORKLOADS
 
 from machines import add_machine, machine
@@ -161,29 +162,42 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
     assert (out / "report.png").exists() == ("no chart" not in result.stderr)
 
 
-def test_pgbench_runs_are_sized_from_the_round_before(cluster):
+def test_pgbench_runs_are_sized_from_the_round_before(cluster, monkeypatch):
     # Without a fixed count, a run lasts about `seconds` at the rate of the
-    # round before, not pgbench's whole seconds nor the warm-up's 20.
-    assert _pgbench_count(None, 1, 0.5) == 20
+    # round before, not pgbench's whole seconds nor the warm-up's count.
+    assert _pgbench_count(None, 1, 0.5) == PGBENCH_WARM_UP
     assert _pgbench_count(1_000.0, 1, 0.5) == 500
     assert _pgbench_count(1_000.0, 4, 0.5) == 125
-    assert _pgbench_count(30.0, 1, 0.5) == 20
+    assert _pgbench_count(30.0, 1, 0.5) == PGBENCH_WARM_UP
+    calls: list[tuple[str, int, float]] = []
+    real = runner.run_pgbench
+
+    def recording(*args, transactions, **kwargs):
+        run = real(*args, transactions=transactions, **kwargs)
+        calls.append((args[2].key, transactions, run.per_second))
+        return run
+
+    monkeypatch.setattr(runner, "run_pgbench", recording)
     config = BenchConfig(
         machines=(50,),
-        clients=(1,),
+        clients=(2,),
         drivers=("pgbench",),
-        workloads=("floor",),
-        rounds=2,
-        seconds=0.4,
+        workloads=("floor", "machine-sync"),
+        rounds=3,
+        seconds=0.2,
         bulk_sizes=(),
         latencies_ms=(),
         hot_clients=(),
         ops_writers=(),
     )
     result = run_benchmark(config, dsn=cluster.server.dsn, echo=lambda _line: None)
-    (cell,) = result.cells
-    assert cell.writes_ok
-    assert cell.ops > 2 * 20
+    assert all(c.writes_ok for c in result.cells)
+    for key in ("floor", "machine-sync"):
+        runs = [(tx, rate) for k, tx, rate in calls if k == key]
+        assert len(runs) == 1 + 3
+        assert runs[0][0] == PGBENCH_WARM_UP
+        for (_, before), (tx, _) in itertools.pairwise(runs):
+            assert tx == _pgbench_count(before, 2, 0.2)
 
 
 def test_scratch_schemas_leave_the_users_tables_alone(db):

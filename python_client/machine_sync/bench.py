@@ -85,15 +85,18 @@ def register(app: typer.Typer) -> None:
         rounds: Annotated[
             int | None,
             typer.Option(
-                help=f"Interleaved rounds per group (default {BenchConfig.rounds}, with --quick "
-                f"{QUICK.rounds}; more rounds, steadier ratios)."
+                help=f"Interleaved rounds per local group (default {BenchConfig.rounds}, with "
+                f"--quick {QUICK.rounds}; more rounds, steadier ratios). By default the proxied "
+                f"groups run {BenchConfig.network_rounds} rounds of "
+                f"{BenchConfig.network_seconds:g} s, bulk {BenchConfig.bulk_rounds} rounds."
             ),
         ] = None,
         seconds: Annotated[
             float | None,
             typer.Option(
                 help=f"Seconds per timed run (default {BenchConfig.seconds:g}, with --quick "
-                f"{QUICK.seconds:g})."
+                f"{QUICK.seconds:g}); pgbench's runs are sized to last about as long (with "
+                f"--quick: {QUICK.pgbench_transactions} transactions per client)."
             ),
         ] = None,
         bulk: Annotated[

@@ -9,7 +9,6 @@ workloads is the server's, not the client's.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import re
 import secrets
@@ -261,11 +260,10 @@ def run_pgbench(
     machines: int,
     clients: int,
     *,
-    seconds: float,
-    transactions: int | None = None,
+    transactions: int,
     jobs: int = 2,
 ) -> Run:
-    """Run ``workload`` with pgbench: -T ``seconds`` (whole), or -t ``transactions`` per client."""
+    """Run ``workload`` with pgbench, ``transactions`` per client (-t)."""
     params = conninfo_to_dict(place.dsn)
     password = params.pop("password", None)
     params["application_name"] = APPLICATION_NAME
@@ -275,9 +273,6 @@ def run_pgbench(
     with tempfile.TemporaryDirectory(prefix="machine-sync-bench-") as tmp:
         script = Path(tmp) / f"{workload.key}.sql"
         script.write_text(pgbench_script(workload, place.schemas))
-        limit = (
-            ["-t", str(transactions)] if transactions else ["-T", str(max(1, math.ceil(seconds)))]
-        )
         argv = [
             str(pgbench),
             "-n",
@@ -289,7 +284,8 @@ def run_pgbench(
             str(clients),
             "-j",
             str(max(1, min(jobs, clients))),
-            *limit,
+            "-t",
+            str(transactions),
             "-D",
             "k=0",
             "-D",

@@ -307,6 +307,12 @@ def markdown(result: BenchResult) -> str:
         else "NOT fully on: commits are cheaper than in production"
     )
     config = meta.get("config", {})
+    fixed = config.get("pgbench_transactions")
+    pgbench_runs = (
+        f"{fixed} transactions per client a run"
+        if fixed
+        else "a transaction count sized from the round before to last about as long"
+    )
     lines = [
         "# machine-sync bench",
         "",
@@ -321,12 +327,12 @@ def markdown(result: BenchResult) -> str:
         f"- Machine: {meta.get('cpus')} CPUs, {meta.get('platform')}; Python {meta.get('python')}, "
         f"psycopg {meta.get('psycopg')}, pgbench {meta.get('pgbench')}.",
         f"- Method: {config.get('rounds')} rounds of {config.get('seconds')} s per workload "
-        "(after one unrecorded warm-up; pgbench runs a transaction count sized from the round "
-        "before to last about as long; through the proxy "
-        f"{config.get('network_rounds')} rounds of {config.get('network_seconds')} s), workloads "
-        "interleaved and rotated each round; figures are medians; a ratio is the median of the "
-        "per-round ratios. Every run's row updates were checked against the server's statistics, "
-        "and drift counted after every group.",
+        f"(after one unrecorded warm-up; pgbench: {pgbench_runs}; through the proxy "
+        f"{config.get('network_rounds')} rounds of {config.get('network_seconds')} s; bulk: "
+        f"{config.get('bulk_rounds')} rounds, no warm-up), workloads interleaved and rotated each "
+        "round; figures are medians; a ratio is the median of the per-round ratios. Every run's "
+        "row updates were checked against the server's statistics, and drift counted after every "
+        "group.",
         f"- Command: `{meta.get('command') or 'machine-sync bench'}` ({meta.get('started')})",
         "",
         "## Headline (local connection, median ratios)",

@@ -38,14 +38,16 @@ class BenchConfig:
     drivers: tuple[str, ...] = DRIVERS
     workloads: tuple[str, ...] = ()  # empty: all
     # Many short rounds rather than a few long ones: where the disk's commit
-    # time moves from one second to the next (a VM's often does, threefold), a
-    # pair of runs back to back sees the same disk, and the median of many
-    # pairs' ratios is steady where five pairs' was not.
+    # time moves from one second to the next (a VM's often does, threefold),
+    # the runs of one round, a second or two apart, see nearly the same disk.
+    # One round's ratio still swings widely; the median of 40 holds still
+    # where that of five did not.
     rounds: int = 40
     seconds: float = 0.25  # per run
     # > 0: pgbench -t this many per client. 0: a count sized from the
     # workload's rate in the round before to last about `seconds` (pgbench's
-    # -T counts whole seconds only).
+    # -T counts whole seconds only). Either way `seconds` does not apply to
+    # pgbench's runs.
     pgbench_transactions: int = 0
     bulk_sizes: tuple[int, ...] = (1, 100, 10_000)
     bulk_rounds: int = 9
@@ -317,18 +319,18 @@ def _local_groups(
                 def run_bench(
                     w: Workload, warm: bool, clients: int = clients, rates: dict[str, float] = rates
                 ) -> Run:
-                    tx = config.pgbench_transactions or _pgbench_count(
-                        rates.get(w.key), clients, config.seconds
-                    )
                     if warm:  # plans, caches and the binary warm, and a first rate
-                        tx = 20
+                        tx = PGBENCH_WARM_UP
+                    else:
+                        tx = config.pgbench_transactions or _pgbench_count(
+                            rates.get(w.key), clients, config.seconds
+                        )
                     run = run_pgbench(
                         pgbench,
                         place,
                         w,
                         machines,
                         clients,
-                        seconds=config.seconds,
                         transactions=tx,
                         jobs=os.cpu_count() or 2,
                     )
@@ -339,11 +341,14 @@ def _local_groups(
     return cells
 
 
+PGBENCH_WARM_UP = 20  # transactions per client in the unrecorded round, and the least a run gets
+
+
 def _pgbench_count(rate: float | None, clients: int, seconds: float) -> int:
     """Transactions per client for a pgbench run of about ``seconds`` at ``rate`` per second."""
     if not rate:
-        return 20
-    return max(20, math.ceil(rate * seconds / clients))
+        return PGBENCH_WARM_UP
+    return max(PGBENCH_WARM_UP, math.ceil(rate * seconds / clients))
 
 
 def _bulk(place: Scratch, config: BenchConfig, machines: int, echo: Echo) -> list[BulkCell]:
