@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from machine_sync import bench
 from machine_sync.benchmark import BenchConfig, run_benchmark, runner
-from machine_sync.benchmark.report import markdown
+from machine_sync.benchmark.report import _with_spread, markdown, paired_ratio
 from machine_sync.benchmark.runner import PGBENCH_WARM_UP, _pgbench_count
 from machine_sync.benchmark.workloads import WORKLOADS
 
@@ -160,6 +160,19 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
     assert "in 43 of 43 measured cells" in report
     assert json.loads((out / "report.json").read_text())["cells"] == cells
     assert (out / "report.png").exists() == ("no chart" not in result.stderr)
+
+
+def test_a_ratio_is_the_median_of_the_rounds_and_carries_their_middle_half():
+    ratio = paired_ratio([2.0, 4.0, 9.0, 8.0, 5.0], [2.0, 2.0, 3.0, 4.0, 1.0])  # 1, 2, 3, 2, 5
+    assert ratio == 2.0
+    assert (ratio.low, ratio.high) == (1.5, 4.0)
+    assert ratio >= 2.0
+    assert f"{ratio:.2f}" == "2.00"
+    assert _with_spread(ratio) == "2.00x (1.50-4.00)"
+    few = paired_ratio([1.0, 3.0], [1.0, 1.0])  # two rounds have no middle half
+    assert (few, few.low, few.high) == (2.0, None, None)
+    assert _with_spread(few) == "2.00x"
+    assert paired_ratio([1.0], [0.0]) != paired_ratio([1.0], [0.0])  # no usable round: NaN
 
 
 def test_pgbench_runs_are_sized_from_the_round_before(cluster, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ class Headline:
 
     target: str
     goal: str  # e.g. ">= 1.80"; "reference" for a comparison without a goal
-    values: dict[str, float]  # "pgbench 10 000" -> ratio
+    values: Mapping[str, float]  # "pgbench 10 000" -> ratio (a Ratio: median and middle half)
     met: bool | None  # None: a reference, nothing to meet
 
 
@@ -52,13 +52,37 @@ def _groups(cells: Sequence[Cell]) -> dict[tuple[str, str, int, int, float], dic
     return groups
 
 
-def paired_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+class Ratio(float):
+    """A median of per-round ratios, carrying the middle half of them (``low`` to ``high``).
+
+    A float, so it compares and formats as the median; with fewer than four
+    rounds there is no middle half to speak of, and ``low``/``high`` are None.
+    """
+
+    low: float | None
+    high: float | None
+
+    def __new__(cls, pairs: Sequence[float]) -> Ratio:
+        ratio = super().__new__(cls, statistics.median(pairs) if pairs else float("nan"))
+        quartiles = statistics.quantiles(pairs, n=4) if len(pairs) >= 4 else None
+        ratio.low, ratio.high = (quartiles[0], quartiles[2]) if quartiles else (None, None)
+        return ratio
+
+
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
     """Median over rounds of a[r] / b[r]: each round's pair ran back to back."""
-    pairs = [x / y for x, y in zip(a, b, strict=False) if y > 0]
-    return statistics.median(pairs) if pairs else float("nan")
+    return Ratio([x / y for x, y in zip(a, b, strict=False) if y > 0])
 
 
-def _ratio_to(group: dict[str, Cell], other: str, of: str = SYNC) -> float | None:
+def _with_spread(value: float) -> str:
+    """``0.82x``, and the middle half of the rounds' ratios when there is one."""
+    text = f"{value:.2f}x"
+    if isinstance(value, Ratio) and value.low is not None and value.high is not None:
+        text += f" ({value.low:.2f}-{value.high:.2f})"
+    return text
+
+
+def _ratio_to(group: dict[str, Cell], other: str, of: str = SYNC) -> Ratio | None:
     """``of``'s throughput over ``other``'s (for the legacy pair: the faster one)."""
     if of not in group:
         return None
@@ -152,7 +176,7 @@ def _ops_groups(result: BenchResult) -> dict[int, dict[str, OpsCell]]:
     return groups
 
 
-def _hot_ratio(group: dict[str, HotCell], top: str, bottom: str) -> float | None:
+def _hot_ratio(group: dict[str, HotCell], top: str, bottom: str) -> Ratio | None:
     if top not in group or bottom not in group:
         return None
     return paired_ratio(group[top].rates, group[bottom].rates)
@@ -173,7 +197,7 @@ def _contended_headlines(result: BenchResult) -> list[Headline]:
             ratio = _hot_ratio(group, top, "legacy-twins")
             if ratio is not None:
                 out.append(Headline(target, f">= {goal:.2f}", {where: ratio}, ratio >= goal))
-    values = {
+    values: dict[str, float] = {
         f"{writers} writer{'s' if writers > 1 else ''}": paired_ratio(
             group["client"].rates, group["legacy-code"].rates
         )
@@ -337,6 +361,9 @@ def markdown(result: BenchResult) -> str:
         "",
         "## Headline (local connection, median ratios)",
         "",
+        "In brackets, the middle half of the rounds' ratios (first to third quartile): how far "
+        "one round's comparison strays. The median is what the goal is checked against.",
+        "",
     ]
     lines += _table(
         ["target", "goal", "measured (median ratio)", "met"],
@@ -344,7 +371,7 @@ def markdown(result: BenchResult) -> str:
             [
                 h.target,
                 h.goal,
-                ", ".join(f"{k}: {v:.2f}x" for k, v in h.values.items()),
+                ", ".join(f"{k}: {_with_spread(v)}" for k, v in h.values.items()),
                 "-" if h.met is None else "yes" if h.met else "**no**",
             ]
             for h in headlines(result)
@@ -473,7 +500,7 @@ def headline_text(result: BenchResult) -> str:
     """The headline ratios as plain lines, for the terminal."""
     lines = []
     for h in headlines(result):
-        values = ", ".join(f"{k} {v:.2f}x" for k, v in h.values.items())
+        values = ", ".join(f"{k} {_with_spread(v)}" for k, v in h.values.items())
         verdict = "REF " if h.met is None else "MET " if h.met else "MISS"
         lines.append(f"{verdict} {h.target} (goal {h.goal}): {values}")
     return "\n".join(lines)
