@@ -44,6 +44,15 @@ def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: A
     return machine_id
 
 
+def bypassing_triggers(db: Any, *statements: tuple[str, list[Any]]) -> None:
+    """Write as the superuser with triggers off, as a data-only restore does, to
+    make drift or a stored non-canonical value (test setup only)."""
+    with db.connect(admin=True) as admin:
+        admin.execute("SET session_replication_role = replica")
+        for statement, params in statements:
+            admin.execute(statement, params)
+
+
 def machine(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute("SELECT * FROM machines WHERE id = %s", [machine_id]).fetchone()

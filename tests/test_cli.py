@@ -25,7 +25,7 @@ from machine_sync.resources import migrations_dir
 from machine_sync.runner import RESTORE_COMMAND
 from machine_sync.server import ServerUnavailable
 
-from machines import add_machine
+from machines import add_machine, bypassing_triggers
 
 SHIPPED = sorted(p.name for p in migrations_dir().glob("[0-9]*_*.sql"))
 UNREACHABLE = "host=127.0.0.1 port=1 connect_timeout=2"
@@ -299,18 +299,11 @@ def test_a_second_deployer_fails_cleanly_while_the_lock_is_held(db, conn):
 # -- drift, reconcile, mode, status ------------------------------------------------
 
 
-def bypassing_triggers(db: Any, statement: str, params: list[Any]) -> None:
-    """Write as the superuser with triggers off, to make drift (test setup only)."""
-    with db.connect(admin=True) as admin:
-        admin.execute("SET session_replication_role = replica")
-        admin.execute(statement, params)
-
-
 def test_drift_then_reconcile(db, conn):
     assert run("drift", dsn=db.dsn).stdout.startswith("no drift")
     machine_id = add_machine(conn, status="idle")
     bypassing_triggers(
-        db, "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
+        db, ("UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id])
     )
     found = run("drift", dsn=db.dsn)
     assert found.exit_code == ExitCode.FINDING
@@ -331,9 +324,9 @@ def test_reconcile_names_what_it_could_not_repair_and_exits_4(db, conn):
     fixable = add_machine(conn, status="idle")
     stuck = add_machine(conn, status="idle")
     bypassing_triggers(
-        db, "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [fixable]
+        db, ("UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [fixable])
     )
-    bypassing_triggers(db, "UPDATE machines SET status = 'melted' WHERE id = %s", [stuck])
+    bypassing_triggers(db, ("UPDATE machines SET status = 'melted' WHERE id = %s", [stuck]))
     result = run("reconcile", dsn=db.dsn)
     assert result.exit_code == ExitCode.FAILED == 4
     assert result.stdout.splitlines()[0] == "repaired 1 drifted machine(s)"

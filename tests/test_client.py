@@ -32,19 +32,19 @@ from machine_sync.errors import (
     translate,
 )
 
-from machines import add_machine, assert_consistent, machine, state, wait_until_lock_waiting
+from machines import (
+    add_machine,
+    assert_consistent,
+    bypassing_triggers,
+    machine,
+    state,
+    wait_until_lock_waiting,
+)
 
 
 @pytest.fixture
 def client(conn: psycopg.Connection[Any]) -> Client:
     return Client(conn)
-
-
-def bypassing_triggers(db: Any, statement: str, params: list[Any]) -> None:
-    """Write as the superuser with triggers off, to make drift (test setup only)."""
-    with db.connect(admin=True) as admin:
-        admin.execute("SET session_replication_role = replica")
-        admin.execute(statement, params)
 
 
 def snapshot(conn: psycopg.Connection[Any], machine_id: uuid.UUID) -> tuple[Any, Any]:
@@ -401,7 +401,7 @@ def test_result_state_is_the_mirror_by_contract(conn, client):
 
 def test_missing_state_row_is_recreated_and_reported(db, conn, client):
     machine_id = add_machine(conn, status="idle")
-    bypassing_triggers(db, "DELETE FROM machine_state WHERE machine_id = %s", [machine_id])
+    bypassing_triggers(db, ("DELETE FROM machine_state WHERE machine_id = %s", [machine_id]))
     assert client.get(machine_id).state is None
     result = client.set_status(machine_id, "offline")
     assert_matches_store(conn, result)
@@ -429,7 +429,7 @@ def test_drift_reconcile_and_mode(db, conn, client):
     machine_id = add_machine(conn, status="idle")
     assert client.drift() == []
     bypassing_triggers(
-        db, "UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id]
+        db, ("UPDATE machine_state SET current_state = 'IDLE' WHERE machine_id = %s", [machine_id])
     )
     [row] = client.drift()
     assert (row.machine_id, row.problem, row.status, row.current_state) == (

@@ -12,14 +12,15 @@ import uuid
 import psycopg
 import pytest
 
-from machines import add_machine, assert_consistent, disagreements, machine, start, state
-
-
-def bypassing_triggers(db, *statements):
-    with db.connect(admin=True) as admin:
-        admin.execute("SET session_replication_role = replica")
-        for statement, params in statements:
-            admin.execute(statement, params)
+from machines import (
+    add_machine,
+    assert_consistent,
+    bypassing_triggers,
+    disagreements,
+    machine,
+    start,
+    state,
+)
 
 
 def problems(conn):

@@ -17,6 +17,7 @@ The work is in ``machine_sync.benchmark``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -121,27 +122,21 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter("--scratch: auto, database or schemas")
         mode: ScratchMode = scratch  # type: ignore[assignment]
         try:
-            config = BenchConfig(
+            # What the command line does not set stays as the base has it.
+            config = dataclasses.replace(
+                base,
                 machines=_ints(machines, "--machines") or base.machines,
                 clients=_ints(clients, "--clients") or base.clients,
                 drivers=tuple(d.strip() for d in drivers.split(",")) if drivers else base.drivers,
                 workloads=tuple(w.strip() for w in workloads.split(",")) if workloads else (),
                 rounds=rounds or base.rounds,
                 seconds=seconds or base.seconds,
-                pgbench_transactions=base.pgbench_transactions,
                 bulk_sizes=_ints(bulk, "--bulk") or () if bulk is not None else base.bulk_sizes,
-                bulk_rounds=base.bulk_rounds,
                 latencies_ms=(
                     _numbers(latency_ms, float, "--latency-ms")
                     if latency_ms is not None
                     else base.latencies_ms
                 ),
-                network_clients=base.network_clients,
-                network_rounds=base.network_rounds,
-                network_seconds=base.network_seconds,
-                hot_machines=base.hot_machines,
-                hot_clients=base.hot_clients,
-                ops_writers=base.ops_writers,
                 scratch=mode,
                 keep=keep,
             )

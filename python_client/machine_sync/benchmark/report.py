@@ -197,7 +197,7 @@ def _contended_headlines(result: BenchResult) -> list[Headline]:
             ratio = _hot_ratio(group, top, "legacy-twins")
             if ratio is not None:
                 out.append(Headline(target, f">= {goal:.2f}", {where: ratio}, ratio >= goal))
-    values: dict[str, float] = {
+    values = {
         f"{writers} writer{'s' if writers > 1 else ''}": paired_ratio(
             group["client"].rates, group["legacy-code"].rates
         )
