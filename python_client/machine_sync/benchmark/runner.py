@@ -50,7 +50,10 @@ class BenchConfig:
     # pgbench's runs.
     pgbench_transactions: int = 0
     bulk_sizes: tuple[int, ...] = (1, 100, 10_000)
-    bulk_rounds: int = 9
+    # A 10 000-row round's ratio ranges over a factor of two (a checkpoint's
+    # page images land on whichever statements follow it): the median needs
+    # many rounds, and each costs about 3 s.
+    bulk_rounds: int = 25
     latencies_ms: tuple[float, ...] = (1.0, 20.0)
     network_clients: tuple[int, ...] = (1,)
     network_rounds: int = 5  # the round trip dominates there: few long runs suffice
