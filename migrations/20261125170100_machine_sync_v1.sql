@@ -575,7 +575,11 @@ $$;
 -- fields) of an UPDATE that sets none of them, or that sorts after
 -- zz_machine_sync, is not seen, and machine_state would miss that change
 -- (machine_sync.drift reports it; machine-sync reconcile repairs it).
--- AFTER triggers of the application's see both tables already written.
+-- AFTER UPDATE triggers of the application's see both tables already
+-- written. A new machine's state row is written by the AFTER INSERT trigger
+-- zz_machine_sync_insert_state, from the machine as it is when that trigger
+-- fires: an application AFTER INSERT trigger sorting before it does not see
+-- the state row yet, and what it changes in the new machine is mirrored.
 
 CREATE OR REPLACE FUNCTION machine_sync.machines_sync()
 RETURNS trigger
@@ -618,6 +622,15 @@ BEGIN
         IF TG_OP = 'DELETE' THEN
             -- The foreign key's cascade does not fire in replica mode.
             DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
+            RETURN NULL;
+        END IF;
+        -- AFTER triggers fire when the statement is done, and it may have
+        -- changed the machine since this row was inserted (a function or a
+        -- CTE later in it, an AFTER trigger sorting before this one; the
+        -- mirror wrote the state row for that change) or deleted it. So the
+        -- state row is written from the machine as it is now.
+        SELECT m.* INTO NEW FROM public.machines AS m WHERE m.id = NEW.id;
+        IF NOT FOUND THEN
             RETURN NULL;
         END IF;
     ELSE
@@ -757,7 +770,9 @@ BEGIN
     END IF;
 
     -- A new machine's state row, an applied one, or a missing one. A state
-    -- row left behind by a restore that bypassed triggers is overwritten.
+    -- row left behind by a restore that bypassed triggers is overwritten;
+    -- one that agrees already (the mirror wrote it for a change later in the
+    -- inserting statement) is left as it is.
     INSERT INTO public.machine_state AS s (
         machine_id, current_state, state_since, process_id,
         is_failure_mode, failure_component, failure_description, updated_at
@@ -773,7 +788,15 @@ BEGIN
         is_failure_mode = excluded.is_failure_mode,
         failure_component = excluded.failure_component,
         failure_description = excluded.failure_description,
-        updated_at = excluded.updated_at;
+        updated_at = excluded.updated_at
+    WHERE (
+        s.current_state, s.state_since, s.process_id, s.is_failure_mode,
+        s.failure_component, s.failure_description, s.updated_at
+    ) IS DISTINCT FROM (
+        excluded.current_state, excluded.state_since, excluded.process_id,
+        excluded.is_failure_mode, excluded.failure_component,
+        excluded.failure_description, excluded.updated_at
+    );
     RETURN NEW;
 END
 $$;
@@ -1399,12 +1422,14 @@ $$;
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
 -- * machine_sync_mirror may read machines and read and write machine_state
---   (a row-level policy lets it see every row): its one function is the
---   mirror.
+--   (a row-level policy on each lets it see every row, and no other role
+--   anything more): its one function is the mirror.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
---   (TRIGGER), reference them from foreign keys (REFERENCES) or LOCK,
---   VACUUM FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and
---   later); only the owner deletes machine_state rows directly.
+--   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
+--   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
+--   only the owner deletes machine_state rows directly. (LOCK TABLE in the
+--   modes that stop writers comes with UPDATE and DELETE too: a writer of
+--   machines keeps it, anon, which writes neither table, has it not.)
 -- * Every other grant the tables had stays. In compat, legacy writers keep
 --   INSERT and UPDATE on machine_state, and their own privileges and
 --   policies on machines decide what their writes may do.
@@ -1456,6 +1481,19 @@ BEGIN
         TO machine_sync_mirror
         USING (TRUE)
         WITH CHECK (TRUE);
+    END IF;
+    -- A new machine's state row is written from the machine as it is when
+    -- the inserting statement ends (50_mirror.sql): the mirror reads it.
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_policy AS p
+        WHERE
+            p.polrelid = 'public.machines'::pg_catalog.regclass
+            AND p.polname = 'machine_sync_mirror'
+    ) THEN
+        CREATE POLICY machine_sync_mirror ON public.machines
+        FOR SELECT
+        TO machine_sync_mirror
+        USING (TRUE);
     END IF;
 END
 $$;

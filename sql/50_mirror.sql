@@ -42,7 +42,11 @@
 -- fields) of an UPDATE that sets none of them, or that sorts after
 -- zz_machine_sync, is not seen, and machine_state would miss that change
 -- (machine_sync.drift reports it; machine-sync reconcile repairs it).
--- AFTER triggers of the application's see both tables already written.
+-- AFTER UPDATE triggers of the application's see both tables already
+-- written. A new machine's state row is written by the AFTER INSERT trigger
+-- zz_machine_sync_insert_state, from the machine as it is when that trigger
+-- fires: an application AFTER INSERT trigger sorting before it does not see
+-- the state row yet, and what it changes in the new machine is mirrored.
 
 CREATE OR REPLACE FUNCTION machine_sync.machines_sync()
 RETURNS trigger
@@ -85,6 +89,15 @@ BEGIN
         IF TG_OP = 'DELETE' THEN
             -- The foreign key's cascade does not fire in replica mode.
             DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
+            RETURN NULL;
+        END IF;
+        -- AFTER triggers fire when the statement is done, and it may have
+        -- changed the machine since this row was inserted (a function or a
+        -- CTE later in it, an AFTER trigger sorting before this one; the
+        -- mirror wrote the state row for that change) or deleted it. So the
+        -- state row is written from the machine as it is now.
+        SELECT m.* INTO NEW FROM public.machines AS m WHERE m.id = NEW.id;
+        IF NOT FOUND THEN
             RETURN NULL;
         END IF;
     ELSE
@@ -224,7 +237,9 @@ BEGIN
     END IF;
 
     -- A new machine's state row, an applied one, or a missing one. A state
-    -- row left behind by a restore that bypassed triggers is overwritten.
+    -- row left behind by a restore that bypassed triggers is overwritten;
+    -- one that agrees already (the mirror wrote it for a change later in the
+    -- inserting statement) is left as it is.
     INSERT INTO public.machine_state AS s (
         machine_id, current_state, state_since, process_id,
         is_failure_mode, failure_component, failure_description, updated_at
@@ -240,7 +255,15 @@ BEGIN
         is_failure_mode = excluded.is_failure_mode,
         failure_component = excluded.failure_component,
         failure_description = excluded.failure_description,
-        updated_at = excluded.updated_at;
+        updated_at = excluded.updated_at
+    WHERE (
+        s.current_state, s.state_since, s.process_id, s.is_failure_mode,
+        s.failure_component, s.failure_description, s.updated_at
+    ) IS DISTINCT FROM (
+        excluded.current_state, excluded.state_since, excluded.process_id,
+        excluded.is_failure_mode, excluded.failure_component,
+        excluded.failure_description, excluded.updated_at
+    );
     RETURN NEW;
 END
 $$;

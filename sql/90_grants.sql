@@ -8,12 +8,14 @@
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
 -- * machine_sync_mirror may read machines and read and write machine_state
---   (a row-level policy lets it see every row): its one function is the
---   mirror.
+--   (a row-level policy on each lets it see every row, and no other role
+--   anything more): its one function is the mirror.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
---   (TRIGGER), reference them from foreign keys (REFERENCES) or LOCK,
---   VACUUM FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and
---   later); only the owner deletes machine_state rows directly.
+--   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
+--   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
+--   only the owner deletes machine_state rows directly. (LOCK TABLE in the
+--   modes that stop writers comes with UPDATE and DELETE too: a writer of
+--   machines keeps it, anon, which writes neither table, has it not.)
 -- * Every other grant the tables had stays. In compat, legacy writers keep
 --   INSERT and UPDATE on machine_state, and their own privileges and
 --   policies on machines decide what their writes may do.
@@ -65,6 +67,19 @@ BEGIN
         TO machine_sync_mirror
         USING (TRUE)
         WITH CHECK (TRUE);
+    END IF;
+    -- A new machine's state row is written from the machine as it is when
+    -- the inserting statement ends (50_mirror.sql): the mirror reads it.
+    IF NOT EXISTS (
+        SELECT FROM pg_catalog.pg_policy AS p
+        WHERE
+            p.polrelid = 'public.machines'::pg_catalog.regclass
+            AND p.polname = 'machine_sync_mirror'
+    ) THEN
+        CREATE POLICY machine_sync_mirror ON public.machines
+        FOR SELECT
+        TO machine_sync_mirror
+        USING (TRUE);
     END IF;
 END
 $$;

@@ -34,6 +34,69 @@ def test_a_later_write_by_another_trigger_is_not_overwritten_by_a_stale_mirror(c
     assert_consistent(conn)
 
 
+NEW_MACHINE = """INSERT INTO public.machines (
+           serial_number, location, lab_name, lab_institution, model, machine_type,
+           install_date, last_maintenance_date, admin_id, status
+       ) VALUES (
+           'SN-' || gen_random_uuid(), 'Bay 1', 'Lab', 'Institute', 'S200', 'ALD',
+           now(), now(), gen_random_uuid(), 'idle'
+       ) RETURNING id"""
+
+
+@pytest.mark.parametrize("mode", ["compat", "strict"])
+def test_a_machine_changed_in_the_statement_that_inserts_it_is_mirrored_as_it_ends(db, mode):
+    """The new machine's state row is written once the statement is done with
+    it: a change later in the same statement (here an RPC in a CTE, as an API
+    role) is not overwritten with the machine as it was inserted."""
+    with db.connect() as conn:
+        conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
+    with db.connect() as api:
+        api.execute("SET ROLE service_role")
+        row = api.execute(
+            f"""WITH a AS ({NEW_MACHINE})
+                SELECT a.id, public.atomic_update_machine_state(
+                    p_machine_id => a.id, p_machine_status => 'maintenance'
+                ) FROM a"""
+        ).fetchone()
+        assert row is not None
+        machine_id = row[0]
+    with db.connect() as conn:
+        assert machine(conn, machine_id)["status"] == "maintenance"
+        assert state(conn, machine_id)["current_state"] == "maintenance"
+        assert_consistent(conn)
+
+
+def test_an_after_insert_trigger_of_the_application_that_changes_the_new_machine(conn):
+    conn.execute(
+        """CREATE FUNCTION public.commission() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN
+               UPDATE machines SET status = 'offline' WHERE id = NEW.id;
+               RETURN NULL;
+           END $$"""
+    )
+    # Sorts before zz_machine_sync_insert_state, so it fires first.
+    conn.execute(
+        "CREATE TRIGGER a_commission AFTER INSERT ON machines FOR EACH ROW"
+        " EXECUTE FUNCTION public.commission()"
+    )
+    machine_id = add_machine(conn)
+    assert machine(conn, machine_id)["status"] == "offline"
+    assert state(conn, machine_id)["current_state"] == "offline"
+    assert_consistent(conn)
+
+
+def test_a_machine_deleted_in_the_statement_that_inserts_it_leaves_no_state_row(conn):
+    conn.execute(
+        """CREATE FUNCTION public.scrap(machine uuid) RETURNS uuid LANGUAGE sql
+           AS 'DELETE FROM public.machines WHERE id = machine RETURNING id'"""
+    )
+    row = conn.execute(f"WITH a AS ({NEW_MACHINE}) SELECT public.scrap(a.id) FROM a").fetchone()
+    assert row is not None
+    assert machine(conn, row[0]) is None
+    assert state(conn, row[0]) is None
+    assert_consistent(conn)
+
+
 def test_one_statement_writing_both_tables_ends_consistent(conn):
     machine_id = add_machine(conn)
     process = uuid.uuid4()
