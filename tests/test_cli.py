@@ -176,6 +176,31 @@ def test_bench_without_a_server_is_one_line(monkeypatch):
     assert_one_error_line(run("bench", "--quick"), ExitCode.UNREACHABLE, "no server here: do this")
 
 
+@pytest.mark.parametrize("command", ["bench", "demo"])
+def test_bench_and_demo_never_borrow_the_server_of_database_url(monkeypatch, command):
+    """Without --dsn they start a server of their own, whatever DATABASE_URL
+    says (both create databases on the server they use, and bench loads it for
+    minutes); an empty --dsn is refused, not read as libpq's defaults."""
+    from machine_sync.demo import workspace
+
+    def no_server(**_kwargs: Any) -> Any:
+        raise ServerUnavailable("the embedded server was asked for")
+
+    monkeypatch.setattr(bench_runner, "embedded_server", no_server)
+    monkeypatch.setattr(workspace, "embedded_server", no_server)
+    args = [command, "--quick"] if command == "bench" else [command]
+    assert_one_error_line(
+        run(*args, dsn=UNREACHABLE),
+        ExitCode.UNREACHABLE,
+        "the embedded server was asked for",
+        progress=True,
+    )
+    for empty in ("", "  "):
+        assert_one_error_line(
+            run(*args, "--dsn", empty, dsn=UNREACHABLE), ExitCode.BAD_INPUT, "--dsn is empty"
+        )
+
+
 @pytest.mark.parametrize(
     ("raised", "code", "words"),
     [
@@ -214,6 +239,9 @@ def test_help_shows_flags_as_flags():
         assert "<bool>" not in result.stdout, command
     assert "  --json " in run("drift", "--help").stdout
     assert "130 interrupted" in run("--help").stdout
+    # Shell completion is the program's, not each optional command's.
+    for command in ("demo", "bench"):
+        assert "--install-completion" not in run(command, "--help").stdout
 
 
 # -- migrate ----------------------------------------------------------------------

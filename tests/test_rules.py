@@ -255,7 +255,7 @@ def test_v1_down_refuses_while_drift_exists_and_works_after_reconcile(db):
     down = down_file(migration_files()[-1])
     result = db.psql(down, check=False)
     assert result.returncode != 0
-    assert "refusing to revert machine-sync: 1 machines drift" in result.stderr
+    assert "refusing to revert machine-sync: 1 machine drifts," in result.stderr
     with db.connect() as conn:
         assert (machine(conn, machine_id), state(conn, machine_id)) == before
         assert conn.execute("SELECT to_regnamespace('machine_sync') IS NOT NULL").fetchone() == (

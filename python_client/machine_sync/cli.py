@@ -1,7 +1,9 @@
 """The ``machine-sync`` command line.
 
-Every command that talks to the database takes ``--dsn`` (a libpq connection
-string or ``postgresql://`` URL) or reads ``DATABASE_URL``. Results go to
+Every command that talks to a database of yours takes ``--dsn`` (a libpq
+connection string or ``postgresql://`` URL) or reads ``DATABASE_URL``; ``demo``
+and ``bench``, which start a server of their own without one, read ``--dsn``
+only. Results go to
 stdout (``--json`` where a script would parse them), errors to stderr as one
 line starting with ``machine-sync: error:``.
 
@@ -117,7 +119,10 @@ class _OptionalCommand(TyperCommand):
     def _loaded(self) -> Command:
         if not demo_installed():
             return _NotInstalled(self.name or "")
-        single = typer.Typer(rich_markup_mode=None, pretty_exceptions_enable=False)
+        # Shell completion is the program's (machine-sync --install-completion).
+        single = typer.Typer(
+            rich_markup_mode=None, pretty_exceptions_enable=False, add_completion=False
+        )
         importlib.import_module(self._module).register(single)
         return typer.main.get_command(single)
 
@@ -500,7 +505,12 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
             )
         console = _console()
         console.print(table)
-        console.print(Text(f"{len(rows)} drifted; repair with: machine-sync reconcile"))
+        console.print(
+            Text(
+                f"{len(rows)} drifted; repair with: machine-sync reconcile"
+                " (it names each machine it cannot repair, and why)"
+            )
+        )
     if rows:
         raise typer.Exit(int(ExitCode.FINDING))
 

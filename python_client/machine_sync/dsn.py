@@ -23,3 +23,16 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
             f"invalid --dsn/DATABASE_URL: port {params['port']!r} is not a number"
         )
     return params
+
+
+def given_dsn(dsn: str | None) -> str | None:
+    """``--dsn`` of a command that starts its own server without one.
+
+    None when it was left out; an empty one is refused rather than read as
+    libpq's defaults (which would borrow whatever server they reach).
+    """
+    if dsn is not None and not dsn.strip():
+        raise InvalidArgument(
+            "--dsn is empty: give a connection string, or leave --dsn out for the embedded server"
+        )
+    return dsn

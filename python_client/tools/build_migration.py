@@ -16,6 +16,7 @@ the live catalog with that record instead of replaying anything.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -60,8 +61,15 @@ def build() -> str:
 
 
 def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only verify that the migration is up to date (exit 1 if not)",
+    )
+    args = parser.parse_args(argv)
     text = build()
-    if "--check" in argv:
+    if args.check:
         if TARGET.read_text() != text:
             print(
                 f"{TARGET.relative_to(ROOT)} is out of date with sql/: "

@@ -277,7 +277,9 @@ def _contended_sections(result: BenchResult) -> list[str]:
             "(refused: not the current run), start, failure, a start (refused: in error), the "
             "operator's reset to idle. The client sends one UPDATE (a "
             "refusal of a completion adds one SELECT); the legacy code reads the machine, checks "
-            "in Python and writes both tables (a refusal is the read alone).",
+            "in Python and writes both tables (a refusal is the read alone). The rates are the "
+            "median rates, the ratio is the median of the rounds' ratios: the two need not "
+            "divide to it.",
             "",
         ]
         lines += _table(
@@ -361,10 +363,20 @@ def markdown(result: BenchResult) -> str:
         "",
         "## Headline (local connection, median ratios)",
         "",
-        "In brackets, the middle half of the rounds' ratios (first to third quartile): how far "
-        "one round's comparison strays. The median is what the goal is checked against.",
-        "",
     ]
+    shown = headlines(result)
+    if any(getattr(v, "low", None) is not None for h in shown for v in h.values.values()):
+        lines += [
+            "In brackets, the middle half of the rounds' ratios (first to third quartile): how "
+            "far one round's comparison strays. The median is what the goal is checked against.",
+            "",
+        ]
+    else:
+        lines += [
+            "Too few rounds for a middle half (as with --quick): a smoke test of the benchmark, "
+            "whose verdicts say nothing about the goals. Run it without --quick to measure.",
+            "",
+        ]
     lines += _table(
         ["target", "goal", "measured (median ratio)", "met"],
         [
@@ -374,7 +386,7 @@ def markdown(result: BenchResult) -> str:
                 ", ".join(f"{k}: {_with_spread(v)}" for k, v in h.values.items()),
                 "-" if h.met is None else "yes" if h.met else "**no**",
             ]
-            for h in headlines(result)
+            for h in shown
         ],
     )
     lines += ["", "## Single-row state changes per second (median), local connection", ""]

@@ -39,6 +39,7 @@ import psycopg
 import typer
 
 from machine_sync.cli import ExitCode
+from machine_sync.dsn import given_dsn
 from machine_sync.errors import one_line
 from machine_sync.server import ServerUnavailable
 
@@ -90,7 +91,7 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option(help="Seed of the writers' choices.")] = 1,
     ) -> None:
         """Show production's drift, how the two-statement code makes more, and its end."""
-        options = DemoOptions(dsn, keep, json_output, duration, machines, writers, seed)
+        options = DemoOptions(given_dsn(dsn), keep, json_output, duration, machines, writers, seed)
         raise typer.Exit(run(options))
 
 
