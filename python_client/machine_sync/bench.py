@@ -55,7 +55,7 @@ def register(app: typer.Typer) -> None:
         dsn: Annotated[
             str | None,
             typer.Option(
-                # No DATABASE_URL: a run loads its server for about 22 minutes,
+                # No DATABASE_URL: a run loads its server for about 23 minutes,
                 # so only a server named here is ever measured.
                 help="Server to measure (a scratch database or scratch schemas are created "
                 "and removed; your tables are never touched). Default: an embedded "
