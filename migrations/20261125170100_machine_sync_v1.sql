@@ -581,6 +581,24 @@ $$;
 -- fires: an application AFTER INSERT trigger sorting before it does not see
 -- the state row yet, and what it changes in the new machine is mirrored.
 
+-- The machine as stored now, whatever row-level security would show the
+-- mirror (its AFTER triggers write a state row from it, below). It runs as
+-- the owner of the tables, whom their policies do not filter, and only the
+-- mirror may call it (90_grants.sql).
+CREATE OR REPLACE FUNCTION machine_sync.stored_machine(machine pg_catalog.uuid)
+RETURNS SETOF public.machines
+LANGUAGE sql
+STABLE
+ROWS 1
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.* FROM public.machines AS m WHERE m.id = machine
+$$;
+
+COMMENT ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) IS
+'The machines row as stored, past row-level security: for the mirror''s AFTER triggers.';
+
 CREATE OR REPLACE FUNCTION machine_sync.machines_sync()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -628,8 +646,9 @@ BEGIN
         -- changed the machine since this row was inserted (a function or a
         -- CTE later in it, an AFTER trigger sorting before this one; the
         -- mirror wrote the state row for that change) or deleted it. So the
-        -- state row is written from the machine as it is now.
-        SELECT m.* INTO NEW FROM public.machines AS m WHERE m.id = NEW.id;
+        -- state row is written from the machine as it is now, as stored
+        -- (a policy on machines must not hide it from the mirror).
+        SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
@@ -1422,8 +1441,8 @@ $$;
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
 -- * machine_sync_mirror may read machines and read and write machine_state
---   (a row-level policy on each lets it see every row, and no other role
---   anything more): its one function is the mirror.
+--   (a row-level policy lets it see every row), and call
+--   stored_machine(): its one function is the mirror.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
 --   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
@@ -1465,6 +1484,7 @@ public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
 GRANT SELECT ON public.machines TO machine_sync_mirror;
+GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO machine_sync_mirror;
 -- DELETE: only for a delete a logical replication subscriber applies
 -- (zz_machine_sync_applied); the guard keeps refusing everyone else's.
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
@@ -1481,19 +1501,6 @@ BEGIN
         TO machine_sync_mirror
         USING (TRUE)
         WITH CHECK (TRUE);
-    END IF;
-    -- A new machine's state row is written from the machine as it is when
-    -- the inserting statement ends (50_mirror.sql): the mirror reads it.
-    IF NOT EXISTS (
-        SELECT FROM pg_catalog.pg_policy AS p
-        WHERE
-            p.polrelid = 'public.machines'::pg_catalog.regclass
-            AND p.polname = 'machine_sync_mirror'
-    ) THEN
-        CREATE POLICY machine_sync_mirror ON public.machines
-        FOR SELECT
-        TO machine_sync_mirror
-        USING (TRUE);
     END IF;
 END
 $$;

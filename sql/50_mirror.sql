@@ -48,6 +48,24 @@
 -- fires: an application AFTER INSERT trigger sorting before it does not see
 -- the state row yet, and what it changes in the new machine is mirrored.
 
+-- The machine as stored now, whatever row-level security would show the
+-- mirror (its AFTER triggers write a state row from it, below). It runs as
+-- the owner of the tables, whom their policies do not filter, and only the
+-- mirror may call it (90_grants.sql).
+CREATE OR REPLACE FUNCTION machine_sync.stored_machine(machine pg_catalog.uuid)
+RETURNS SETOF public.machines
+LANGUAGE sql
+STABLE
+ROWS 1
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT m.* FROM public.machines AS m WHERE m.id = machine
+$$;
+
+COMMENT ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) IS
+'The machines row as stored, past row-level security: for the mirror''s AFTER triggers.';
+
 CREATE OR REPLACE FUNCTION machine_sync.machines_sync()
 RETURNS trigger
 LANGUAGE plpgsql
@@ -95,8 +113,9 @@ BEGIN
         -- changed the machine since this row was inserted (a function or a
         -- CTE later in it, an AFTER trigger sorting before this one; the
         -- mirror wrote the state row for that change) or deleted it. So the
-        -- state row is written from the machine as it is now.
-        SELECT m.* INTO NEW FROM public.machines AS m WHERE m.id = NEW.id;
+        -- state row is written from the machine as it is now, as stored
+        -- (a policy on machines must not hide it from the mirror).
+        SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;

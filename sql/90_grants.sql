@@ -8,8 +8,8 @@
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
 -- * machine_sync_mirror may read machines and read and write machine_state
---   (a row-level policy on each lets it see every row, and no other role
---   anything more): its one function is the mirror.
+--   (a row-level policy lets it see every row), and call
+--   stored_machine(): its one function is the mirror.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
 --   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
@@ -51,6 +51,7 @@ public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
 GRANT SELECT ON public.machines TO machine_sync_mirror;
+GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO machine_sync_mirror;
 -- DELETE: only for a delete a logical replication subscriber applies
 -- (zz_machine_sync_applied); the guard keeps refusing everyone else's.
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
@@ -67,19 +68,6 @@ BEGIN
         TO machine_sync_mirror
         USING (TRUE)
         WITH CHECK (TRUE);
-    END IF;
-    -- A new machine's state row is written from the machine as it is when
-    -- the inserting statement ends (50_mirror.sql): the mirror reads it.
-    IF NOT EXISTS (
-        SELECT FROM pg_catalog.pg_policy AS p
-        WHERE
-            p.polrelid = 'public.machines'::pg_catalog.regclass
-            AND p.polname = 'machine_sync_mirror'
-    ) THEN
-        CREATE POLICY machine_sync_mirror ON public.machines
-        FOR SELECT
-        TO machine_sync_mirror
-        USING (TRUE);
     END IF;
 END
 $$;

@@ -85,6 +85,17 @@ def test_an_after_insert_trigger_of_the_application_that_changes_the_new_machine
     assert_consistent(conn)
 
 
+def test_a_new_machine_gets_its_state_row_whatever_the_policies_on_machines(conn):
+    """The state row is written from the machine as stored: a restrictive
+    policy of the application's, for every role, does not hide it from the
+    mirror."""
+    conn.execute("ALTER TABLE machines ENABLE ROW LEVEL SECURITY")
+    conn.execute("CREATE POLICY nobody_reads ON machines AS RESTRICTIVE FOR SELECT USING (false)")
+    machine_id = add_machine(conn, status="maintenance")
+    assert state(conn, machine_id)["current_state"] == "maintenance"
+    assert_consistent(conn)
+
+
 def test_a_machine_deleted_in_the_statement_that_inserts_it_leaves_no_state_row(conn):
     conn.execute(
         """CREATE FUNCTION public.scrap(machine uuid) RETURNS uuid LANGUAGE sql

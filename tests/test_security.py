@@ -77,6 +77,7 @@ def test_the_mirror_runs_as_its_own_role_and_the_client_paths_as_the_caller(conn
         "reconcile_v1",
         "machine_state_direct_delete",
         "machine_state_after_truncate",
+        "stored_machine",
     }
     # Nobody logs in as the mirror and no API role can become it.
     assert conn.execute(

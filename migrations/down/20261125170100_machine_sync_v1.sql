@@ -45,7 +45,6 @@ DROP TRIGGER IF EXISTS machine_state_carry_insert ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_direct_delete ON public.machine_state;
 DROP TRIGGER IF EXISTS machine_state_truncate_alone ON public.machine_state;
 DROP POLICY IF EXISTS machine_sync_mirror ON public.machine_state;
-DROP POLICY IF EXISTS machine_sync_mirror ON public.machines;
 
 DROP FUNCTION IF EXISTS public.atomic_processing_machine_state(uuid, uuid);
 DROP FUNCTION IF EXISTS public.atomic_error_machine_state(uuid, text);
