@@ -584,7 +584,10 @@ $$;
 -- The machine as stored now, whatever row-level security would show the
 -- mirror (its AFTER triggers write a state row from it, below). It runs as
 -- the owner of the tables, whom their policies do not filter, and only the
--- mirror may call it (90_grants.sql).
+-- mirror may call it (90_grants.sql). Where they would (FORCE ROW LEVEL
+-- SECURITY and an owner without BYPASSRLS), row_security = off makes the
+-- read fail with PostgreSQL's 42501 naming the table, rather than find
+-- nothing and leave the machine without its state row.
 CREATE OR REPLACE FUNCTION machine_sync.stored_machine(machine pg_catalog.uuid)
 RETURNS SETOF public.machines
 LANGUAGE sql
@@ -592,6 +595,7 @@ STABLE
 ROWS 1
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
+SET row_security = off
 AS $$
     SELECT m.* FROM public.machines AS m WHERE m.id = machine
 $$;

@@ -96,6 +96,25 @@ def test_a_new_machine_gets_its_state_row_whatever_the_policies_on_machines(conn
     assert_consistent(conn)
 
 
+def test_where_policies_bind_the_owner_a_new_machine_is_refused_not_left_without_state(db):
+    """FORCE ROW LEVEL SECURITY with an owner lacking BYPASSRLS: the mirror's
+    read of the new machine as stored would find nothing. It fails with
+    PostgreSQL's own error instead, and nothing is written. (Rolled back:
+    the role attribute is the cluster's.)"""
+    with db.connect(admin=True, autocommit=False) as admin:
+        admin.execute("ALTER ROLE postgres NOBYPASSRLS")
+        admin.execute("SET ROLE postgres")
+        admin.execute("ALTER TABLE machines ENABLE ROW LEVEL SECURITY")
+        admin.execute("ALTER TABLE machines FORCE ROW LEVEL SECURITY")
+        admin.execute("CREATE POLICY everyone ON machines USING (true) WITH CHECK (true)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            add_machine(admin)
+        admin.rollback()
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM machines").fetchone() == (0,)
+        assert_consistent(conn)
+
+
 def test_a_machine_deleted_in_the_statement_that_inserts_it_leaves_no_state_row(conn):
     conn.execute(
         """CREATE FUNCTION public.scrap(machine uuid) RETURNS uuid LANGUAGE sql
