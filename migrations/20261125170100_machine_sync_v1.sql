@@ -651,10 +651,13 @@ BEGIN
         -- CTE later in it, an AFTER trigger sorting before this one; the
         -- mirror wrote the state row for that change) or deleted it. So the
         -- state row is written from the machine as it is now, as stored
-        -- (a policy on machines must not hide it from the mirror).
-        SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
-        IF NOT FOUND THEN
-            RETURN NULL;
+        -- (a policy on machines must not hide it from the mirror). An UPDATE
+        -- here is a subscriber's applied row: mirrored as applied.
+        IF TG_OP = 'INSERT' THEN
+            SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
         END IF;
     ELSE
         IF TG_OP = 'UPDATE' THEN
@@ -1444,9 +1447,9 @@ $$;
 --   privileges. Trigger functions are executable by their owners only:
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
--- * machine_sync_mirror may read machines and read and write machine_state
---   (a row-level policy lets it see every row), and call
---   stored_machine(): its one function is the mirror.
+-- * machine_sync_mirror may read and write machine_state (a row-level
+--   policy lets it see every row) and call stored_machine(), its one read
+--   of machines: its one function is the mirror.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
 --   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
@@ -1487,7 +1490,6 @@ public.atomic_error_machine_state(uuid, text),
 public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
-GRANT SELECT ON public.machines TO machine_sync_mirror;
 GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO machine_sync_mirror;
 -- DELETE: only for a delete a logical replication subscriber applies
 -- (zz_machine_sync_applied); the guard keeps refusing everyone else's.

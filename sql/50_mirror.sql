@@ -118,10 +118,13 @@ BEGIN
         -- CTE later in it, an AFTER trigger sorting before this one; the
         -- mirror wrote the state row for that change) or deleted it. So the
         -- state row is written from the machine as it is now, as stored
-        -- (a policy on machines must not hide it from the mirror).
-        SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
-        IF NOT FOUND THEN
-            RETURN NULL;
+        -- (a policy on machines must not hide it from the mirror). An UPDATE
+        -- here is a subscriber's applied row: mirrored as applied.
+        IF TG_OP = 'INSERT' THEN
+            SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
         END IF;
     ELSE
         IF TG_OP = 'UPDATE' THEN

@@ -7,9 +7,9 @@
 --   privileges. Trigger functions are executable by their owners only:
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
--- * machine_sync_mirror may read machines and read and write machine_state
---   (a row-level policy lets it see every row), and call
---   stored_machine(): its one function is the mirror.
+-- * machine_sync_mirror may read and write machine_state (a row-level
+--   policy lets it see every row) and call stored_machine(), its one read
+--   of machines: its one function is the mirror.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
 --   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
@@ -50,7 +50,6 @@ public.atomic_error_machine_state(uuid, text),
 public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
-GRANT SELECT ON public.machines TO machine_sync_mirror;
 GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO machine_sync_mirror;
 -- DELETE: only for a delete a logical replication subscriber applies
 -- (zz_machine_sync_applied); the guard keeps refusing everyone else's.

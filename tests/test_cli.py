@@ -446,3 +446,19 @@ def test_python_dash_m_runs_the_same_command_line():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("machine-sync ")
+
+
+@pytest.mark.parametrize("tool", ["build_migration.py", "trigger_cost.py"])
+def test_the_repository_tools_parse_their_arguments(tool):
+    """--help answers at once (trigger_cost.py once started its 3-minute
+    callgrind run on it), and an unknown option is a usage error."""
+    path = Path(__file__).resolve().parents[1] / "python_client" / "tools" / tool
+    shown = subprocess.run(
+        [sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert (shown.returncode, shown.stdout.startswith(f"usage: {tool}")) == (0, True)
+    bogus = subprocess.run(
+        [sys.executable, str(path), "--bogus"], capture_output=True, text=True, timeout=60
+    )
+    assert bogus.returncode == 2
+    assert "unrecognized arguments: --bogus" in bogus.stderr
