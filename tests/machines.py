@@ -18,8 +18,9 @@ MIRRORED = (
 )
 
 
-def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: Any) -> uuid.UUID:
-    """Insert one machine with production-like required columns; return its id."""
+def machine_insert(status: str = "idle", **values: Any) -> tuple[str, list[Any]]:
+    """The INSERT of one machine with production-like required columns
+    (``RETURNING id``), and its parameters: to run alone or inside a CTE."""
     row = {
         "serial_number": f"SN-{uuid.uuid4().hex[:8]}",
         "location": "Bay 1",
@@ -35,10 +36,15 @@ def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: A
     }
     columns = ", ".join(row)
     placeholders = ", ".join(["%s"] * len(row))
-    result = conn.execute(
-        f"INSERT INTO machines ({columns}) VALUES ({placeholders}) RETURNING id",
+    return (
+        f"INSERT INTO public.machines ({columns}) VALUES ({placeholders}) RETURNING id",
         list(row.values()),
-    ).fetchone()
+    )
+
+
+def add_machine(conn: psycopg.Connection[Any], status: str = "idle", **values: Any) -> uuid.UUID:
+    """Insert one machine with production-like required columns; return its id."""
+    result = conn.execute(*machine_insert(status, **values)).fetchone()
     assert result is not None
     machine_id: uuid.UUID = result[0]
     return machine_id

@@ -11,7 +11,7 @@ import uuid
 import psycopg
 import pytest
 
-from machines import add_machine, assert_consistent, machine, state
+from machines import add_machine, assert_consistent, machine, machine_insert, state
 
 
 def test_a_later_write_by_another_trigger_is_not_overwritten_by_a_stale_mirror(conn):
@@ -34,15 +34,6 @@ def test_a_later_write_by_another_trigger_is_not_overwritten_by_a_stale_mirror(c
     assert_consistent(conn)
 
 
-NEW_MACHINE = """INSERT INTO public.machines (
-           serial_number, location, lab_name, lab_institution, model, machine_type,
-           install_date, last_maintenance_date, admin_id, status
-       ) VALUES (
-           'SN-' || gen_random_uuid(), 'Bay 1', 'Lab', 'Institute', 'S200', 'ALD',
-           now(), now(), gen_random_uuid(), 'idle'
-       ) RETURNING id"""
-
-
 @pytest.mark.parametrize("mode", ["compat", "strict"])
 def test_a_machine_changed_in_the_statement_that_inserts_it_is_mirrored_as_it_ends(db, mode):
     """The new machine's state row is written once the statement is done with
@@ -52,11 +43,13 @@ def test_a_machine_changed_in_the_statement_that_inserts_it_is_mirrored_as_it_en
         conn.execute("SELECT machine_sync.set_mode_v1(%s)", [mode])
     with db.connect() as api:
         api.execute("SET ROLE service_role")
+        insert, params = machine_insert()
         row = api.execute(
-            f"""WITH a AS ({NEW_MACHINE})
+            f"""WITH a AS ({insert})
                 SELECT a.id, public.atomic_update_machine_state(
                     p_machine_id => a.id, p_machine_status => 'maintenance'
-                ) FROM a"""
+                ) FROM a""",
+            params,
         ).fetchone()
         assert row is not None
         machine_id = row[0]
@@ -117,7 +110,8 @@ def test_a_machine_deleted_in_the_statement_that_inserts_it_leaves_no_state_row(
         """CREATE FUNCTION public.scrap(machine uuid) RETURNS uuid LANGUAGE sql
            AS 'DELETE FROM public.machines WHERE id = machine RETURNING id'"""
     )
-    row = conn.execute(f"WITH a AS ({NEW_MACHINE}) SELECT public.scrap(a.id) FROM a").fetchone()
+    insert, params = machine_insert()
+    row = conn.execute(f"WITH a AS ({insert}) SELECT public.scrap(a.id) FROM a", params).fetchone()
     assert row is not None
     assert machine(conn, row[0]) is None
     assert state(conn, row[0]) is None

@@ -26,9 +26,8 @@ BEGIN
     END IF;
     SELECT count(*) INTO drifting FROM machine_sync.drift;
     IF drifting > 0 THEN
-        RAISE EXCEPTION 'refusing to revert machine-sync: % drift%, and reverting drops machines columns that may hold the only copy of their values',
-            CASE WHEN drifting = 1 THEN '1 machine' ELSE drifting || ' machines' END,
-            CASE WHEN drifting = 1 THEN 's' ELSE '' END
+        RAISE EXCEPTION 'refusing to revert machine-sync: %, and reverting drops machines columns that may hold the only copy of their values',
+            CASE WHEN drifting = 1 THEN '1 machine drifts' ELSE drifting || ' machines drift' END
         USING ERRCODE = 'object_not_in_prerequisite_state',
               HINT = 'Repair first (machine-sync reconcile, or SELECT * FROM machine_sync.reconcile_v1()), then revert again.';
     END IF;

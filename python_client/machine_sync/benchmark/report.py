@@ -74,12 +74,17 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
     return Ratio([x / y for x, y in zip(a, b, strict=False) if y > 0])
 
 
+def _middle_half(value: float) -> tuple[float, float] | None:
+    """The middle half of the rounds' ratios behind ``value``, if it has one."""
+    if isinstance(value, Ratio) and value.low is not None and value.high is not None:
+        return value.low, value.high
+    return None
+
+
 def _with_spread(value: float) -> str:
     """``0.82x``, and the middle half of the rounds' ratios when there is one."""
-    text = f"{value:.2f}x"
-    if isinstance(value, Ratio) and value.low is not None and value.high is not None:
-        text += f" ({value.low:.2f}-{value.high:.2f})"
-    return text
+    spread = _middle_half(value)
+    return f"{value:.2f}x" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread else "")
 
 
 def _ratio_to(group: dict[str, Cell], other: str, of: str = SYNC) -> Ratio | None:
@@ -365,7 +370,7 @@ def markdown(result: BenchResult) -> str:
         "",
     ]
     shown = headlines(result)
-    if any(getattr(v, "low", None) is not None for h in shown for v in h.values.values()):
+    if any(_middle_half(v) for h in shown for v in h.values.values()):
         lines += [
             "In brackets, the middle half of the rounds' ratios (first to third quartile): how "
             "far one round's comparison strays. The median is what the goal is checked against.",
