@@ -437,8 +437,12 @@ $$;
 -- * `processing` and a process id go together. Leaving `processing` ends
 --   the run (current_process_id becomes NULL); clearing the process of a
 --   processing machine stops it (status becomes `idle`, the legacy stop
---   path); entering `processing` without a process, or giving a process to
---   a machine that is not processing, is refused with MS003.
+--   path); entering `processing` without a process, or inserting a machine
+--   with a process and another status, is refused with MS003.
+-- * A write that sets another status with a process id ends that run: it
+--   must be the machine's current run, else it is refused with SQLSTATE
+--   MS005 naming what the machine runs instead (a late completion of an old
+--   run cannot end the new one).
 -- * Leaving `error` clears the failure fields.
 --
 -- The default rules are the ones the client always had: a process starts
@@ -716,13 +720,21 @@ BEGIN
                       HINT = 'End the running process first (status idle, error or offline).';
             END IF;
         ELSIF NEW.current_process_id IS NOT NULL THEN
+            -- A process with a status other than processing names the run
+            -- that this write ends, and it must be the machine's current run
+            -- (so a late completion of an old run cannot end the new one).
             IF NEW.current_process_id = OLD.current_process_id THEN
                 -- The run ends with the status it ran in.
                 NEW.current_process_id := NULL;
-            ELSE
+            ELSIF TG_OP = 'INSERT' THEN
                 RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
                     NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
+            ELSE
+                RAISE EXCEPTION 'machine % is not running process %: it is % with %', NEW.id, NEW.current_process_id,
+                    machine_sync.quote_bounded(OLD.status), coalesce('process ' || OLD.current_process_id::text, 'no current process')
+                USING ERRCODE = 'MS005',
+                      HINT = 'To end a run, name the machine''s current process; to start one, set status processing with it.';
             END IF;
         END IF;
 

@@ -183,13 +183,21 @@ BEGIN
                       HINT = 'End the running process first (status idle, error or offline).';
             END IF;
         ELSIF NEW.current_process_id IS NOT NULL THEN
+            -- A process with a status other than processing names the run
+            -- that this write ends, and it must be the machine's current run
+            -- (so a late completion of an old run cannot end the new one).
             IF NEW.current_process_id = OLD.current_process_id THEN
                 -- The run ends with the status it ran in.
                 NEW.current_process_id := NULL;
-            ELSE
+            ELSIF TG_OP = 'INSERT' THEN
                 RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
                     NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
+            ELSE
+                RAISE EXCEPTION 'machine % is not running process %: it is % with %', NEW.id, NEW.current_process_id,
+                    machine_sync.quote_bounded(OLD.status), coalesce('process ' || OLD.current_process_id::text, 'no current process')
+                USING ERRCODE = 'MS005',
+                      HINT = 'To end a run, name the machine''s current process; to start one, set status processing with it.';
             END IF;
         END IF;
 

@@ -627,21 +627,37 @@ def test_each_operation_is_one_round_trip(conn, client):
 
 
 def test_refusal_by_the_database_is_one_round_trip_too(conn, client):
-    machine_id, _process = start(conn, client)
-    with round_trips(conn) as trips, pytest.raises(MachineBusy):
-        client.start_process(machine_id, uuid.uuid4())
-    assert trips.count == 1
+    machine_id, current = start(conn, client)
+    refusals = (
+        (MachineBusy, lambda: client.start_process(machine_id, uuid.uuid4())),
+        (NotCurrentProcess, lambda: client.complete_process(machine_id, uuid.uuid4())),
+        (NotCurrentProcess, lambda: client.stop_process(machine_id, uuid.uuid4())),
+        (
+            NotCurrentProcess,
+            lambda: client.fail_process(machine_id, "late", process_id=uuid.uuid4()),
+        ),
+    )
+    for error, call in refusals:
+        with round_trips(conn) as trips, pytest.raises(error) as caught:
+            call()
+        assert trips.count == 1, trips.statements
+        assert caught.value.process_id == current
+    assert machine(conn, machine_id)["current_process_id"] == current
 
 
-def test_refused_compare_and_set_takes_one_more_read(conn, client):
-    """Only when the UPDATE matched no row: one SELECT says why."""
-    machine_id, _process = start(conn, client)
-    with round_trips(conn) as trips, pytest.raises(NotCurrentProcess):
-        client.complete_process(machine_id, uuid.uuid4())
-    assert trips.count == 2
-    # The trace shows each query's first line: its description in queries.sql.
-    assert queries()["end_process"].description in trips.statements[0]
-    assert queries()["classify"].description in trips.statements[1]
+def test_an_update_that_finds_no_row_takes_one_more_read(conn, client):
+    """Only when the UPDATE returned no row: one SELECT says why."""
+    idle = add_machine(conn, status="idle")
+    for call, error in (
+        (lambda: client.complete_process(uuid.uuid4(), uuid.uuid4()), UnknownMachine),
+        (lambda: client.stop_process(idle), InvalidTransition),
+    ):
+        with round_trips(conn) as trips, pytest.raises(error):
+            call()
+        assert trips.count == 2
+        # The trace shows each query's first line: its description in queries.sql.
+        assert queries()["end_process"].description in trips.statements[0]
+        assert queries()["classify"].description in trips.statements[1]
 
 
 def test_pool_round_trips(db, conn):

@@ -197,3 +197,31 @@ def test_rpc_on_a_missing_or_hidden_machine_is_ms004_not_p0002(migrated):
             ):
                 rpc(tx, "atomic_complete_machine_state", p_machine_id=machine_id)
             assert caught.value.sqlstate == "MS004"
+
+
+@pytest.mark.parametrize("table", ["machines", "machine_state"])
+def test_ending_a_run_that_is_not_current_is_ms005_and_the_current_run_ends(migrated, table):
+    """A PATCH that names the run it ends: refused (HTTP 400) unless it is the current run."""
+    with migrated.connect() as owner:
+        old = started(owner, IDLE)
+        owner.execute("UPDATE machines SET status = 'idle' WHERE id = %s", [IDLE])
+        current = started(owner, IDLE)
+    key = "current_process_id" if table == "machines" else "process_id"
+    status = "status" if table == "machines" else "current_state"
+    with migrated.connect(autocommit=False) as api:
+        with pytest.raises(psycopg.Error) as caught, request(api) as tx:
+            patch(tx, table, IDLE, {status: "idle", key: str(old)})
+        assert caught.value.sqlstate == "MS005"
+        message = caught.value.diag.message_primary or ""
+        assert f"is not running process {old}" in message
+        assert f"it is 'processing' with process {current}" in message
+        with migrated.connect() as owner:
+            assert machine(owner, IDLE)["current_process_id"] == current
+        with request(api) as tx:
+            (row,) = patch(tx, table, IDLE, {status: "idle", key: str(current)})
+        assert row[status] == "idle"
+        # A legacy state write reports its row as written; the run ends in both tables.
+        assert row[key] == (None if table == "machines" else str(current))
+    with migrated.connect() as owner:
+        assert (machine(owner, IDLE)["status"], state(owner, IDLE)["process_id"]) == ("idle", None)
+        assert_consistent(owner)

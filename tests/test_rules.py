@@ -307,6 +307,71 @@ def test_two_concurrent_starts_give_one_run_and_the_loser_ms002_naming_the_winne
         assert_consistent(conn)
 
 
+def test_a_late_end_of_a_run_waiting_behind_the_next_start_is_ms005_naming_it(db):
+    """The run a write ends is checked on the row it locks: a completion of the
+    old run that waits for a transaction starting the next one is refused once
+    that commits, whatever the writer (here a plain UPDATE, as psql sends it)."""
+    with db.connect() as setup:
+        machine_id = add_machine(setup)
+        old = start(setup, machine_id)
+        setup.execute("UPDATE machines SET status = 'idle' WHERE id = %s", [machine_id])
+    new = uuid.uuid4()
+    errors: list[psycopg.Error] = []
+    with db.connect(autocommit=False) as winner, db.connect() as loser, db.connect() as watch:
+        winner.execute(
+            "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+            [new, machine_id],
+        )
+        pid = loser.info.backend_pid
+
+        def complete_old():
+            try:
+                loser.execute(
+                    "UPDATE machines SET status = 'idle', current_process_id = %s WHERE id = %s",
+                    [old, machine_id],
+                )
+            except psycopg.Error as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=complete_old)
+        thread.start()
+        wait_until_lock_waiting(watch, pid)
+        winner.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert [error.sqlstate for error in errors] == ["MS005"]
+    assert f"is not running process {old}: it is 'processing' with process {new}" in str(errors[0])
+    with db.connect() as conn:
+        assert machine(conn, machine_id)["current_process_id"] == new
+        expect(
+            "MS005",
+            conn.execute,
+            "UPDATE machines SET status = 'error', current_process_id = %s WHERE id = %s",
+            [old, machine_id],
+        )
+        conn.execute(
+            "UPDATE machines SET status = 'error', current_process_id = %s WHERE id = %s",
+            [new, machine_id],
+        )
+        assert (machine(conn, machine_id)["status"], state(conn, machine_id)["process_id"]) == (
+            "error",
+            None,
+        )
+        error = expect(
+            "MS005",
+            conn.execute,
+            "UPDATE machines SET current_process_id = %s WHERE id = %s",
+            [new, machine_id],
+        )
+        assert "it is 'error' with no current process" in str(error)
+        assert "set status processing with it" in (error.diag.message_hint or "")
+        # A new machine has no run to end: a process without processing is a rule.
+        with pytest.raises(psycopg.Error) as caught:
+            add_machine(conn, status="idle", current_process_id=uuid.uuid4())
+        assert caught.value.sqlstate == "MS003"
+        assert_consistent(conn)
+
+
 def test_two_legacy_read_then_write_starts_in_compat_give_one_run(db):
     with db.connect() as setup:
         machine_id = add_machine(setup)

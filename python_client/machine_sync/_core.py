@@ -3,8 +3,8 @@
 
 For every operation this module says which query to send with which
 parameters (:class:`Request`) and what the answer means (:func:`read_written`
-and friends): a result, or, when a compare-and-set wrote nothing, which query
-says why (:func:`classify`) and what its answer means (:func:`refusal`). The
+and friends): a result, or, when an UPDATE wrote no row, which query says why
+(:func:`classify`) and what its answer means (:func:`refusal`). The
 rules themselves are the database's; nothing here decides whether a change is
 allowed. The two client classes only carry requests over a connection, sync or
 async, so they cannot disagree about results or errors.
@@ -24,7 +24,6 @@ from machine_sync.errors import (
     InvalidArgument,
     InvalidTransition,
     MachineSyncError,
-    NotCurrentProcess,
     PermissionDenied,
     UnknownMachine,
 )
@@ -316,12 +315,6 @@ def classify(request: Request) -> Request:
     )
 
 
-def _status_and_run(status: str, process_id: UUID | None) -> str:
-    if process_id is None:
-        return f"it is {status} with no current process"
-    return f"it is {status} with process {process_id}"
-
-
 def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
     """Why a state change wrote no row, from the answer to :func:`classify`."""
     machine_id = request.machine_id
@@ -332,9 +325,12 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
         return UnknownMachine(machine_id)
     status: str = rows[0]["status"]
     current: UUID | None = rows[0]["current_process_id"]
-    now = _status_and_run(status, current)
-    process = request.process_id
-    if operation in ("complete", "stop") and process is None and status != "processing":
+    now = (
+        f"it is {status} with no current process"
+        if current is None
+        else f"it is {status} with process {current}"
+    )
+    if operation in ("complete", "stop") and request.process_id is None and status != "processing":
         return InvalidTransition(
             f"cannot {operation} the process of machine {machine_id}: {now}, and only a "
             "processing machine has a process to end",
@@ -343,21 +339,9 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
             status=status,
             process_id=current,
         )
-    if (
-        process is not None
-        and operation != "start"
-        and (current != process or (operation != "fail" and status != "processing"))
-    ):
-        return NotCurrentProcess(
-            f"cannot {operation} process {process} on machine {machine_id}: it is not the "
-            f"machine's current process ({now})",
-            machine_id=machine_id,
-            operation=operation,
-            status=status,
-            process_id=current,
-        )
-    # The row exists and matches now: a row-level security policy or another
-    # trigger skipped it, or it changed between the write and this read.
+    # The row exists and the UPDATE could have written it: a row-level
+    # security policy or another trigger skipped it, or it changed between
+    # the write and this read.
     return PermissionDenied(
         f"machine {machine_id} was not written ({now}): a row-level security policy or "
         "another trigger on public.machines skipped the update, or another writer changed "

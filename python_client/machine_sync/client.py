@@ -19,22 +19,25 @@ operation                              the UPDATE writes       refused by
 ``start_process(m, P)``                processing, P           the database: MS002
                                                                (:class:`MachineBusy`),
                                                                MS003
-``complete_process(m[, P])``,          idle (the database      WHERE status is
-``stop_process(m[, P])``               ends the run)           processing [and the
-                                                               run is P]
-``fail_process(m, msg, c[, P])``       error, msg, c           the database: MS003;
-                                                               WHERE the run is P
+``complete_process(m[, P])``,          idle, P (the database   the database: MS005
+``stop_process(m[, P])``               ends run P)             (:class:`NotCurrentProcess`),
+                                                               MS003; without P:
+                                                               WHERE status is
+                                                               processing
+``fail_process(m, msg, c[, P])``       error, msg, c, P        the database: MS005,
+                                                               MS003
 ``set_status(m, s)``                   s as given              the database: 23514,
                                                                MS003
 =====================================  ======================  ======================
 
-The run id of complete, stop and fail is a compare-and-set in the UPDATE's
-WHERE (the database cannot know which run the caller means). Only when it
-matches no row does the client send one small SELECT to say why
-(:class:`~machine_sync.errors.UnknownMachine`,
-:class:`~machine_sync.errors.NotCurrentProcess`,
-:class:`~machine_sync.errors.InvalidTransition`): a refusal may take a second
-round trip, a success never does. Nothing is retried: a
+Complete, stop and fail name the run they end (``P``, or the current run when
+it is omitted); the database ends it when it is the machine's current run and
+refuses otherwise, so a late completion of an old run never ends the run that
+replaced it. Only an UPDATE that returns no row (no machine this role may
+write, or a stop without ``P`` of a machine that is not processing) takes one
+small SELECT more to say which (:class:`~machine_sync.errors.UnknownMachine`,
+:class:`~machine_sync.errors.InvalidTransition`,
+:class:`~machine_sync.errors.PermissionDenied`). Nothing is retried: a
 :class:`~machine_sync.errors.ConcurrentUpdate` (``retryable``) is the caller's
 to send again.
 
@@ -157,9 +160,9 @@ class Client:
     ) -> Machine:
         """Mark run ``process_id`` finished: the machine goes back to idle.
 
-        A compare-and-set: refused with :class:`~machine_sync.errors.NotCurrentProcess`
-        unless the machine is processing exactly ``process_id``, so a late
-        completion of an old run never ends the run that replaced it. Without
+        The database refuses it with :class:`~machine_sync.errors.NotCurrentProcess`
+        (MS005) unless the machine is processing exactly ``process_id``, so a
+        late completion of an old run never ends the run that replaced it. Without
         ``process_id`` it ends whatever run is current (refused with
         :class:`~machine_sync.errors.InvalidTransition` unless processing):
         pass the id whenever the caller knows it.
@@ -178,7 +181,7 @@ class Client:
 
         The database's rules decide (default: from any status); it ends the
         run. With ``process_id``, only while that run is the machine's current
-        process (else :class:`~machine_sync.errors.NotCurrentProcess`).
+        process (else :class:`~machine_sync.errors.NotCurrentProcess`, MS005).
         The message is stored as given: legacy code prefixed it with
         ``"Recipe execution error: "``.
         """

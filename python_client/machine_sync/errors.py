@@ -14,7 +14,7 @@ class                          SQLSTATE  raised when
 :class:`MachineBusy`           MS002     a machine running process P given Q
 :class:`InvalidTransition`     MS003     the transition rules refuse the change
 :class:`UnknownMachine`        MS004     no machine with that id (or RLS hides it)
-:class:`NotCurrentProcess`     (none)    complete/stop/fail of a run not current
+:class:`NotCurrentProcess`     MS005     complete/stop/fail of a run not current
 :class:`InvalidStatus`         23514     a status outside machine_sync.allowed_status
 :class:`UnknownProcess`        23503     a process id process_executions lacks
 :class:`InvalidArgument`       22023     a bad argument (not a UUID, empty message,
@@ -32,9 +32,8 @@ class                          SQLSTATE  raised when
 :class:`MigrationError`        (none)    the migration runner refused or failed
 =============================  ========  =========================================
 
-``NotCurrentProcess`` and the UnknownMachine of a client operation come from
-the client's own compare-and-set (an UPDATE that matched no row), classified
-by one SELECT. ``NotInstalled`` needs to know the statement names only
+The UnknownMachine of a client operation comes from an UPDATE that found no
+row, classified by one SELECT. ``NotInstalled`` needs to know the statement names only
 machine-sync's objects (the client's statements do), so it is decided by the
 caller of :func:`translate` (``ours=True``), not by parsing the message.
 """
@@ -164,11 +163,13 @@ class MachineBusy(InvalidTransition):
 
 
 class NotCurrentProcess(InvalidTransition):
-    """Raised when ``complete/stop/fail_process`` named a run that is not the
-    machine's current one (the compare-and-set wrote nothing); ``status`` and
-    ``process_id`` are what the machine is doing instead."""
+    """Raised when a write ends a run that is not the machine's current one
+    (MS005): ``complete/stop/fail_process`` of run P, or any writer that sets
+    a status other than processing with a process id. ``status`` and
+    ``process_id`` are what the machine is doing instead, as the database's
+    message names them."""
 
-    sqlstate = None
+    sqlstate = "MS005"
 
 
 class UnknownProcess(MachineSyncError, LookupError):
@@ -253,6 +254,7 @@ BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
     "MS002": MachineBusy,
     "MS003": InvalidTransition,
     "MS004": UnknownMachine,
+    "MS005": NotCurrentProcess,
     "23514": InvalidStatus,
     "23503": UnknownProcess,
     "22023": InvalidArgument,
@@ -265,6 +267,8 @@ BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
 #: names only machine-sync's objects.
 NOT_INSTALLED_STATES = frozenset({"42P01", "3F000", "42883", "42703"})
 
+# What the database's MS005 message says the machine is doing instead.
+_DOING_INSTEAD = re.compile(r"it is '([a-z][a-z0-9_]*)' with (?:process (\S+)|no current process)$")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
@@ -341,6 +345,16 @@ def translate(
             operation=operation,
             status="processing",
             process_id=_running_process(exc, machine_id),
+            sqlstate=state,
+        )
+    if issubclass(error, NotCurrentProcess):
+        doing = _DOING_INSTEAD.search(exc.diag.message_primary or "")
+        return NotCurrentProcess(
+            message,
+            machine_id=machine_id,
+            operation=operation,
+            status=doing[1] if doing else None,
+            process_id=UUID(doing[2]) if doing and doing[2] else None,
             sqlstate=state,
         )
     if issubclass(error, InvalidTransition):

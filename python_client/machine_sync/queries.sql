@@ -7,15 +7,18 @@
 
 
 -- The state changes below are each one plain UPDATE of machines. The rules
--- (statuses, transitions, busy machines, processing <=> process id) are the
--- database's own: the trigger on machines enforces them for every writer and
--- refuses with an SQLSTATE the client maps to a typed error (errors.py). The
--- trigger writes machine_state inside the same statement, so the returned
--- machines row is what both tables now hold (machine_state mirrors it by
--- contract: current_state = status, state_since = status_since, ...).
--- Where the operation names a run (complete/stop/fail of process P), the
--- WHERE makes it a compare-and-set: no row back means it was refused, and
--- only then does the client send `classify` to say why. The client adds each
+-- (statuses, transitions, busy machines, processing <=> process id, which
+-- run may end) are the database's own: the trigger on machines enforces them
+-- for every writer and refuses with an SQLSTATE the client maps to a typed
+-- error (errors.py). The trigger writes machine_state inside the same
+-- statement, so the returned machines row is what both tables now hold
+-- (machine_state mirrors it by contract: current_state = status,
+-- state_since = status_since, ...). Complete, stop and fail of run P set
+-- current_process_id = P with their status: the trigger ends the run when P
+-- is the machine's current one and refuses with MS005 otherwise. An UPDATE
+-- that returns no row found no machine it may write (or, for complete or
+-- stop of whatever run is current, the machine was not processing); only
+-- then does the client send `classify` to say which. The client adds each
 -- one's RETURNING clause: the columns of machine_sync.client.Machine, listed
 -- once (machine_sync._core.WRITTEN_COLUMNS).
 
@@ -30,25 +33,25 @@ WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: end_process
--- Complete or stop the current run (only run process_id when it is given).
+-- Complete or stop run process_id (the current run when it is NULL): the machine goes idle.
 UPDATE public.machines AS m
-SET status = 'idle'
+SET
+    status = 'idle',
+    current_process_id = coalesce(%(process_id)s::uuid, m.current_process_id)
 WHERE
     m.id = %(machine_id)s::uuid
-    AND m.status = 'processing'
-    AND (%(process_id)s::uuid IS NULL OR m.current_process_id = %(process_id)s::uuid);
+    AND (%(process_id)s::uuid IS NOT NULL OR m.status = 'processing');
 
 
 -- name: fail_process
--- Put the machine in error with a message (only while run process_id is current, when given).
+-- Put the machine in error with a message, ending run process_id (or the current run, if any).
 UPDATE public.machines AS m
 SET
     status = 'error',
+    current_process_id = coalesce(%(process_id)s::uuid, m.current_process_id),
     failure_description = %(failure_description)s::text,
     failure_component = %(failure_component)s::uuid
-WHERE
-    m.id = %(machine_id)s::uuid
-    AND (%(process_id)s::uuid IS NULL OR m.current_process_id = %(process_id)s::uuid);
+WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: set_status

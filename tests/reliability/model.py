@@ -38,6 +38,7 @@ INVALID_PARAM = "22023"
 GUARD = "MS001"  # direct write refused (strict), state row deleted alone
 BUSY = "MS002"  # the machine runs another process
 RULE = "MS003"  # transition or processing/process rule refused
+NOT_CURRENT = "MS005"  # a run named to end is not the machine's current one
 NO_DATA = "MS004"  # legacy RPC: no such machine (or hidden)
 
 
@@ -108,7 +109,7 @@ def write_machine(old: Row, **changes: Any) -> Row:
             raise Refused(BUSY)
     elif new.process_id is not None:
         if new.process_id != old.process_id:
-            raise Refused(RULE)
+            raise Refused(NOT_CURRENT)
         new = replace(new, process_id=None)  # the run ends with the status it ran in
     if new.status != was and (was, new.status) not in TRANSITIONS:
         raise Refused(RULE)

@@ -30,6 +30,7 @@ from machine_sync.errors import DatabaseUnreachable, MachineSyncError
 
 from .model import (
     GUARD,
+    NOT_CURRENT,
     Refused,
     Row,
     canonical,
@@ -634,7 +635,7 @@ def client_op(owner: Owner, rng: random.Random, machine_id: uuid.UUID) -> Stmt:
 
         def end(row: Row, _mode: str) -> Row:
             if row.status != "processing" or row.process_id != ended:
-                raise Refused("NotCurrentProcess")
+                raise Refused(NOT_CURRENT)
             return write_machine(row, status="idle")
 
         call = Client.stop_process if name == "stop" else Client.complete_process

@@ -280,8 +280,8 @@ def _contended_sections(result: BenchResult) -> list[str]:
             "",
             "Per machine: start, a second start (refused: busy), completion, a second completion "
             "(refused: not the current run), start, failure, a start (refused: in error), the "
-            "operator's reset to idle. The client sends one UPDATE (a "
-            "refusal of a completion adds one SELECT); the legacy code reads the machine, checks "
+            "operator's reset to idle. The client sends one UPDATE for each, refusals "
+            "included (the database's error); the legacy code reads the machine, checks "
             "in Python and writes both tables (a refusal is the read alone). The rates are the "
             "median rates, the ratio is the median of the rounds' ratios: the two need not "
             "divide to it.",
