@@ -33,6 +33,39 @@ SET LOCAL lock_timeout = '5s';
 --   role is created once per cluster (it needs CREATEROLE, which Supabase's
 --   `postgres` has) and granted to the migrating role, so that it can hand
 --   the mirror's function to it.
+-- * It is applied by the role that owns the two tables (Supabase's
+--   `postgres`). Its SECURITY DEFINER functions run as the role that
+--   creates them and must run as that owner: not as a superuser, which
+--   would give them more than they need, nor as a member of the owner's
+--   role, whose own privileges would decide. So any other role is refused
+--   before anything is created.
+
+DO $$
+DECLARE
+    owners text;
+BEGIN
+    SELECT
+        string_agg(
+            format('%I.%I (owned by %I)', n.nspname, c.relname, pg_catalog.pg_get_userbyid(c.relowner)),
+            ', ' ORDER BY c.relname COLLATE "C"
+        )
+    INTO owners
+    FROM pg_catalog.pg_class AS c
+    INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
+    WHERE
+        c.oid IN (
+            pg_catalog.to_regclass('public.machines'),
+            pg_catalog.to_regclass('public.machine_state')
+        )
+        AND pg_catalog.pg_get_userbyid(c.relowner) <> current_user;
+    IF owners IS NOT NULL THEN
+        RAISE EXCEPTION 'machine-sync must be applied by the owner of its tables, not by %: %',
+            current_user, owners
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Connect as the tables'' owner, or run SET ROLE to it first (with psql: PGOPTIONS=''-c role=<owner>'').';
+    END IF;
+END
+$$;
 
 CREATE SCHEMA IF NOT EXISTS machine_sync;
 
@@ -439,10 +472,10 @@ $$;
 --   processing machine stops it (status becomes `idle`, the legacy stop
 --   path); entering `processing` without a process, or inserting a machine
 --   with a process and another status, is refused with MS003.
--- * A write that sets another status with a process id ends that run: it
---   must be the machine's current run, else it is refused with SQLSTATE
---   MS005 naming what the machine runs instead (a late completion of an old
---   run cannot end the new one).
+-- * A write that leaves a machine in a status other than `processing` with
+--   a process id ends that run: it must be the machine's current run, else
+--   it is refused with SQLSTATE MS005 naming what the machine runs instead
+--   (a late completion of an old run cannot end the new one).
 -- * Leaving `error` clears the failure fields.
 --
 -- The default rules are the ones the client always had: a process starts
@@ -731,8 +764,14 @@ BEGIN
                     NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
             ELSE
+                -- (A stored status is canonical, so as it is; one stored
+                -- outside the vocabulary, bypassing the triggers, is quoted.)
                 RAISE EXCEPTION 'machine % is not running process %: it is % with %', NEW.id, NEW.current_process_id,
-                    machine_sync.quote_bounded(OLD.status), coalesce('process ' || OLD.current_process_id::text, 'no current process')
+                    CASE
+                        WHEN OLD.status ~ '^[a-z][a-z0-9_]{0,49}$' THEN OLD.status
+                        ELSE machine_sync.quote_bounded(OLD.status)
+                    END,
+                    coalesce('process ' || OLD.current_process_id::text, 'no current process')
                 USING ERRCODE = 'MS005',
                       HINT = 'To end a run, name the machine''s current process; to start one, set status processing with it.';
             END IF;

@@ -12,6 +12,39 @@
 --   role is created once per cluster (it needs CREATEROLE, which Supabase's
 --   `postgres` has) and granted to the migrating role, so that it can hand
 --   the mirror's function to it.
+-- * It is applied by the role that owns the two tables (Supabase's
+--   `postgres`). Its SECURITY DEFINER functions run as the role that
+--   creates them and must run as that owner: not as a superuser, which
+--   would give them more than they need, nor as a member of the owner's
+--   role, whose own privileges would decide. So any other role is refused
+--   before anything is created.
+
+DO $$
+DECLARE
+    owners text;
+BEGIN
+    SELECT
+        string_agg(
+            format('%I.%I (owned by %I)', n.nspname, c.relname, pg_catalog.pg_get_userbyid(c.relowner)),
+            ', ' ORDER BY c.relname COLLATE "C"
+        )
+    INTO owners
+    FROM pg_catalog.pg_class AS c
+    INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
+    WHERE
+        c.oid IN (
+            pg_catalog.to_regclass('public.machines'),
+            pg_catalog.to_regclass('public.machine_state')
+        )
+        AND pg_catalog.pg_get_userbyid(c.relowner) <> current_user;
+    IF owners IS NOT NULL THEN
+        RAISE EXCEPTION 'machine-sync must be applied by the owner of its tables, not by %: %',
+            current_user, owners
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Connect as the tables'' owner, or run SET ROLE to it first (with psql: PGOPTIONS=''-c role=<owner>'').';
+    END IF;
+END
+$$;
 
 CREATE SCHEMA IF NOT EXISTS machine_sync;
 

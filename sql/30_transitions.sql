@@ -15,10 +15,10 @@
 --   processing machine stops it (status becomes `idle`, the legacy stop
 --   path); entering `processing` without a process, or inserting a machine
 --   with a process and another status, is refused with MS003.
--- * A write that sets another status with a process id ends that run: it
---   must be the machine's current run, else it is refused with SQLSTATE
---   MS005 naming what the machine runs instead (a late completion of an old
---   run cannot end the new one).
+-- * A write that leaves a machine in a status other than `processing` with
+--   a process id ends that run: it must be the machine's current run, else
+--   it is refused with SQLSTATE MS005 naming what the machine runs instead
+--   (a late completion of an old run cannot end the new one).
 -- * Leaving `error` clears the failure fields.
 --
 -- The default rules are the ones the client always had: a process starts

@@ -194,8 +194,14 @@ BEGIN
                     NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
                 USING ERRCODE = 'MS003';
             ELSE
+                -- (A stored status is canonical, so as it is; one stored
+                -- outside the vocabulary, bypassing the triggers, is quoted.)
                 RAISE EXCEPTION 'machine % is not running process %: it is % with %', NEW.id, NEW.current_process_id,
-                    machine_sync.quote_bounded(OLD.status), coalesce('process ' || OLD.current_process_id::text, 'no current process')
+                    CASE
+                        WHEN OLD.status ~ '^[a-z][a-z0-9_]{0,49}$' THEN OLD.status
+                        ELSE machine_sync.quote_bounded(OLD.status)
+                    END,
+                    coalesce('process ' || OLD.current_process_id::text, 'no current process')
                 USING ERRCODE = 'MS005',
                       HINT = 'To end a run, name the machine''s current process; to start one, set status processing with it.';
             END IF;

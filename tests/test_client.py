@@ -182,6 +182,44 @@ def test_complete_or_stop_without_a_process_id_ends_the_current_run(conn, client
     assert "only a processing machine" in str(caught.value)
 
 
+def test_not_current_names_what_the_machine_does_for_any_stored_status(db, conn, client):
+    """The fields of NotCurrentProcess come from the database's message: a
+    status of the vocabulary's full length, and a run on a status stored
+    outside it (bypassing the triggers), whose quoted spelling is no status."""
+    long_status = "calibrating_" + "x" * 38  # 50 characters, the longest allowed
+    conn.execute("INSERT INTO machine_sync.allowed_status VALUES (%s, 'long')", [long_status])
+    conn.execute("INSERT INTO machine_sync.allowed_transition VALUES ('idle', %s)", [long_status])
+    calibrating = add_machine(conn, status="idle")
+    client.set_status(calibrating, long_status)
+    with pytest.raises(NotCurrentProcess) as caught:
+        client.complete_process(calibrating, uuid.uuid4())
+    assert (caught.value.status, caught.value.process_id) == (long_status, None)
+    odd, run = add_machine(conn, status="idle"), uuid.uuid4()
+    bypassing_triggers(
+        db,
+        (
+            "UPDATE machines SET status = %s, current_process_id = %s WHERE id = %s",
+            ["Processing\\", run, odd],
+        ),
+    )
+    with pytest.raises(NotCurrentProcess) as caught:
+        client.fail_process(odd, "late", process_id=uuid.uuid4())
+    assert (caught.value.status, caught.value.process_id) == (None, run)
+    assert "'Processing" in str(caught.value)
+
+
+def test_a_refusal_in_an_open_transaction_is_contained_by_a_savepoint(db, conn):
+    machine_id, current = start(conn, Client(conn))
+    with db.connect(autocommit=False) as tx:
+        client = Client(tx)
+        with pytest.raises(NotCurrentProcess), tx.transaction():
+            client.complete_process(machine_id, uuid.uuid4())
+        assert client.complete_process(machine_id, current).status == "idle"
+        tx.commit()
+    assert machine(conn, machine_id)["status"] == "idle"
+    assert_consistent(conn)
+
+
 def test_late_completion_of_an_old_run_does_not_end_the_new_one(conn, client):
     machine_id, first = start(conn, client)
     client.stop_process(machine_id, first)

@@ -57,8 +57,13 @@ async def walk_through(aconn: psycopg.AsyncConnection[Any], machine_id: uuid.UUI
     with pytest.raises(MachineBusy) as busy:
         await client.start_process(machine_id, second)
     assert busy.value.process_id == first
-    with pytest.raises(NotCurrentProcess):
+    with pytest.raises(NotCurrentProcess) as late:
         await client.complete_process(machine_id, second)
+    assert (late.value.sqlstate, late.value.status, late.value.process_id) == (
+        "MS005",
+        "processing",
+        first,
+    )
     seen.append(await client.complete_process(machine_id, first))
     seen.append(await client.start_process(machine_id, second))
     seen.append(await client.stop_process(machine_id, second))

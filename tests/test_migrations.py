@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+import uuid
+
+import psycopg
+import pytest
 
 from catalog import data, snapshot
 from conftest import down_file, migration_files, sql_files
@@ -227,5 +231,43 @@ def test_down_restores_the_legacy_grants_foreign_key_and_defaults(legacy_db):
         assert conn.execute(LEGACY_SHAPE).fetchall() == before
         assert conn.execute("SELECT to_regnamespace('machine_sync_revert')").fetchone() == (None,)
     legacy_db.migrate()  # and up again, recording afresh
+    with legacy_db.connect() as conn:
+        assert_consistent(conn)
+
+
+def test_only_the_tables_owner_may_apply_machine_sync(legacy_db):
+    """A superuser, or a member of the owner's role, would own the SECURITY
+    DEFINER functions: refused before anything is made, naming the owner."""
+    owner = legacy_db.cluster.owner
+    result = legacy_db.psql(*migration_files(), check=False, admin=True)
+    assert result.returncode != 0
+    assert "machine-sync must be applied by the owner of its tables" in result.stderr
+    assert (
+        f"public.machine_state (owned by {owner}), public.machines (owned by {owner})"
+        in result.stderr
+    )
+    member = f"t_member_{uuid.uuid4().hex[:8]}"
+    v1 = migration_files()[-1].read_text()
+    with legacy_db.connect(admin=True) as admin:
+        assert admin.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+        admin.execute(f'CREATE ROLE "{member}" NOLOGIN IN ROLE "{owner}"')
+        try:
+            admin.execute(f'SET ROLE "{member}"')
+            with pytest.raises(psycopg.errors.InsufficientPrivilege) as caught:
+                admin.execute(v1)
+            assert f"not by {member}" in str(caught.value)
+            admin.execute("ROLLBACK")
+            assert admin.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+            # The hint's way out: the owner's role, taken with SET ROLE.
+            admin.execute(f'SET ROLE "{owner}"')
+            admin.execute(v1)
+            assert admin.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
+            assert admin.execute(
+                "SELECT pg_get_userbyid(proowner) FROM pg_proc"
+                " WHERE oid = 'machine_sync.stored_machine(uuid)'::regprocedure"
+            ).fetchone() == (owner,)
+        finally:
+            admin.execute("RESET ROLE")
+            admin.execute(f'DROP ROLE "{member}"')
     with legacy_db.connect() as conn:
         assert_consistent(conn)

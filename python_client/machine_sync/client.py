@@ -47,7 +47,9 @@ is ``status_since``). The database sets ``updated_at`` and ``status_since``.
 
 Connections: the client never opens one. Given a connection, it runs on it as
 it is: an autocommit connection commits each operation at once; otherwise the
-operation joins the open transaction and the caller commits. Given a pool, it
+operation joins the open transaction and the caller commits (a refusal, being
+the database's error, aborts that transaction: wrap a call that may be refused
+in a savepoint, ``conn.transaction()``). Given a pool, it
 borrows a connection per call; create the pool with
 ``kwargs={"autocommit": True}`` for one round trip per call (without it psycopg
 adds ``BEGIN`` and ``COMMIT``). No query sets session state, so PgBouncer in

@@ -128,11 +128,12 @@ class InvalidStatus(MachineSyncError, ValueError):
 class InvalidTransition(MachineSyncError):
     """Raised when the database's transition rules refuse a change (MS003):
     a status change outside machine_sync.allowed_transition, processing without
-    a process, a process for a machine that is not processing.
+    a process, a new machine with a process and another status.
 
     ``machine_id`` and ``operation`` say what was refused. ``status`` and
-    ``process_id`` are the machine's values when the client read them to
-    classify a refusal, else None (the database's message says what it saw).
+    ``process_id`` are the machine's values where they are known (the
+    subclasses, and a refusal the client classified with a read), else None
+    (the database's message says what it saw).
     """
 
     sqlstate: str | None = "MS003"
@@ -164,10 +165,11 @@ class MachineBusy(InvalidTransition):
 
 class NotCurrentProcess(InvalidTransition):
     """Raised when a write ends a run that is not the machine's current one
-    (MS005): ``complete/stop/fail_process`` of run P, or any writer that sets
-    a status other than processing with a process id. ``status`` and
-    ``process_id`` are what the machine is doing instead, as the database's
-    message names them."""
+    (MS005): ``complete/stop/fail_process`` of run P, or any writer that
+    leaves a machine in a status other than processing with a process id.
+    ``status`` and ``process_id`` are what the machine is doing instead, as
+    the database's message names them (``status`` is None for a stored status
+    outside the vocabulary)."""
 
     sqlstate = "MS005"
 
@@ -267,8 +269,10 @@ BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
 #: names only machine-sync's objects.
 NOT_INSTALLED_STATES = frozenset({"42P01", "3F000", "42883", "42703"})
 
-# What the database's MS005 message says the machine is doing instead.
-_DOING_INSTEAD = re.compile(r"it is '([a-z][a-z0-9_]*)' with (?:process (\S+)|no current process)$")
+# What the database's MS005 message says the machine is doing instead: its
+# status (when canonical) and its run, each read on its own.
+_STATUS_INSTEAD = re.compile(r": it is ([a-z][a-z0-9_]*) with ")
+_RUN_INSTEAD = re.compile(r" with process ([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
@@ -348,13 +352,15 @@ def translate(
             sqlstate=state,
         )
     if issubclass(error, NotCurrentProcess):
-        doing = _DOING_INSTEAD.search(exc.diag.message_primary or "")
+        primary = exc.diag.message_primary or ""
+        status = _STATUS_INSTEAD.search(primary)
+        run = _RUN_INSTEAD.search(primary)
         return NotCurrentProcess(
             message,
             machine_id=machine_id,
             operation=operation,
-            status=doing[1] if doing else None,
-            process_id=UUID(doing[2]) if doing and doing[2] else None,
+            status=status[1] if status else None,
+            process_id=UUID(run[1]) if run else None,
             sqlstate=state,
         )
     if issubclass(error, InvalidTransition):

@@ -30,7 +30,6 @@ from machine_sync.errors import DatabaseUnreachable, MachineSyncError
 
 from .model import (
     GUARD,
-    NOT_CURRENT,
     Refused,
     Row,
     canonical,
@@ -532,7 +531,7 @@ def outcomes(step: Step, rows: Rows) -> list[Outcome]:
 
 def client_error(err: MachineSyncError) -> str:
     """What identifies a client refusal: its SQLSTATE, or its class when the
-    client itself found the compare-and-set matched nothing."""
+    client itself classified an UPDATE that returned no row."""
     return err.sqlstate or type(err).__name__
 
 
@@ -634,9 +633,8 @@ def client_op(owner: Owner, rng: random.Random, machine_id: uuid.UUID) -> Stmt:
         ended = owner.marker() if name == "complete-other" else run
 
         def end(row: Row, _mode: str) -> Row:
-            if row.status != "processing" or row.process_id != ended:
-                raise Refused(NOT_CURRENT)
-            return write_machine(row, status="idle")
+            # The client names the run it ends: MS005 unless it is current.
+            return write_machine(row, status="idle", process_id=ended)
 
         call = Client.stop_process if name == "stop" else Client.complete_process
         return Stmt(lambda conn: call(Client(conn), machine_id, ended), on_row(machine_id, end))

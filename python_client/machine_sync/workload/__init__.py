@@ -8,7 +8,8 @@ error, stop and an operator's reset) into SQL:
   ``machine_state`` first), and a start that reads ``machines.status`` and
   checks it in Python before writing.
 * :class:`ClientPath` is the same events through :mod:`machine_sync.client`:
-  one ``UPDATE machines ... RETURNING`` each, compare-and-set.
+  one ``UPDATE machines ... RETURNING`` each, the database refusing what
+  its rules do not allow.
 
 :func:`run_workload` drives either path from concurrent writer threads against
 a set of machines and injects *the same faults* into both: every few events a

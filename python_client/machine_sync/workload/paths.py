@@ -91,9 +91,8 @@ class ClientPath:
     """machine-sync: :class:`machine_sync.client.Client`, one statement per event.
 
     Refusals by the database's rules (busy machine, a transition they do not
-    allow) and by the client's compare-and-set (a run that is no longer
-    current) become :class:`Refused`; every other error is raised as the
-    client raises it.
+    allow, a run that is no longer current) become :class:`Refused`; every
+    other error is raised as the client raises it.
     """
 
     name = "client"
