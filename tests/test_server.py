@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import subprocess
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -139,3 +140,76 @@ def test_private_files_are_copied_not_linked(tmp_path: Path) -> None:
     assert (tmp_path / "private-copy").stat().st_ino != private.stat().st_ino
     assert stat.S_IMODE((tmp_path / "private-copy").stat().st_mode) == 0o644
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _scratch(
+    tmp: Path,
+    name: str,
+    *,
+    owner: int | None = None,
+    postmaster: int | None = None,
+    kept: bool = False,
+    data: bool = True,
+    socket: bool = False,
+) -> Path:
+    """A scratch directory as _local_server lays it out."""
+    base = tmp / f"machine-sync-pg-{name}"
+    (base / "sock").mkdir(parents=True)
+    if data:
+        (base / "data").mkdir()
+    if owner is not None:
+        (base / "owner.pid").write_text(str(owner))
+    if postmaster is not None:
+        (base / "data" / "postmaster.pid").write_text(f"{postmaster}\n{base / 'data'}\n")
+    if kept:
+        (base / "kept").touch()
+    if socket:
+        (base / "sock" / ".s.PGSQL.5432").touch()
+    return base
+
+
+def test_what_killed_runs_left_is_swept_and_nothing_else(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    stale = _scratch(tmp_path, "killed", owner=dead, postmaster=dead)
+    never_started = _scratch(tmp_path, "initdb", owner=dead)
+    left = [
+        _scratch(tmp_path, "running", owner=os.getpid(), postmaster=dead),
+        _scratch(tmp_path, "orphan", owner=dead, postmaster=os.getpid()),
+        _scratch(tmp_path, "kept", owner=dead, postmaster=dead, kept=True),
+        _scratch(tmp_path, "starting", postmaster=dead),  # its owner file is not written yet
+        _scratch(tmp_path, "elsewhere", owner=dead, data=False, socket=True),
+    ]
+    unrelated = tmp_path / "not-ours"
+    unrelated.mkdir()
+    assert sorted(pgserver._sweep_stale(tmp_path)) == sorted([stale, never_started])
+    assert not stale.exists()
+    assert not never_started.exists()
+    assert [base for base in left if not base.exists()] == []
+    assert unrelated.exists()
+
+
+def test_starting_a_server_sweeps_a_killed_runs_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A directory the system user can enter, as /tmp is (tmp_path is private to root).
+    shared = Path(tempfile.mkdtemp(prefix="ms-sweep-", dir="/tmp"))
+    shared.chmod(0o755)
+    try:
+        monkeypatch.setattr(tempfile, "tempdir", str(shared))
+        dead = _dead_pid()
+        stale = _scratch(shared, "killed", owner=dead, postmaster=dead)
+        with pgserver.embedded_server() as server:
+            assert not stale.exists()
+            assert server.data_dir is not None
+            base = server.data_dir.parent
+            assert (base / "owner.pid").read_text() == str(os.getpid())
+            assert not (base / "kept").exists()
+        assert not base.exists()
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)

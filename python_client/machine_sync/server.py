@@ -399,12 +399,56 @@ def _free_port() -> int:
         return port
 
 
+_BASE_PREFIX = "machine-sync-pg-"
+# In each scratch directory: the pid of the process that made it, and, for a
+# server the user asked to keep (--keep), a marker that it is theirs now.
+_OWNER_FILE = "owner.pid"
+_KEEP_FILE = "kept"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _sweep_stale(tmp: Path) -> list[Path]:
+    """Remove what earlier runs left in ``tmp`` when they were killed before
+    they could clean up (SIGKILL, an out-of-memory kill, a CI timeout): each
+    scratch directory whose maker and server have both exited and that was
+    not kept. Anything unclear (no owner file yet, a live process, a reused
+    pid) is left alone. Returns what was removed."""
+    removed = []
+    for base in tmp.glob(f"{_BASE_PREFIX}*"):
+        with suppress(OSError, ValueError):
+            if (base / _KEEP_FILE).exists() or _alive(int((base / _OWNER_FILE).read_text())):
+                continue
+            data = base / "data"
+            sock = base / "sock"
+            if not data.is_dir() and sock.is_dir() and any(sock.iterdir()):
+                continue  # a server of a data directory elsewhere: its state is unknown
+            postmaster = data / "postmaster.pid"
+            if postmaster.exists() and _alive(int(postmaster.read_text().split("\n", 1)[0])):
+                continue
+            _remove(base)
+            removed.append(base)
+    return removed
+
+
 @contextmanager
 def _local_server(
     bin_dir: Path, kind: str, user: str, data_dir: Path | None, keep: bool, fast: bool
 ) -> Iterator[Server]:
     run_as = user if os.geteuid() == 0 else None
-    base = Path(tempfile.mkdtemp(prefix="machine-sync-pg-"))
+    _sweep_stale(Path(tempfile.gettempdir()))
+    base = Path(tempfile.mkdtemp(prefix=_BASE_PREFIX))
+    (base / _OWNER_FILE).write_text(str(os.getpid()))
+    if keep:
+        (base / _KEEP_FILE).touch()
     # A caller-supplied data dir lives outside ``base`` and is never deleted.
     data = base / "data" if data_dir is None else data_dir.resolve()
     sock_dir = base / "sock"
