@@ -12,6 +12,11 @@
 
 BEGIN;
 SET LOCAL lock_timeout = '5s';
+-- Names resolve in pg_catalog alone (everything else here is schema
+-- qualified): a function created in a schema on the caller's search_path
+-- (public is writable by every role in a database made before PostgreSQL
+-- 15) can neither stand in for a built-in one nor run as the migrating role.
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 -- Remember, for the end of this transaction, whether this is a fresh install.
 SELECT set_config(

@@ -216,10 +216,23 @@ def test_pgbench_runs_are_sized_from_the_round_before(cluster, monkeypatch):
             assert tx == _pgbench_count(before, 2, 0.2)
 
 
+# The migrations' records in the user's database: what its down migration
+# restores and what `migrate verify` compares with.
+RECORDS = """
+    SELECT 'revert' AS kind, t::text FROM machine_sync_revert.table_grant AS t
+    UNION ALL SELECT 'revert', f::text FROM machine_sync_revert.foreign_key AS f
+    UNION ALL SELECT 'revert', d::text FROM machine_sync_revert.column_default AS d
+    UNION ALL SELECT 'installed', i::text FROM machine_sync_installed.definition AS i
+    ORDER BY 1, 2
+"""
+
+
 def test_scratch_schemas_leave_the_users_tables_alone(db):
     with db.connect() as conn:
         machine_id = add_machine(conn, status="idle")
         before = machine(conn, machine_id)
+        records = conn.execute(RECORDS).fetchall()
+        assert records
         objects = conn.execute(
             "SELECT c.oid::regclass::text, c.xmin::text FROM pg_class c "
             "JOIN pg_namespace n ON n.oid = c.relnamespace "
@@ -260,6 +273,8 @@ def test_scratch_schemas_leave_the_users_tables_alone(db):
         assert conn.execute(
             "SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'msbench%'"
         ).fetchone() == (0,)
+        assert conn.execute(RECORDS).fetchall() == records
+        assert conn.execute("SELECT * FROM machine_sync_installed.problems_v1()").fetchall() == []
 
 
 def test_default_report_folder_is_git_ignored():

@@ -33,6 +33,8 @@ def test_migration_files_follow_the_supabase_convention():
         assert re.search(r"^COMMIT;$", text, re.M)
         assert "SET LOCAL lock_timeout" in text
         assert down_file(path).is_file(), f"{path.name} has no down file"
+        for applied in (text, down_file(path).read_text()):
+            assert re.search(r"^SET LOCAL search_path = pg_catalog, pg_temp;$", applied, re.M)
 
 
 def test_legacy_database_is_migrated_without_losing_anything(legacy_db):
@@ -271,3 +273,39 @@ def test_only_the_tables_owner_may_apply_machine_sync(legacy_db):
             admin.execute(f'DROP ROLE "{member}"')
     with legacy_db.connect() as conn:
         assert_consistent(conn)
+
+
+def test_a_function_planted_on_the_search_path_never_runs_while_migrating(legacy_db):
+    """Where every role may create in public (databases made before
+    PostgreSQL 15), an overload there that matches a call better than the
+    built-in would run as the migrating role, and one that returns NULL would
+    wave a superuser past the owner check. Names resolve in pg_catalog alone."""
+    planter = f"t_planter_{uuid.uuid4().hex[:8]}"
+    with legacy_db.connect(admin=True) as admin:
+        admin.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
+        admin.execute(f'CREATE ROLE "{planter}" NOLOGIN')
+        admin.execute(f'SET ROLE "{planter}"')
+        admin.execute("CREATE TABLE public.planted_calls (called_as text)")
+        admin.execute("GRANT SELECT, INSERT ON public.planted_calls TO PUBLIC")
+        for args in ("text, name, name, name", "text, uuid, text", "text, text"):
+            admin.execute(
+                f"CREATE FUNCTION public.format({args}) RETURNS text LANGUAGE plpgsql AS $$"
+                " BEGIN INSERT INTO public.planted_calls VALUES (current_user); RETURN NULL; END $$"
+            )
+        admin.execute("RESET ROLE")
+    try:
+        refused = legacy_db.psql(*migration_files(), check=False, admin=True)
+        assert refused.returncode != 0
+        assert "machine-sync must be applied by the owner of its tables" in refused.stderr
+        legacy_db.migrate()
+        for up in reversed(migration_files()[1:]):
+            legacy_db.psql(down_file(up))
+        legacy_db.migrate()
+        with legacy_db.connect() as conn:
+            assert conn.execute("SELECT called_as FROM public.planted_calls").fetchall() == []
+            assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
+            assert_consistent(conn)
+    finally:
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f'DROP OWNED BY "{planter}"')
+            admin.execute(f'DROP ROLE "{planter}"')

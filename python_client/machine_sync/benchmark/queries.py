@@ -2,10 +2,12 @@
 
 All statements live in ``queries.sql`` and ``setup.sql`` beside this module.
 They name three schemas: ``public`` and ``machine_sync`` (as the real
-migrations do) and ``machine_sync_bench`` (the twins). In a scratch database
-those names are used as they are; in scratch schemas of the user's own database
-:func:`relocate` rewrites them, and the migrations too, so that nothing in the
-user's ``public`` or ``machine_sync`` is read or written.
+migrations do) and ``machine_sync_bench`` (the twins); the migrations name two
+more, ``machine_sync_revert`` and ``machine_sync_installed`` (what the down
+migration restores, what ``migrate verify`` compares with). In a scratch
+database those names are used as they are; in scratch schemas of the user's own
+database :func:`relocate` rewrites them, and the migrations too, so that nothing
+in the user's ``public`` or ``machine_sync*`` schemas is read or written.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from machine_sync._queries import named
 _QUALIFIED_PUBLIC = re.compile(r"\bpublic\.")
 _SYNC_SCHEMA = re.compile(r"\bmachine_sync\b")
 _BENCH_SCHEMA = re.compile(r"\bmachine_sync_bench\b")
+_RECORD_SCHEMA = re.compile(r"\bmachine_sync_(revert|installed)\b")
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,19 @@ class Schemas:
     tables: str = "public"  # machines and machine_state, as the migrations make them
     sync: str = "machine_sync"  # the migrations' internal schema
     twins: str = "machine_sync_bench"  # floor and legacy twins, the stored procedure
+    revert: str = "machine_sync_revert"  # the migrations' record for the down migration
+    installed: str = "machine_sync_installed"  # the migrations' record of their definitions
 
     @classmethod
     def scratch(cls, prefix: str) -> Schemas:
-        """Three fresh schema names starting with ``prefix`` (a lowercase identifier)."""
-        return cls(tables=prefix, sync=f"{prefix}_sync", twins=f"{prefix}_twins")
+        """Fresh schema names starting with ``prefix`` (a lowercase identifier)."""
+        return cls(
+            tables=prefix,
+            sync=f"{prefix}_sync",
+            twins=f"{prefix}_twins",
+            revert=f"{prefix}_revert",
+            installed=f"{prefix}_installed",
+        )
 
     @property
     def relocated(self) -> bool:
@@ -44,8 +55,8 @@ class Schemas:
         return self != Schemas()
 
     def all(self) -> list[str]:
-        """The three schema names."""
-        return [self.tables, self.sync, self.twins]
+        """Every schema name, the tables' first."""
+        return [self.tables, self.sync, self.revert, self.installed, self.twins]
 
 
 def relocate(text: str, schemas: Schemas) -> str:
@@ -61,10 +72,14 @@ def relocate(text: str, schemas: Schemas) -> str:
     # Longest name first: machine_sync_bench contains machine_sync.
     placeholder = "\x00twins\x00"
     out = _BENCH_SCHEMA.sub(placeholder, text)
+    records = {"revert": schemas.revert, "installed": schemas.installed}
+    out = _RECORD_SCHEMA.sub(lambda found: records[found.group(1)], out)
     out = _SYNC_SCHEMA.sub(schemas.sync, out)
     out = _QUALIFIED_PUBLIC.sub(f"{schemas.tables}.", out)
     out = out.replace(placeholder, schemas.twins)
-    leftover = _QUALIFIED_PUBLIC.search(out) or _SYNC_SCHEMA.search(out)
+    leftover = (
+        _QUALIFIED_PUBLIC.search(out) or _SYNC_SCHEMA.search(out) or _RECORD_SCHEMA.search(out)
+    )
     if leftover is not None:  # pragma: no cover - guards future SQL changes
         raise ValueError(f"cannot relocate SQL safely: {leftover.group(0)!r} remains")
     return out

@@ -4,9 +4,10 @@ The benchmark never touches the user's tables. On a server where the role may
 ``CREATE DATABASE`` it makes a scratch database, applies the real migrations
 there (so the real triggers are measured) and drops it at the end. Where it may
 not (a managed database, a restricted role), it applies the same migrations
-rewritten into three scratch schemas of the given database, checks in the same
-transaction that the user's ``public`` and ``machine_sync`` schemas did not
-change, and drops the scratch schemas at the end.
+rewritten into scratch schemas of the given database (the migrations' own
+records, ``machine_sync_revert`` and ``machine_sync_installed``, included),
+checks in the same transaction that the user's ``public`` and ``machine_sync*``
+schemas did not change, and drops the scratch schemas at the end.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def _migrations() -> list[Path]:
 def install(place: Scratch) -> None:
     """Apply every migration, then the benchmark's own objects (setup.sql)."""
     schemas = place.schemas
-    untouched = ["public", "machine_sync"]
+    untouched = ["public", "machine_sync", "machine_sync_revert", "machine_sync_installed"]
     with place.connect() as conn:
         if schemas.relocated:
             with conn.transaction():
