@@ -60,6 +60,10 @@ BEGIN
     ) THEN
         BEGIN
             CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+            -- Only its maker may: a role another one made and granted
+            -- without ADMIN OPTION cannot be commented on (PostgreSQL 16+).
+            COMMENT ON ROLE machine_sync_mirror IS
+            'machine-sync: the role its mirror trigger runs as. Nobody logs in as it.';
         EXCEPTION WHEN duplicate_object OR unique_violation THEN
             NULL;
         END;
@@ -78,6 +82,3 @@ BEGIN
     END IF;
 END
 $$;
-
-COMMENT ON ROLE machine_sync_mirror IS
-'machine-sync: the role its mirror trigger runs as. Nobody logs in as it.';

@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from catalog import data, snapshot
 from conftest import down_file, migration_files, sql_files
@@ -309,3 +310,27 @@ def test_a_function_planted_on_the_search_path_never_runs_while_migrating(legacy
         with legacy_db.connect(admin=True) as admin:
             admin.execute(f'DROP OWNED BY "{planter}"')
             admin.execute(f'DROP ROLE "{planter}"')
+
+
+def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_it(cluster):
+    """Where another role made machine_sync_mirror (once per cluster) and a
+    superuser granted it plainly, as the refusal's hint says, the migrations
+    go through: nothing in them needs ADMIN OPTION on the role."""
+    owner = f"t_lab_{uuid.uuid4().hex[:8]}"
+    target = cluster.create()
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{owner}" LOGIN')
+        admin.execute(f'GRANT machine_sync_mirror TO "{owner}"')
+        admin.execute(f'ALTER DATABASE "{target.name}" OWNER TO "{owner}"')
+    try:
+        dsn = make_conninfo(target.admin_dsn, user=owner)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            for path in migration_files():
+                conn.execute(path.read_text())
+            assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
+            add_machine(conn, status="idle")
+            assert_consistent(conn)
+    finally:
+        cluster.drop(target)
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{owner}"')

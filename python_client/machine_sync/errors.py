@@ -270,9 +270,13 @@ BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
 NOT_INSTALLED_STATES = frozenset({"42P01", "3F000", "42883", "42703"})
 
 # What the database's MS005 message says the machine is doing instead: its
-# status (when canonical) and its run, each read on its own.
-_STATUS_INSTEAD = re.compile(r": it is ([a-z][a-z0-9_]*) with ")
-_RUN_INSTEAD = re.compile(r" with process ([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})$")
+# status (when canonical; a status stored outside the vocabulary is quoted,
+# and matches the second branch) and its run, read from the whole message.
+_DOING_INSTEAD = re.compile(
+    r"^machine \S+ is not running process \S+: it is (?:([a-z][a-z0-9_]*)|.*) with"
+    r" (?:process ([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})|no current process)$",
+    re.DOTALL,
+)
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
@@ -352,15 +356,13 @@ def translate(
             sqlstate=state,
         )
     if issubclass(error, NotCurrentProcess):
-        primary = exc.diag.message_primary or ""
-        status = _STATUS_INSTEAD.search(primary)
-        run = _RUN_INSTEAD.search(primary)
+        doing = _DOING_INSTEAD.match(exc.diag.message_primary or "")
         return NotCurrentProcess(
             message,
             machine_id=machine_id,
             operation=operation,
-            status=status[1] if status else None,
-            process_id=UUID(run[1]) if run else None,
+            status=doing[1] if doing else None,
+            process_id=UUID(doing[2]) if doing and doing[2] else None,
             sqlstate=state,
         )
     if issubclass(error, InvalidTransition):
