@@ -271,34 +271,43 @@ def test_v1_down_refuses_while_drift_exists_and_works_after_reconcile(db):
 # --- i. double starts --------------------------------------------------------
 
 
+def errors_behind_a_start(db, machine_id, process, statement, params) -> list[psycopg.Error]:
+    """Start ``process`` on the machine in a transaction left open, run
+    ``statement`` from another session until it waits for that row, commit the
+    start, and return what the waiting statement raised (nothing, or one error)."""
+    errors: list[psycopg.Error] = []
+    with db.connect(autocommit=False) as winner, db.connect() as loser, db.connect() as watch:
+        winner.execute(
+            "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+            [process, machine_id],
+        )
+
+        def wait_and_write():
+            try:
+                loser.execute(statement, params)
+            except psycopg.Error as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=wait_and_write)
+        thread.start()
+        wait_until_lock_waiting(watch, loser.info.backend_pid)
+        winner.commit()
+        thread.join(10)
+        assert not thread.is_alive()
+    return errors
+
+
 def test_two_concurrent_starts_give_one_run_and_the_loser_ms002_naming_the_winner(db):
     with db.connect() as setup:
         machine_id = add_machine(setup)
     first, second = uuid.uuid4(), uuid.uuid4()
-    errors: list[BaseException] = []
-    with db.connect(autocommit=False) as winner, db.connect() as loser, db.connect() as watch:
-        winner.execute(
-            "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
-            [first, machine_id],
-        )
-        pid = loser.info.backend_pid
-
-        def lose():
-            try:
-                loser.execute(
-                    "UPDATE machines SET status = 'processing', current_process_id = %s"
-                    " WHERE id = %s",
-                    [second, machine_id],
-                )
-            except psycopg.Error as error:
-                errors.append(error)
-
-        thread = threading.Thread(target=lose)
-        thread.start()
-        wait_until_lock_waiting(watch, pid)
-        winner.commit()
-        thread.join(10)
-        assert not thread.is_alive()
+    errors = errors_behind_a_start(
+        db,
+        machine_id,
+        first,
+        "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+        [second, machine_id],
+    )
     assert len(errors) == 1
     assert errors[0].sqlstate == "MS002"
     assert f"running process {first}" in str(errors[0])
@@ -316,29 +325,13 @@ def test_a_late_end_of_a_run_waiting_behind_the_next_start_is_ms005_naming_it(db
         old = start(setup, machine_id)
         setup.execute("UPDATE machines SET status = 'idle' WHERE id = %s", [machine_id])
     new = uuid.uuid4()
-    errors: list[psycopg.Error] = []
-    with db.connect(autocommit=False) as winner, db.connect() as loser, db.connect() as watch:
-        winner.execute(
-            "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
-            [new, machine_id],
-        )
-        pid = loser.info.backend_pid
-
-        def complete_old():
-            try:
-                loser.execute(
-                    "UPDATE machines SET status = 'idle', current_process_id = %s WHERE id = %s",
-                    [old, machine_id],
-                )
-            except psycopg.Error as error:
-                errors.append(error)
-
-        thread = threading.Thread(target=complete_old)
-        thread.start()
-        wait_until_lock_waiting(watch, pid)
-        winner.commit()
-        thread.join(10)
-        assert not thread.is_alive()
+    errors = errors_behind_a_start(
+        db,
+        machine_id,
+        new,
+        "UPDATE machines SET status = 'idle', current_process_id = %s WHERE id = %s",
+        [old, machine_id],
+    )
     assert [error.sqlstate for error in errors] == ["MS005"]
     assert f"is not running process {old}: it is processing with process {new}" in str(errors[0])
     with db.connect() as conn:

@@ -269,15 +269,16 @@ BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
 #: names only machine-sync's objects.
 NOT_INSTALLED_STATES = frozenset({"42P01", "3F000", "42883", "42703"})
 
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
 # What the database's MS005 message says the machine is doing instead: its
 # status (when canonical; a status stored outside the vocabulary is quoted,
 # and matches the second branch) and its run, read from the whole message.
 _DOING_INSTEAD = re.compile(
     r"^machine \S+ is not running process \S+: it is (?:([a-z][a-z0-9_]*)|.*) with"
-    r" (?:process ([0-9a-f]{8}(?:-[0-9a-f]{4}){3}-[0-9a-f]{12})|no current process)$",
+    rf" (?:process ({_UUID.pattern})|no current process)$",
     re.DOTALL,
 )
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
 
 
 class ServerUnavailable(RuntimeError):

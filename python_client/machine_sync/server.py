@@ -416,6 +416,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _postmaster_pid(data: Path) -> int:
+    """The pid on the first line of the data directory's postmaster.pid."""
+    return int((data / "postmaster.pid").read_text().split("\n", 1)[0])
+
+
 def _sweep_stale(tmp: Path) -> list[Path]:
     """Remove what earlier runs left in ``tmp`` when they were killed before
     they could clean up (SIGKILL, an out-of-memory kill, a CI timeout): each
@@ -431,8 +436,7 @@ def _sweep_stale(tmp: Path) -> list[Path]:
             sock = base / "sock"
             if not data.is_dir() and sock.is_dir() and any(sock.iterdir()):
                 continue  # a server of a data directory elsewhere: its state is unknown
-            postmaster = data / "postmaster.pid"
-            if postmaster.exists() and _alive(int(postmaster.read_text().split("\n", 1)[0])):
+            if (data / "postmaster.pid").exists() and _alive(_postmaster_pid(data)):
                 continue
             _remove(base)
             removed.append(base)
@@ -517,5 +521,4 @@ def _stop(pg_ctl: Path, data: Path, run_as: str | None) -> None:
     except KeyboardInterrupt:
         pass  # a second Ctrl-C while stopping: stop waiting and kill below
     with suppress(OSError, ValueError):
-        pid = int((data / "postmaster.pid").read_text().split("\n", 1)[0])
-        os.kill(pid, signal.SIGKILL)
+        os.kill(_postmaster_pid(data), signal.SIGKILL)

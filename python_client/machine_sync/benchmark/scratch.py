@@ -101,7 +101,8 @@ def _migrations() -> list[Path]:
 def install(place: Scratch) -> None:
     """Apply every migration, then the benchmark's own objects (setup.sql)."""
     schemas = place.schemas
-    untouched = ["public", "machine_sync", "machine_sync_revert", "machine_sync_installed"]
+    shipped = Schemas()  # the user's own schemas, as the migrations name them
+    untouched = [shipped.tables, shipped.sync, shipped.revert, shipped.installed]
     with place.connect() as conn:
         if schemas.relocated:
             with conn.transaction():
