@@ -477,7 +477,9 @@ $$;
 --   the run (current_process_id becomes NULL); clearing the process of a
 --   processing machine stops it (status becomes `idle`, the legacy stop
 --   path); entering `processing` without a process, or inserting a machine
---   with a process and another status, is refused with MS003.
+--   with a process and another status, is refused with MS003. (A new
+--   machine is checked once inserted: an upsert whose row conflicts updates
+--   the existing machine, where the same values end or stop its run.)
 -- * A write that leaves a machine in a status other than `processing` with
 --   a process id ends that run: it must be the machine's current run, else
 --   it is refused with SQLSTATE MS005 naming what the machine runs instead
@@ -662,9 +664,9 @@ DECLARE
     -- stored status outside the vocabulary (which may be corrected freely).
     was text;
     -- TRUE when a probe found the change from `was` to NEW.status allowed,
-    -- FALSE when a rule changed the status and the change must be checked,
-    -- NULL otherwise (no default, which would be one more expression on
-    -- every call).
+    -- FALSE when it found both spellings canonical and the change not
+    -- allowed, NULL when the change is still to be checked (no default,
+    -- which would be one more expression on every call).
     allowed boolean;
 BEGIN
     IF TG_WHEN = 'AFTER' THEN
@@ -701,6 +703,22 @@ BEGIN
             IF NOT FOUND THEN
                 RETURN NULL;
             END IF;
+            -- A new machine's status and process must go together. This is
+            -- checked here, for the rows actually inserted, rather than
+            -- BEFORE INSERT: there an upsert's row may still conflict and
+            -- become an UPDATE of an existing machine, where the same values
+            -- end or stop its run.
+            IF TG_NAME = 'zz_machine_sync_insert_state' THEN
+                IF NEW.status = 'processing' AND NEW.current_process_id IS NULL THEN
+                    RAISE EXCEPTION 'new machine % cannot be processing without a process: insert it with its current_process_id',
+                        NEW.id
+                    USING ERRCODE = 'MS003';
+                ELSIF NEW.status <> 'processing' AND NEW.current_process_id IS NOT NULL THEN
+                    RAISE EXCEPTION 'new machine % cannot take process % while its status is %: set status processing with it',
+                        NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
+                    USING ERRCODE = 'MS003';
+                END IF;
+            END IF;
         END IF;
     ELSE
         IF TG_OP = 'UPDATE' THEN
@@ -729,8 +747,19 @@ BEGIN
                 FROM machine_sync.allowed_transition AS t
                 WHERE t.from_status = was AND t.to_status = NEW.status;
                 IF allowed IS NOT TRUE THEN
-                    NEW.status := machine_sync.normalize_status(NEW.status);
-                    was := machine_sync.canonical_status(OLD.status);
+                    -- Not allowed as spelled. When both spellings are
+                    -- canonical (one query), the change is known refused
+                    -- (below); else they are spelled canonically and the
+                    -- change is checked again.
+                    IF (
+                        SELECT pg_catalog.count(*) FROM machine_sync.allowed_status AS a
+                        WHERE a.status IN (was, NEW.status)
+                    ) = 2 THEN
+                        allowed := FALSE;
+                    ELSE
+                        NEW.status := machine_sync.normalize_status(NEW.status);
+                        was := machine_sync.canonical_status(OLD.status);
+                    END IF;
                 END IF;
             END IF;
         ELSIF NOT EXISTS (
@@ -746,12 +775,12 @@ BEGIN
                 IF was = 'processing' THEN
                     -- The run was cleared: the machine stopped.
                     NEW.status := 'idle';
-                    allowed := FALSE;
-                ELSE
+                    allowed := NULL;
+                ELSIF TG_OP = 'UPDATE' THEN
                     RAISE EXCEPTION 'machine % cannot be processing without a process: set current_process_id with the status',
                         NEW.id
                     USING ERRCODE = 'MS003';
-                END IF;
+                END IF;  -- (a new machine: checked once inserted, above)
             ELSIF was = 'processing' AND NEW.current_process_id <> OLD.current_process_id THEN
                 RAISE EXCEPTION 'machine % is busy: it is running process %', NEW.id, OLD.current_process_id
                 USING ERRCODE = 'MS002',
@@ -765,11 +794,7 @@ BEGIN
             IF NEW.current_process_id = OLD.current_process_id THEN
                 -- The run ends with the status it ran in.
                 NEW.current_process_id := NULL;
-            ELSIF TG_OP = 'INSERT' THEN
-                RAISE EXCEPTION 'machine % cannot take process % while its status is %: set status processing with it',
-                    NEW.id, NEW.current_process_id, machine_sync.quote_bounded(NEW.status)
-                USING ERRCODE = 'MS003';
-            ELSE
+            ELSIF TG_OP = 'UPDATE' THEN
                 -- (A stored status is canonical, so as it is; one stored
                 -- outside the vocabulary, bypassing the triggers, is quoted.)
                 RAISE EXCEPTION 'machine % is not running process %: it is % with %', NEW.id, NEW.current_process_id,
@@ -784,7 +809,7 @@ BEGIN
         END IF;
 
         IF allowed IS NOT TRUE AND NEW.status IS DISTINCT FROM was AND was IS NOT NULL THEN
-            IF NOT EXISTS (
+            IF allowed IS FALSE OR NOT EXISTS (
                 SELECT FROM machine_sync.allowed_transition AS t
                 WHERE t.from_status = was AND t.to_status = NEW.status
             ) THEN

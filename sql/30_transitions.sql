@@ -14,7 +14,9 @@
 --   the run (current_process_id becomes NULL); clearing the process of a
 --   processing machine stops it (status becomes `idle`, the legacy stop
 --   path); entering `processing` without a process, or inserting a machine
---   with a process and another status, is refused with MS003.
+--   with a process and another status, is refused with MS003. (A new
+--   machine is checked once inserted: an upsert whose row conflicts updates
+--   the existing machine, where the same values end or stop its run.)
 -- * A write that leaves a machine in a status other than `processing` with
 --   a process id ends that run: it must be the machine's current run, else
 --   it is refused with SQLSTATE MS005 naming what the machine runs instead

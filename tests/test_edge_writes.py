@@ -6,6 +6,7 @@ Each of these once left the tables disagreeing or changed what an upsert means
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import psycopg
@@ -258,6 +259,74 @@ def test_an_upsert_giving_a_busy_machine_another_process_is_ms002(conn):
         )
     assert caught.value.sqlstate == "MS002"
     assert machine(conn, machine_id)["current_process_id"] == running
+    assert_consistent(conn)
+
+
+def whole_row_upsert(conn, machine_id, **changes):
+    """Upsert a machine's whole row as read, with changes: how an app that
+    saves its model object writes (INSERT ... ON CONFLICT (id) DO UPDATE)."""
+    row = {**machine(conn, machine_id), **changes}
+    names = ", ".join(row)
+    conn.execute(
+        f"""INSERT INTO machines ({names})
+            SELECT {names} FROM json_populate_record(NULL::machines, %s)
+            ON CONFLICT (id) DO UPDATE SET
+            ({names}) = ROW({", ".join(f"excluded.{name}" for name in row)})""",
+        [json.dumps(row, default=str)],
+    )
+
+
+def test_an_upsert_of_a_whole_machine_row_ends_or_stops_its_run_as_an_update_does(conn):
+    """The row an upsert proposes is checked as a new machine only if it is
+    inserted: on a conflict it is an UPDATE, and ends or stops the run."""
+    run = uuid.uuid4()
+    machine_id = add_machine(conn, status="processing", current_process_id=run)
+    # Completion naming the run: the run ends.
+    whole_row_upsert(conn, machine_id, status="idle", current_process_id=run)
+    ended = machine(conn, machine_id)
+    assert (ended["status"], ended["current_process_id"]) == ("idle", None)
+    # The legacy stop as a whole row: processing with the process cleared is idle.
+    conn.execute(
+        "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+        [uuid.uuid4(), machine_id],
+    )
+    whole_row_upsert(conn, machine_id, current_process_id=None)
+    assert machine(conn, machine_id)["status"] == "idle"
+    # A late completion of another run is refused as an UPDATE refuses it.
+    current = uuid.uuid4()
+    conn.execute(
+        "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+        [current, machine_id],
+    )
+    with pytest.raises(psycopg.Error, match=f"it is processing with process {current}") as caught:
+        whole_row_upsert(conn, machine_id, status="idle", current_process_id=run)
+    assert caught.value.sqlstate == "MS005"
+    # DO NOTHING on the existing machine does nothing, and raises nothing.
+    before = machine(conn, machine_id)
+    insert, params = machine_insert("idle", id=machine_id, current_process_id=run)
+    result = conn.execute(insert.replace(" RETURNING id", " ON CONFLICT DO NOTHING"), params)
+    assert result.rowcount == 0
+    assert machine(conn, machine_id) == before
+    assert_consistent(conn)
+
+
+@pytest.mark.parametrize(
+    ("status", "process", "message"),
+    [
+        ("idle", uuid.uuid4(), "cannot take process"),
+        ("processing", None, "cannot be processing without a process"),
+    ],
+)
+def test_a_new_machine_whose_status_and_process_disagree_is_refused(conn, status, process, message):
+    """Plainly, or as an upsert whose row does not conflict: MS003, nothing inserted."""
+    (machines,) = conn.execute("SELECT count(*) FROM machines").fetchone()
+    for suffix in ("", " ON CONFLICT (id) DO UPDATE SET status = excluded.status"):
+        insert, params = machine_insert(status, current_process_id=process)
+        with pytest.raises(psycopg.Error, match=message) as caught:
+            conn.execute(insert.replace(" RETURNING id", suffix + " RETURNING id"), params)
+        assert caught.value.sqlstate == "MS003"
+        assert caught.value.diag.message_primary.startswith("new machine ")
+    assert conn.execute("SELECT count(*) FROM machines").fetchone() == (machines,)
     assert_consistent(conn)
 
 

@@ -13,7 +13,7 @@ import uuid
 import psycopg
 import pytest
 
-from postgrest import ASSIGNED, LEGACY_MACHINE, patch, request, rpc
+from postgrest import ASSIGNED, LEGACY_MACHINE, patch, request, rpc, upsert
 
 from machines import assert_consistent, machine, state
 
@@ -224,4 +224,26 @@ def test_ending_a_run_that_is_not_current_is_ms005_and_the_current_run_ends(migr
         assert row[key] == (None if table == "machines" else str(current))
     with migrated.connect() as owner:
         assert (machine(owner, IDLE)["status"], state(owner, IDLE)["process_id"]) == ("idle", None)
+        assert_consistent(owner)
+
+
+def test_saving_a_whole_machine_row_with_an_upsert_ends_its_run(migrated):
+    """POST /machines with resolution=merge-duplicates, the row as read with a
+    new status (an app saving its model object): an UPDATE of the machine, so
+    the run it still names ends; saved again once another run started, MS005."""
+    with migrated.connect() as owner:
+        started(owner, IDLE)
+        saved = machine(owner, IDLE)
+    with migrated.connect(autocommit=False) as api:
+        with request(api, role="service_role") as tx:
+            (row,) = upsert(tx, "machines", {**saved, "status": "idle"})
+        assert (row["status"], row["current_process_id"]) == ("idle", None)
+        with migrated.connect() as owner:
+            later = started(owner, IDLE)
+        with pytest.raises(psycopg.Error) as caught, request(api, role="service_role") as tx:
+            upsert(tx, "machines", {**saved, "status": "idle"})
+        assert caught.value.sqlstate == "MS005"
+        assert f"it is processing with process {later}" in str(caught.value)
+    with migrated.connect() as owner:
+        assert state(owner, IDLE)["process_id"] == later
         assert_consistent(owner)

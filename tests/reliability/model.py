@@ -81,14 +81,23 @@ class Row:
     failure_component: uuid.UUID | None = None
 
 
-def insert_machine(**values: Any) -> Row:
-    """INSERT INTO machines (BEFORE INSERT trigger): a new machine."""
-    new = Row(**{**values, "status": normalize(values.get("status", "offline"))})
-    if new.status == "processing" and new.process_id is None:
-        raise Refused(RULE)
-    if new.status != "processing" and new.process_id is not None:
+def proposed_machine(**values: Any) -> Row:
+    """The row an INSERT INTO machines proposes, as its BEFORE INSERT trigger
+    leaves it (the status spelled canonically): before the unique index is
+    checked, and an upsert's ``excluded`` on a conflict."""
+    return Row(**{**values, "status": normalize(values.get("status", "offline"))})
+
+
+def inserted_machine(new: Row) -> Row:
+    """A machine actually inserted (AFTER INSERT): its status and process agree."""
+    if (new.status == "processing") == (new.process_id is None):
         raise Refused(RULE)
     return new
+
+
+def insert_machine(**values: Any) -> Row:
+    """INSERT INTO machines of a new machine."""
+    return inserted_machine(proposed_machine(**values))
 
 
 def write_machine(old: Row, **changes: Any) -> Row:

@@ -36,6 +36,7 @@ from .model import (
     insert_machine,
     legacy_write,
     normalize,
+    proposed_machine,
     rpc_update,
     write_machine,
     write_state,
@@ -751,8 +752,9 @@ def upsert_op(owner: Owner, rng: random.Random, machine_id: uuid.UUID) -> Stmt:
         )
 
     def change(rows: Rows, _mode: str) -> None:
-        # BEFORE INSERT runs even on a conflict: excluded is its result.
-        proposed = insert_machine(
+        # BEFORE INSERT runs even on a conflict: excluded is its result (the
+        # machine exists, so the AFTER INSERT check never runs).
+        proposed = proposed_machine(
             status=params["s"], process_id=params["p"], failure_description=params["f"]
         )
         if kind == "update":

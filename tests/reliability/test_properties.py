@@ -37,8 +37,10 @@ from .model import (
     Refused,
     Row,
     insert_machine,
+    inserted_machine,
     legacy_write,
     normalize,
+    proposed_machine,
     rpc_update,
     write_machine,
     write_state,
@@ -147,11 +149,12 @@ class MachineSync(RuleBasedStateMachine):
         machine_id = POOL[i]
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
-            # The BEFORE INSERT trigger runs before the unique index is checked.
-            row = insert_machine(status=status, failure_description=description)
+            # The BEFORE INSERT trigger runs before the unique index is
+            # checked, the AFTER INSERT check only on a row inserted.
+            row = proposed_machine(status=status, failure_description=description)
             if machine_id in rows:
                 raise Refused(UNIQUE)
-            rows[machine_id] = row
+            rows[machine_id] = inserted_machine(row)
 
         self.run(
             "INSERT INTO machines (id, serial_number, location, lab_name, lab_institution,"
@@ -245,9 +248,9 @@ class MachineSync(RuleBasedStateMachine):
 
         def change(rows: dict[uuid.UUID, Row]) -> None:
             # BEFORE INSERT runs even on a conflict: excluded is its result.
-            proposed = insert_machine(status=status, failure_description=description)
+            proposed = proposed_machine(status=status, failure_description=description)
             if machine_id not in rows:
-                rows[machine_id] = proposed
+                rows[machine_id] = inserted_machine(proposed)
             elif not do_nothing:
                 rows[machine_id] = write_machine(
                     rows[machine_id], status=proposed.status, failure_description=description
