@@ -16,7 +16,8 @@
 --   tables agree when the statement ends. A direct write that changes
 --   nothing mirrored neither writes nor locks machines. INSERT keeps
 --   PostgreSQL's meaning: a machine's state row exists from the moment the
---   machine does, so a plain INSERT of it fails (23505) and an upsert
+--   machine does, so a plain INSERT of it fails (23505, at once, even
+--   while another transaction holds the machine) and an upsert
 --   (INSERT ... ON CONFLICT DO UPDATE) updates it.
 -- * Lock order without a table lock. PostgreSQL locks a machine_state row
 --   before any trigger on it runs, and every machines writer locks its
@@ -79,6 +80,16 @@ BEGIN
     NEW.updated_at := now();
     IF NEW.machine_id IS NULL THEN
         RETURN NEW;  -- the NOT NULL constraint answers (23502)
+    END IF;
+    IF TG_OP = 'INSERT' AND EXISTS (
+        SELECT FROM public.machine_state AS s WHERE s.machine_id = NEW.machine_id
+    ) THEN
+        -- The row exists, so this INSERT conflicts: a plain one fails with
+        -- 23505 and an upsert's update comes back here as an UPDATE, which
+        -- locks the machine. Nothing is written yet, so there is no lock to
+        -- take and none to wait for (a busy machine must not turn the
+        -- duplicate key into a lock give-up).
+        RETURN NEW;
     END IF;
     -- The machine's row, at once when no other transaction holds it (and
     -- the caller may see and lock it); else lock_machine decides. SKIP
