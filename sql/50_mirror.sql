@@ -113,23 +113,16 @@ BEGIN
             DELETE FROM public.machine_state AS s WHERE s.machine_id = OLD.id;
             RETURN NULL;
         END IF;
-        -- AFTER triggers fire when the statement is done, and it may have
-        -- changed the machine since this row was inserted (a function or a
-        -- CTE later in it, an AFTER trigger sorting before this one; the
-        -- mirror wrote the state row for that change) or deleted it. So the
-        -- state row is written from the machine as it is now, as stored
-        -- (a policy on machines must not hide it from the mirror). An UPDATE
-        -- here is a subscriber's applied row: mirrored as applied.
         IF TG_OP = 'INSERT' THEN
-            SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
-            IF NOT FOUND THEN
-                RETURN NULL;
-            END IF;
             -- A new machine's status and process must go together. This is
             -- checked here, for the rows actually inserted, rather than
             -- BEFORE INSERT: there an upsert's row may still conflict and
             -- become an UPDATE of an existing machine, where the same values
-            -- end or stop its run.
+            -- end or stop its run. It is the row as inserted (this trigger's
+            -- NEW) that is checked, not the machine as stored: a write of it
+            -- earlier in this statement met the rules with the
+            -- unchecked row as its OLD, where a process in another status
+            -- reads as a run to end and processing without one as a stop.
             IF TG_NAME = 'zz_machine_sync_insert_state' THEN
                 IF NEW.status = 'processing' AND NEW.current_process_id IS NULL THEN
                     RAISE EXCEPTION 'new machine % cannot be processing without a process: insert it with its current_process_id',
@@ -141,7 +134,19 @@ BEGIN
                     USING ERRCODE = 'MS003';
                 END IF;
             END IF;
+            -- AFTER triggers fire when the statement is done, and it may
+            -- have changed the machine since this row was inserted (a
+            -- function or a CTE later in it, an AFTER trigger sorting before
+            -- this one; the mirror wrote the state row for that change) or
+            -- deleted it. So the state row is written from the machine as it
+            -- is now, as stored (a policy on machines must not hide it from
+            -- the mirror).
+            SELECT m.* INTO NEW FROM machine_sync.stored_machine(NEW.id) AS m;
+            IF NOT FOUND THEN
+                RETURN NULL;
+            END IF;
         END IF;
+        -- (An UPDATE here is a subscriber's applied row: mirrored as applied.)
     ELSE
         IF TG_OP = 'UPDATE' THEN
             IF NEW.id IS DISTINCT FROM OLD.id THEN

@@ -330,6 +330,52 @@ def test_a_new_machine_whose_status_and_process_disagree_is_refused(conn, status
     assert_consistent(conn)
 
 
+@pytest.mark.parametrize(
+    ("status", "process", "message"),
+    [
+        ("idle", uuid.uuid4(), "cannot take process"),
+        ("processing", None, "cannot be processing without a process"),
+    ],
+)
+@pytest.mark.parametrize("writer", ["after_insert_trigger", "rpc_in_a_cte"])
+def test_a_new_machine_is_checked_as_inserted_not_as_the_statement_left_it(
+    conn, status, process, message, writer
+):
+    """Before the AFTER INSERT check fires, the same statement may write the
+    new machine again (an application's AFTER INSERT trigger sorting before
+    zz_machine_sync_insert_state, an RPC in a CTE). That write met the rules
+    with the unchecked row as its OLD: a process with another status read as
+    a run to end (dropped), processing without one as a stop (idle). The
+    insert is still refused, as it was when the BEFORE INSERT trigger checked
+    it, not silently stored otherwise than the INSERT (and its RETURNING) says."""
+    (machines,) = conn.execute("SELECT count(*) FROM machines").fetchone()
+    insert, params = machine_insert(status, current_process_id=process)
+    if writer == "after_insert_trigger":
+        conn.execute(
+            """CREATE FUNCTION public.note_arrival() RETURNS trigger LANGUAGE plpgsql AS $$
+               BEGIN
+                   UPDATE machines SET failure_description = 'arrived' WHERE id = NEW.id;
+                   RETURN NULL;
+               END $$"""
+        )
+        conn.execute(
+            "CREATE TRIGGER a_note_arrival AFTER INSERT ON machines FOR EACH ROW"
+            " EXECUTE FUNCTION public.note_arrival()"
+        )
+        statement = insert
+    else:
+        statement = f"""WITH a AS ({insert})
+            SELECT public.atomic_update_machine_state(
+                p_machine_id => a.id, p_machine_status => 'maintenance'
+            ) FROM a"""
+    with pytest.raises(psycopg.Error, match=message) as caught:
+        conn.execute(statement, params)
+    assert caught.value.sqlstate == "MS003"
+    assert caught.value.diag.message_primary.startswith("new machine ")
+    assert conn.execute("SELECT count(*) FROM machines").fetchone() == (machines,)
+    assert_consistent(conn)
+
+
 def test_upsert_do_update_applies_its_own_set_clause(conn):
     machine_id = add_machine(conn)
     conn.execute(
