@@ -224,7 +224,7 @@ BEGIN
             ELSIF TG_OP = 'UPDATE' THEN
                 -- (A stored status is canonical, so as it is; one stored
                 -- outside the vocabulary, bypassing the triggers, is quoted.)
-                RAISE EXCEPTION 'machine % is not running process %: it is % with %', NEW.id, NEW.current_process_id,
+                RAISE EXCEPTION 'machine % is not running process %: its status is %, with %', NEW.id, NEW.current_process_id,
                     CASE
                         WHEN OLD.status ~ '^[a-z][a-z0-9_]{0,49}$' THEN OLD.status
                         ELSE machine_sync.quote_bounded(OLD.status)

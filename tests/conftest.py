@@ -114,8 +114,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("cluster", params, indirect=True, scope="session")
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return f"machine-sync collations: --collation {config.getoption('--collation')}"
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    where = {
+        "default": "default (the DSN in MACHINE_SYNC_TEST_DSN, else a Docker engine through"
+        " testcontainers, else the embedded PostgreSQL 18)",
+        "pg15": f"pg15 (Debian's PostgreSQL 15 in {pgserver.DEBIAN_PG15_BIN})",
+    }
+    return [
+        "machine-sync servers (--pg): " + ", ".join(where[k] for k in _server_kinds(config)),
+        f"machine-sync collations: --collation {config.getoption('--collation')}",
+    ]
 
 
 def migration_files() -> list[Path]:

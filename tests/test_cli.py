@@ -281,6 +281,15 @@ def test_migrate_plan_apply_status_down(empty_db):
 
 
 def test_adopting_a_psql_migrated_database(db):
+    # Installed with psql: up to date (exit 0, so a cron check passes), and
+    # the status says how to give the runner its record.
+    status = run("migrate", "status", dsn=db.dsn)
+    assert status.exit_code == 0, status.stdout
+    said = " ".join(status.stdout.split())
+    assert "installed" in said
+    assert "pending" not in said
+    assert "has no record of it" in said
+    assert "`machine-sync migrate apply` records it" in said
     result = run("migrate", "apply", dsn=db.dsn)
     assert result.exit_code == 0
     assert "adopting" in result.stdout
@@ -337,6 +346,7 @@ def test_drift_then_reconcile(db, conn):
     assert found.exit_code == ExitCode.FINDING
     assert str(machine_id) in found.stdout
     assert "status_case" in found.stdout
+    assert "cannot be repaired" not in found.stdout
     as_json = run("drift", "--json", dsn=db.dsn)
     assert as_json.exit_code == ExitCode.FINDING
     [row] = json.loads(as_json.stdout)
@@ -371,6 +381,11 @@ def test_reconcile_names_what_it_could_not_repair_and_exits_4(db, conn):
     [left] = reported["not_repaired"]
     assert left["machine_id"] == str(stuck)
     assert "'melted'" in left["reason"]
+    # drift, asked next, says what reconcile cannot do for such a status.
+    drift = run("drift", dsn=db.dsn)
+    assert drift.exit_code == ExitCode.FINDING
+    assert "noncanonical_status" in drift.stdout
+    assert "cannot be repaired: set it" in " ".join(drift.stdout.split())
 
 
 def test_mode_show_and_set(db):
@@ -392,10 +407,22 @@ def test_status_of_all_machines_and_of_one(db, conn):
     assert "[red]x" in table.stdout  # shown as text, not rich markup
     assert str(first) in table.stdout  # never cut short
     assert "2 machine(s)" in table.stdout
+    assert table.stdout.count("in step") == 2
+    assert "out of step" not in table.stdout
     one = json.loads(run("status", str(first), "--json", dsn=db.dsn).stdout)
     assert (one["id"], one["status"], one["state"]["current_state"]) == (str(first), "idle", "idle")
     every = json.loads(run("status", "--json", dsn=db.dsn).stdout)
     assert [m["serial_number"] for m in every] == ["SN-ONE", "SN-TWO"]
+    # A state row written behind the triggers' back shows beside its machine.
+    bypassing_triggers(
+        db,
+        ("UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s", [first]),
+    )
+    apart = run("status", dsn=db.dsn)
+    assert apart.exit_code == 0
+    said = " ".join(apart.stdout.split())
+    assert "maintenance since" in said
+    assert "1 out of step with machine_state: see `machine-sync drift`" in said
 
 
 # -- the installed console script -----------------------------------------------------
@@ -424,8 +451,13 @@ def test_missing_privilege_is_one_line_not_a_psycopg_traceback(db, conn):
     role = f"t_reader_{uuid.uuid4().hex[:8]}"
     conn.execute(f'CREATE ROLE "{role}" LOGIN')  # the test servers trust local logins
     try:
-        result = run("drift", dsn=psycopg.conninfo.make_conninfo(db.dsn, user=role))
+        as_role = psycopg.conninfo.make_conninfo(db.dsn, user=role)
+        result = run("drift", dsn=as_role)
         assert_one_error_line(result, ExitCode.FAILED, "permission denied", "drift")
+        # The migrations are the owner's to apply: the hint does not offer service_role.
+        migrate = run("migrate", "apply", dsn=as_role)
+        assert_one_error_line(migrate, ExitCode.FAILED, "permission denied", "owner of the tables")
+        assert "service_role" not in migrate.stderr
     finally:
         conn.execute(f'DROP ROLE "{role}"')
 

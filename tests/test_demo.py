@@ -25,6 +25,7 @@ import pytest
 
 from machine_sync import workload as wl
 from machine_sync.benchmark.queries import DROP_DATABASE, naming
+from machine_sync.demo.session import _headline
 from machine_sync.errors import DatabaseUnreachable, MachineSyncError
 
 from conftest import Cluster, Database, migration_files
@@ -413,3 +414,19 @@ def test_round_trips_are_counted_from_the_wire(db: Database) -> None:
     client = wl.count_round_trips(db.dsn, wl.ClientPath(), client_machine, cycles=1)
     assert legacy == wl.WireCount(state_changes=8, statements=19, round_trips=19)
     assert client == wl.WireCount(state_changes=8, statements=8, round_trips=8)
+
+
+def test_a_files_headline_is_cut_at_a_word_or_before_a_remark(tmp_path: Path) -> None:
+    """The line the demo prints for each SQL file it runs: never cut inside a word."""
+    remark = tmp_path / "remark.sql"
+    remark.write_text(
+        "-- The production database as it was before machine-sync (MIGRATING.md,\n"
+        '-- "The system it migrates from", has the story of how it drifted).\nSELECT 1;\n'
+    )
+    assert _headline(remark) == "The production database as it was before machine-sync"
+    long = tmp_path / "long.sql"
+    long.write_text("-- " + " ".join(["machine_state"] * 12) + ".\nSELECT 1;\n")
+    shown = _headline(long)
+    assert shown.endswith(" …")
+    assert set(shown.removesuffix(" …").split()) == {"machine_state"}
+    assert len(shown) <= 92

@@ -298,7 +298,9 @@ def test_an_upsert_of_a_whole_machine_row_ends_or_stops_its_run_as_an_update_doe
         "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
         [current, machine_id],
     )
-    with pytest.raises(psycopg.Error, match=f"it is processing with process {current}") as caught:
+    with pytest.raises(
+        psycopg.Error, match=f"its status is processing, with process {current}"
+    ) as caught:
         whole_row_upsert(conn, machine_id, status="idle", current_process_id=run)
     assert caught.value.sqlstate == "MS005"
     # DO NOTHING on the existing machine does nothing, and raises nothing.

@@ -214,7 +214,7 @@ def test_ending_a_run_that_is_not_current_is_ms005_and_the_current_run_ends(migr
         assert caught.value.sqlstate == "MS005"
         message = caught.value.diag.message_primary or ""
         assert f"is not running process {old}" in message
-        assert f"it is processing with process {current}" in message
+        assert f"its status is processing, with process {current}" in message
         with migrated.connect() as owner:
             assert machine(owner, IDLE)["current_process_id"] == current
         with request(api) as tx:
@@ -243,7 +243,7 @@ def test_saving_a_whole_machine_row_with_an_upsert_ends_its_run(migrated):
         with pytest.raises(psycopg.Error) as caught, request(api, role="service_role") as tx:
             upsert(tx, "machines", {**saved, "status": "idle"})
         assert caught.value.sqlstate == "MS005"
-        assert f"it is processing with process {later}" in str(caught.value)
+        assert f"its status is processing, with process {later}" in str(caught.value)
     with migrated.connect() as owner:
         assert state(owner, IDLE)["process_id"] == later
         assert_consistent(owner)

@@ -333,7 +333,9 @@ def test_a_late_end_of_a_run_waiting_behind_the_next_start_is_ms005_naming_it(db
         [old, machine_id],
     )
     assert [error.sqlstate for error in errors] == ["MS005"]
-    assert f"is not running process {old}: it is processing with process {new}" in str(errors[0])
+    assert f"is not running process {old}: its status is processing, with process {new}" in str(
+        errors[0]
+    )
     with db.connect() as conn:
         assert machine(conn, machine_id)["current_process_id"] == new
         expect(
@@ -356,7 +358,7 @@ def test_a_late_end_of_a_run_waiting_behind_the_next_start_is_ms005_naming_it(db
             "UPDATE machines SET current_process_id = %s WHERE id = %s",
             [new, machine_id],
         )
-        assert "it is error with no current process" in str(error)
+        assert "its status is error, with no current process" in str(error)
         assert "set status processing with it" in (error.diag.message_hint or "")
         # A new machine has no run to end: a process without processing is a rule.
         with pytest.raises(psycopg.Error) as caught:

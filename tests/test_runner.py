@@ -104,8 +104,10 @@ def test_adopts_a_database_migrated_with_psql(db, conn):
     before = data(conn)
     status = runner(conn).status()
     assert status.adoptable
-    assert not status.up_to_date
-    # psql ran the same files: they recorded what they installed.
+    # psql ran the same files: they recorded what they installed, so the
+    # database is up to date though the runner has no history of it.
+    assert [f.state for f in status.files] == [FileState.INSTALLED] * len(SHIPPED)
+    assert status.up_to_date
     assert status.definitions_recorded
     assert status.definition_problems == []
     lines: list[str] = []
@@ -140,7 +142,15 @@ def test_psql_and_the_runner_can_be_mixed(empty_db, tmp_path):
     shutil.copy(full / SHIPPED[0], first_only / SHIPPED[0])
     with empty_db.connect() as conn:
         runner(conn, first_only).apply()
+        assert [f.state for f in runner(conn, full).status().files] == [
+            FileState.APPLIED,
+            *[FileState.PENDING] * (len(SHIPPED) - 1),
+        ]
         empty_db.psql(*(full / name for name in SHIPPED[1:]))  # a colleague used psql
+        assert [f.state for f in runner(conn, full).status().files] == [
+            FileState.APPLIED,
+            *[FileState.INSTALLED] * (len(SHIPPED) - 1),
+        ]
         plan = runner(conn, full).apply()
         assert [(s.migration.name, s.action) for s in plan.steps] == [
             (name, "apply") for name in SHIPPED[1:]

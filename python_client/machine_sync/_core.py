@@ -326,9 +326,9 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
     status: str = rows[0]["status"]
     current: UUID | None = rows[0]["current_process_id"]
     now = (
-        f"it is {status} with no current process"
+        f"its status is {status}, with no current process"
         if current is None
-        else f"it is {status} with process {current}"
+        else f"its status is {status}, with process {current}"
     )
     if operation in ("complete", "stop") and request.process_id is None and status != "processing":
         return InvalidTransition(

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 try:
     from typer._click.core import Command, Context
-    from typer._click.exceptions import ClickException, UsageError
+    from typer._click.exceptions import ClickException, NoSuchOption, UsageError
 except ImportError:  # typer before it vendored click
     from click.core import Command, Context  # type: ignore[assignment]
-    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+    from click.exceptions import (  # type: ignore[assignment]
+        ClickException,
+        NoSuchOption,
+        UsageError,
+    )
 
-__all__ = ["ClickException", "Command", "Context", "UsageError"]
+__all__ = ["ClickException", "Command", "Context", "NoSuchOption", "UsageError"]

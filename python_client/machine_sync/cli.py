@@ -44,7 +44,7 @@ from typer.core import TyperCommand, TyperGroup
 from machine_sync import __version__
 from machine_sync._core import as_uuid
 from machine_sync._output import console
-from machine_sync._usage import ClickException, Command, Context, UsageError
+from machine_sync._usage import ClickException, Command, Context, NoSuchOption, UsageError
 from machine_sync.client import Client, Machine
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import (
@@ -170,7 +170,22 @@ def _exit_code(exc: BaseException) -> tuple[ExitCode, str]:
     return ExitCode.FAILED, f"unexpected {type(exc).__name__}: {exc}"
 
 
-class _OneLineErrors(TyperGroup):
+class _WholeSummaries(TyperGroup):
+    """A group whose --help lists each command's whole first sentence, wrapped,
+    where click would cut it to the terminal's width and add "..."."""
+
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=1000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+class _OneLineErrors(_WholeSummaries):
     """The command group: every failure becomes one line on stderr and an exit code.
 
     Usage errors (an unknown option, a bad value) exit 2, Ctrl-C 130, and an
@@ -220,7 +235,18 @@ class _OneLineErrors(TyperGroup):
             code = run()
         except ClickException as exc:
             message = exc.format_message()
-            if isinstance(exc, UsageError) and exc.ctx is not None:
+            if (
+                isinstance(exc, NoSuchOption)
+                and exc.ctx is not None
+                and exc.ctx.parent is None
+                and exc.option_name in ("--dsn", "--json")
+            ):
+                # The options belong to the commands: `machine-sync drift --dsn ...`.
+                message += (
+                    f": {exc.option_name} goes after the command"
+                    f" ({exc.ctx.command_path} COMMAND {exc.option_name} ...)"
+                )
+            elif isinstance(exc, UsageError) and exc.ctx is not None:
                 message += f" (see {exc.ctx.command_path} --help)"
             _error_line(message)
             sys.exit(int(ExitCode.BAD_INPUT))
@@ -242,6 +268,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 migrate_app = typer.Typer(
+    cls=_WholeSummaries,
     help="Apply, inspect and revert the SQL migrations (one transaction per file).",
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -411,8 +438,9 @@ def _print_status(status: Status) -> None:
     if status.adoptable:
         console.print(
             Text(
-                "machine-sync is installed but not recorded (migrated with psql?): "
-                "`machine-sync migrate apply` adopts it"
+                "machine-sync is installed but the runner has no record of it (migrated with "
+                "psql?): `machine-sync migrate apply` records it, re-running the idempotent "
+                "files (`migrate down` needs that record)"
             )
         )
     if not status.definitions_recorded:
@@ -446,7 +474,8 @@ def migrate_status(
 
 @migrate_app.command("verify")
 def migrate_verify(dsn: Dsn = None, migrations_dir: MigrationsDir = None) -> None:
-    """Run migrations/verify/<name> of each applied migration, read-only; exit 1 if one fails."""
+    """Run migrations/verify/<name>, read-only, of each applied migration (of every one where the
+    runner has no history, as after psql); exit 1 if one fails."""
     with _reported(), _connect(dsn, "migrate") as conn:
         results = _runner(conn, migrations_dir).verify()
     for result in results:
@@ -511,6 +540,14 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
                 " (it names each machine it cannot repair, and why)"
             )
         )
+        if any(row.problem == "noncanonical_status" for row in rows):
+            console.print(
+                Text(
+                    "a noncanonical status that is neither an allowed status nor an alias"
+                    " cannot be repaired: set it (UPDATE machines SET status = ... WHERE id ="
+                    " ...) or add it (INSERT INTO machine_sync.allowed_status or status_alias)"
+                )
+            )
     if rows:
         raise typer.Exit(int(ExitCode.FINDING))
 
@@ -595,9 +632,20 @@ def status(
         _json(_machine_json(machines[0]) if wanted else [_machine_json(m) for m in machines])
         return
     table = Table(
-        "machine", "serial", "location", "status", "process", "since", "failure", box=None
+        "machine",
+        "serial",
+        "location",
+        "status",
+        "process",
+        "since",
+        "failure",
+        "machine_state",
+        box=None,
     )
+    apart = 0
     for m in machines:
+        mirrored = _mirrored(m)
+        apart += mirrored != "in step"
         table.add_row(
             *map(
                 _cell,
@@ -607,8 +655,9 @@ def status(
                     m.location,
                     m.status,
                     m.current_process_id,
-                    m.state.state_since if m.state else None,
+                    m.status_since,
                     m.failure_description,
+                    mirrored,
                 ),
             )
         )
@@ -616,6 +665,23 @@ def status(
     console.print(table)
     if wanted is None:
         console.print(Text(f"{len(machines)} machine(s)"))
+    if apart:
+        console.print(Text(f"{apart} out of step with machine_state: see `machine-sync drift`"))
+
+
+def _mirrored(machine: Machine) -> str:
+    """The machine_state column: "in step", or what the state row says instead."""
+    state = machine.state
+    if state is None:
+        return "missing (or hidden from this role)"
+    if (state.current_state, state.process_id, state.state_since) == (
+        machine.status,
+        machine.current_process_id,
+        machine.status_since,
+    ):
+        return "in step"
+    process = f" with {state.process_id}" if state.process_id else ""
+    return f"{state.current_state}{process} since {state.state_since}"
 
 
 def _version(value: bool) -> None:

@@ -275,7 +275,7 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 # status (when canonical; a status stored outside the vocabulary is quoted,
 # and matches the second branch) and its run, read from the whole message.
 _DOING_INSTEAD = re.compile(
-    r"^machine \S+ is not running process \S+: it is (?:([a-z][a-z0-9_]*)|.*) with"
+    r"^machine \S+ is not running process \S+: its status is (?:([a-z][a-z0-9_]*)|.*), with"
     rf" (?:process ({_UUID.pattern})|no current process)$",
     re.DOTALL,
 )
@@ -294,7 +294,7 @@ def describe(exc: psycopg.Error) -> str:
     """PostgreSQL's message plus its hint, on one line."""
     diag = exc.diag
     primary = diag.message_primary or str(exc) or type(exc).__name__
-    hint = diag.message_hint
+    hint = (diag.message_hint or "").rstrip(".")
     return one_line(f"{primary} (hint: {hint})" if hint else primary)
 
 
@@ -321,13 +321,15 @@ def translate(
     process_id: UUID | None = None,
     operation: str | None = None,
     ours: bool = False,
+    privileged: str = "the table owner or service_role",
 ) -> MachineSyncError:
     """Map a psycopg error to the machine_sync error a caller can act on.
 
     The class comes from the SQLSTATE alone (:data:`BY_SQLSTATE`). The
     keywords say what was attempted, to fill the error's fields: the machine,
     the process sent, the operation; ``ours`` says the statement names only
-    machine-sync's objects, so that a missing object means NotInstalled.
+    machine-sync's objects, so that a missing object means NotInstalled;
+    ``privileged`` names who may do it, for a PermissionDenied.
     """
     state = exc.sqlstate
     message = describe(exc)
@@ -382,7 +384,7 @@ def translate(
         )
     if issubclass(error, PermissionDenied):
         return PermissionDenied(
-            f"{message}: connect as a role with this privilege (the table owner or service_role)",
+            f"{message}: connect as a role with this privilege ({privileged})",
             sqlstate=state,
         )
     if issubclass(error, ConcurrentUpdate):

@@ -263,6 +263,13 @@ SELECT set_config('transaction_read_only', 'on', TRUE) AS read_only;
 SELECT to_regprocedure('machine_sync_installed.problems_v1()') IS NOT NULL AS present;
 
 
+-- name: recorded_migrations
+-- The migrations whose definitions the catalog's record holds (written by
+-- the migration itself, so by psql installs too).
+SELECT DISTINCT d.migration
+FROM machine_sync_installed.definition AS d;
+
+
 -- name: definition_problems
 -- Each function, trigger or view that is not as the migrations installed it.
 -- Reads the catalog and the record only: ACCESS SHARE at most.

@@ -19,9 +19,11 @@ adds what psql cannot:
 * **Edited files are refused.** An applied file whose text changed is named
   and nothing runs, unless ``force``.
 * **Mixing with psql.** A database migrated with psql has machine-sync objects
-  but no history: the runner adopts it by running the files again (they are
-  idempotent) and recording them. A file applied with psql later is pending
-  for the runner, which runs it again and records it the same way.
+  but no history: :meth:`Runner.status` shows its files as installed with
+  psql (up to date: the catalog's record of the definitions, below, names
+  them), and the runner adopts it by running the files again (they are
+  idempotent) and recording them. A file applied with psql later is
+  recorded the same way.
 * **Definition check, without locking.** Each migration generated from
   ``sql/`` ends by recording, in the catalog, an md5 of every function,
   trigger (with its enabled flag) and view it installed
@@ -157,6 +159,10 @@ class FileState(StrEnum):
     PENDING = "pending"
     CHANGED = "changed"  # applied, but the file's text changed since
     UNKNOWN = "unknown"  # recorded as applied, but this version has no such file
+    #: installed without the runner (psql): its definitions, or a later
+    #: migration's, are in the catalog's record, but the runner has no history
+    #: of it; ``migrate apply`` records it (re-running the idempotent file)
+    INSTALLED = "installed"
 
 
 @dataclass(frozen=True)
@@ -199,7 +205,8 @@ class Status:
     def up_to_date(self) -> bool:
         """No pending or changed file, and the installed definitions are the recorded ones."""
         return not self.definition_problems and all(
-            f.state in (FileState.APPLIED, FileState.UNKNOWN) for f in self.files
+            f.state in (FileState.APPLIED, FileState.INSTALLED, FileState.UNKNOWN)
+            for f in self.files
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -327,11 +334,19 @@ class Runner:
         with self._translated(), self._looking():
             migrations = discover(self.directory)
             applied = self._applied()
+            recorded = bool(self._rows("definitions_recorded")[0]["present"])
+            # Files apply in name order, so every file up to the last one whose
+            # definitions are recorded ran, with psql when not with the runner.
+            latest = max(
+                (r["migration"] for r in self._rows("recorded_migrations")) if recorded else (),
+                default="",
+            )
             files = []
             for m in migrations:
                 row = applied.get(m.name)
                 if row is None:
-                    files.append(FileStatus(m.name, FileState.PENDING))
+                    unrecorded = FileState.INSTALLED if m.name <= latest else FileState.PENDING
+                    files.append(FileStatus(m.name, unrecorded))
                 else:
                     state = FileState.APPLIED if row["sha256"] == m.sha256 else FileState.CHANGED
                     files.append(FileStatus(m.name, state, row["applied_at"]))
@@ -344,7 +359,7 @@ class Runner:
             return Status(
                 files=sorted(files, key=lambda f: f.name),
                 adoptable=not applied and bool(self._rows("machine_sync_present")[0]["present"]),
-                definitions_recorded=bool(self._rows("definitions_recorded")[0]["present"]),
+                definitions_recorded=recorded,
                 definition_problems=self._definition_problems(),
             )
 
@@ -600,4 +615,4 @@ class Runner:
         except MachineSyncError:
             raise
         except psycopg.Error as exc:
-            raise translate(exc) from exc
+            raise translate(exc, privileged="the owner of the tables applies machine-sync") from exc

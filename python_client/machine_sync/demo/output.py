@@ -19,9 +19,10 @@ class DemoOutput:
         self.console = console()  # full width when piped, like the other commands
 
     def say(self, text: str = "", *, whole: bool = False) -> None:
-        """Print a line; ``whole`` leaves wrapping to the terminal (one line when piped)."""
+        """Print a line, wrapped at words to the terminal's width; ``whole`` (and any
+        line when piped, where a reader or pager wraps) leaves it one line."""
         if not self.quiet:
-            self.console.print(text, soft_wrap=whole)
+            self.console.print(text, soft_wrap=whole or not self.console.is_terminal)
 
     def step(self, number: int, title: str) -> None:
         """The title of step ``number``."""

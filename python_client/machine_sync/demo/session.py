@@ -51,7 +51,10 @@ class DemoSession:
         took = time.monotonic() - began
         output = [line for line in result.stdout.splitlines() if line.strip()]
         shown = ""
-        if len(output) >= 2:  # a SELECT's header and value, as `header: value`
+        if output and len(output) % 2 == 0:  # one-row SELECTs: header, value, header, ...
+            pairs = zip(output[::2], output[1::2], strict=True)
+            shown = "  " + ", ".join(f"{header}: {value}" for header, value in pairs)
+        elif len(output) >= 2:  # a SELECT's header and its values
             shown = f"  {output[0]}: {', '.join(output[1:])}"
         self.out.say(f"  [green]ok[/] {path.name}  [dim]{_headline(path)}  {took:.2f} s[/]{shown}")
         return shown.strip()
@@ -68,4 +71,9 @@ def _headline(path: Path, limit: int = 90) -> str:
             if words and words[-1].endswith((".", ":")):
                 break
     text = " ".join(words).rstrip(".:")
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+    if len(text) <= limit:
+        return text
+    if " (" in text[:limit]:
+        return text[: text.index(" (")]  # a remark in parentheses that does not fit: left out
+    cut = text[:limit].rsplit(" ", 1)[0]  # at a word's end, not inside one
+    return cut.rstrip(" ,;:") + " …"

@@ -177,6 +177,9 @@ def what_is_left_line(workspace: Workspace) -> str:
     left = workspace.left_behind or what_is_left(workspace, not workspace.started_here)
     if left["kept"]:
         line = f"kept: connect with {left['psql']}"
+        others = [name for name in left["databases"] if name != workspace.database]
+        if others:
+            line += f" (also on the server: {', '.join(others)}, the legacy tables of step 6)"
         if left.get("stop"):
             line += f"; stop the server with {left['stop']}"
         if left.get("delete_after_stop"):
