@@ -16,8 +16,7 @@
 --   tables agree when the statement ends. A direct write that changes
 --   nothing mirrored neither writes nor locks machines. INSERT keeps
 --   PostgreSQL's meaning: a machine's state row exists from the moment the
---   machine does, so a plain INSERT of it fails (23505, at once, even
---   while another transaction holds the machine) and an upsert
+--   machine does, so a plain INSERT of it fails (23505) and an upsert
 --   (INSERT ... ON CONFLICT DO UPDATE) updates it.
 -- * Lock order without a table lock. PostgreSQL locks a machine_state row
 --   before any trigger on it runs, and every machines writer locks its
@@ -81,16 +80,6 @@ BEGIN
     IF NEW.machine_id IS NULL THEN
         RETURN NEW;  -- the NOT NULL constraint answers (23502)
     END IF;
-    IF TG_OP = 'INSERT' AND EXISTS (
-        SELECT FROM public.machine_state AS s WHERE s.machine_id = NEW.machine_id
-    ) THEN
-        -- The row exists, so this INSERT conflicts: a plain one fails with
-        -- 23505 and an upsert's update comes back here as an UPDATE, which
-        -- locks the machine. Nothing is written yet, so there is no lock to
-        -- take and none to wait for (a busy machine must not turn the
-        -- duplicate key into a lock give-up).
-        RETURN NEW;
-    END IF;
     -- The machine's row, at once when no other transaction holds it (and
     -- the caller may see and lock it); else lock_machine decides. SKIP
     -- LOCKED and NOWAIT do not cover every wait of a row lock: having
@@ -99,7 +88,13 @@ BEGIN
     -- for anything. So every lock wait here is cut short at 1 ms (55P03,
     -- retry), long before deadlock_timeout lets a cycle be found; so is a
     -- wait for a table lock that DDL on machines holds (DDL that wants
-    -- machine_state next would close a cycle too).
+    -- machine_state next would close a cycle too). An INSERT whose row
+    -- exists locks the machine as well: as an upsert whose DO UPDATE ...
+    -- WHERE finds nothing to do, it keeps the state row locked with no
+    -- UPDATE trigger fired, and a later write of machines in the same
+    -- transaction could then close a cycle. So a plain INSERT of an existing
+    -- row on a busy machine gives up as any legacy write does (55P03), where
+    -- on an idle one it fails on the duplicate key (23505).
     caller_lock_timeout := current_setting('lock_timeout');
     PERFORM set_config('lock_timeout', '1ms', true);
     SELECT m.status_since INTO since

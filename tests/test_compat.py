@@ -120,31 +120,6 @@ def test_a_plain_insert_of_an_existing_state_row_fails_as_it_always_did(conn):
     assert_consistent(conn)
 
 
-def test_a_plain_insert_of_an_existing_state_row_is_23505_even_while_its_machine_is_busy(db):
-    """The duplicate key is the answer at once, not a lock give-up (55P03)
-    after waiting for another transaction's lock on the machine; an upsert's
-    update still takes its turn for the machine, as any legacy UPDATE does."""
-    with db.connect() as setup:
-        machine_id = add_machine(setup, status="offline")
-    with db.connect(autocommit=False) as holder, db.connect() as writer:
-        holder.execute("SELECT FROM machines WHERE id = %s FOR UPDATE", [machine_id])
-        with pytest.raises(psycopg.errors.UniqueViolation, match="machine_state_pkey"):
-            writer.execute(
-                "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'idle')",
-                [machine_id],
-            )
-        with pytest.raises(psycopg.errors.LockNotAvailable, match="gave up; retry"):
-            writer.execute(
-                "INSERT INTO machine_state (machine_id, current_state) VALUES (%s, 'idle')"
-                " ON CONFLICT (machine_id) DO UPDATE SET current_state = excluded.current_state",
-                [machine_id],
-            )
-        holder.rollback()
-    with db.connect() as conn:
-        assert machine(conn, machine_id)["status"] == "offline"
-        assert_consistent(conn)
-
-
 def test_legacy_upsert_of_machine_state(conn):
     machine_id = add_machine(conn)
     result = conn.execute(
