@@ -286,10 +286,12 @@ def test_adopting_a_psql_migrated_database(db):
     status = run("migrate", "status", dsn=db.dsn)
     assert status.exit_code == 0, status.stdout
     said = " ".join(status.stdout.split())
-    assert "installed" in said
     assert "pending" not in said
     assert "has no record of it" in said
     assert "`machine-sync migrate apply` records it" in said
+    report = json.loads(run("migrate", "status", "--json", dsn=db.dsn).stdout)
+    assert [f["state"] for f in report["files"]] == ["installed"] * len(SHIPPED)
+    assert report["up_to_date"] is True
     result = run("migrate", "apply", dsn=db.dsn)
     assert result.exit_code == 0
     assert "adopting" in result.stdout
@@ -494,3 +496,13 @@ def test_the_repository_tools_parse_their_arguments(tool):
     )
     assert bogus.returncode == 2
     assert "unrecognized arguments: --bogus" in bogus.stderr
+
+
+def test_help_lists_whole_summaries_and_a_misplaced_option_says_where_it_goes():
+    listed = run("--help")
+    assert listed.exit_code == 0
+    commands = " ".join(listed.stdout.split("Commands:")[1].split())
+    assert "..." not in commands
+    assert "exit 4 if any is left" in commands  # reconcile's whole summary
+    misplaced = run("--dsn", "postgresql://x", "drift")
+    assert_one_error_line(misplaced, ExitCode.BAD_INPUT, "--dsn goes after the command")

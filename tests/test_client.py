@@ -16,6 +16,7 @@ from client_support import assert_matches_store, pgbouncer, round_trips
 from machine_sync._queries import parse, queries
 from machine_sync.client import Client
 from machine_sync.errors import (
+    _DOING_INSTEAD,
     BY_SQLSTATE,
     ConcurrentUpdate,
     DatabaseUnreachable,
@@ -901,3 +902,19 @@ def test_compat_writer_racing_a_machines_writer_gives_up_cleanly(db, conn):
     assert "retry" in str(victim)
     assert machine(conn, machine_id)["status"] == "offline"
     assert_consistent(conn)
+
+
+@pytest.mark.parametrize(
+    "wording",
+    [
+        "its status is error, with no current process",
+        "it is error with no current process",  # definitions installed before the rewording
+    ],
+)
+def test_ms005_is_read_in_either_wording(wording):
+    machine = uuid.uuid4()
+    found = _DOING_INSTEAD.match(
+        f"machine {machine} is not running process {uuid.uuid4()}: {wording}"
+    )
+    assert found is not None
+    assert (found[1], found[2]) == ("error", None)

@@ -151,6 +151,10 @@ def test_psql_and_the_runner_can_be_mixed(empty_db, tmp_path):
             FileState.APPLIED,
             *[FileState.INSTALLED] * (len(SHIPPED) - 1),
         ]
+        # What psql installed is verified too, and no revert starts below it.
+        assert [v.name for v in runner(conn, full).verify()] == SHIPPED
+        with pytest.raises(MigrationError, match="ran here with psql"):
+            runner(conn, full).down()
         plan = runner(conn, full).apply()
         assert [(s.migration.name, s.action) for s in plan.steps] == [
             (name, "apply") for name in SHIPPED[1:]

@@ -56,7 +56,7 @@ from machine_sync.errors import (
     ServerUnavailable,
     one_line,
 )
-from machine_sync.runner import RESTORE_COMMAND, Plan, Runner, Status
+from machine_sync.runner import RESTORE_COMMAND, FileState, Plan, Runner, Status
 
 __all__ = ["DEMO_INSTALL", "ExitCode", "app", "demo_installed"]
 
@@ -435,12 +435,19 @@ def _print_status(status: Status) -> None:
         table.add_row(_cell(file.name), _cell(str(file.state)), _cell(file.applied_at))
     console = _console()
     console.print(table)
-    if status.adoptable:
+    if any(file.state is FileState.INSTALLED for file in status.files):
         console.print(
             Text(
-                "machine-sync is installed but the runner has no record of it (migrated with "
-                "psql?): `machine-sync migrate apply` records it, re-running the idempotent "
-                "files (`migrate down` needs that record)"
+                "installed: applied here with psql, and the runner has no record of it: "
+                "`machine-sync migrate apply` records it, re-running the idempotent files "
+                "(`migrate down` needs that record)"
+            )
+        )
+    elif status.adoptable:
+        console.print(
+            Text(
+                "machine-sync is installed but not recorded (migrated with psql?): "
+                "`machine-sync migrate apply` adopts it"
             )
         )
     if not status.definitions_recorded:
@@ -544,8 +551,9 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
             console.print(
                 Text(
                     "a noncanonical status that is neither an allowed status nor an alias"
-                    " cannot be repaired: set it (UPDATE machines SET status = ... WHERE id ="
-                    " ...) or add it (INSERT INTO machine_sync.allowed_status or status_alias)"
+                    " (reconcile says which) cannot be repaired: set it (UPDATE machines SET"
+                    " status = ... WHERE id = ...) or add it (INSERT INTO"
+                    " machine_sync.allowed_status or status_alias)"
                 )
             )
     if rows:
@@ -674,10 +682,21 @@ def _mirrored(machine: Machine) -> str:
     state = machine.state
     if state is None:
         return "missing (or hidden from this role)"
-    if (state.current_state, state.process_id, state.state_since) == (
+    # The columns machine_sync.drift compares.
+    if (
+        state.current_state,
+        state.process_id,
+        state.state_since,
+        state.is_failure_mode,
+        state.failure_description,
+        state.failure_component,
+    ) == (
         machine.status,
         machine.current_process_id,
         machine.status_since,
+        machine.status == "error",
+        machine.failure_description,
+        machine.failure_component,
     ):
         return "in step"
     process = f" with {state.process_id}" if state.process_id else ""

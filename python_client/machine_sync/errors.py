@@ -275,7 +275,9 @@ _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12
 # status (when canonical; a status stored outside the vocabulary is quoted,
 # and matches the second branch) and its run, read from the whole message.
 _DOING_INSTEAD = re.compile(
-    r"^machine \S+ is not running process \S+: its status is (?:([a-z][a-z0-9_]*)|.*), with"
+    # (and "it is S with", as definitions installed before the wording changed say)
+    r"^machine \S+ is not running process \S+: (?:its status is|it is)"
+    r" (?:([a-z][a-z0-9_]*)|.*),? with"
     rf" (?:process ({_UUID.pattern})|no current process)$",
     re.DOTALL,
 )

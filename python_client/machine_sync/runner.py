@@ -311,8 +311,21 @@ class Runner:
             return {}
         return {row["migration"]: row for row in self._rows("applied_migrations")}
 
+    def _definitions_recorded(self) -> bool:
+        return bool(self._rows("definitions_recorded")[0]["present"])
+
+    def _installed_unrecorded(self, migrations: Sequence[Migration]) -> set[str]:
+        """The files the runner has no history of that ran all the same (with psql):
+        files apply in name order, so every one up to the last whose definitions
+        the catalog's record names."""
+        if not self._definitions_recorded():
+            return set()
+        latest = max((r["migration"] for r in self._rows("recorded_migrations")), default="")
+        applied = self._applied()
+        return {m.name for m in migrations if m.name not in applied and m.name <= latest}
+
     def _definition_problems(self) -> list[DefinitionProblem]:
-        if not self._rows("definitions_recorded")[0]["present"]:
+        if not self._definitions_recorded():
             return []
         return [
             DefinitionProblem(r["kind"], r["object_name"], r["problem"])
@@ -334,18 +347,13 @@ class Runner:
         with self._translated(), self._looking():
             migrations = discover(self.directory)
             applied = self._applied()
-            recorded = bool(self._rows("definitions_recorded")[0]["present"])
-            # Files apply in name order, so every file up to the last one whose
-            # definitions are recorded ran, with psql when not with the runner.
-            latest = max(
-                (r["migration"] for r in self._rows("recorded_migrations")) if recorded else (),
-                default="",
-            )
+            recorded = self._definitions_recorded()
+            installed = self._installed_unrecorded(migrations)
             files = []
             for m in migrations:
                 row = applied.get(m.name)
                 if row is None:
-                    unrecorded = FileState.INSTALLED if m.name <= latest else FileState.PENDING
+                    unrecorded = FileState.INSTALLED if m.name in installed else FileState.PENDING
                     files.append(FileStatus(m.name, unrecorded))
                 else:
                     state = FileState.APPLIED if row["sha256"] == m.sha256 else FileState.CHANGED
@@ -364,16 +372,18 @@ class Runner:
             )
 
     def verify(self) -> list[Verification]:
-        """Run ``verify/<name>`` of each applied migration (every one, without history).
+        """Run ``verify/<name>`` of each applied migration, by the runner or with psql
+        (every one, without history).
 
         Each runs in a read-only transaction that is rolled back.
         """
         with self._translated():
             migrations = discover(self.directory)
             applied = self._applied()
+            ran = set(applied) | self._installed_unrecorded(migrations)
             results = []
             for m in migrations:
-                if applied and m.name not in applied:
+                if applied and m.name not in ran:
                     continue
                 script = self.directory / "verify" / m.name
                 if not script.is_file():
@@ -489,6 +499,13 @@ class Runner:
             raise MigrationError(
                 "nothing to revert: the runner has no record of applied migrations here "
                 "(a psql-migrated database is adopted by `machine-sync migrate apply` first)"
+            )
+        unrecorded = sorted(self._installed_unrecorded(discover(self.directory)))
+        if unrecorded:
+            raise MigrationError(
+                f"{', '.join(unrecorded)} ran here with psql and the runner has no record of it: "
+                "record it with `machine-sync migrate apply` first, so that the revert starts "
+                "from the last migration"
             )
         if steps > len(applied):
             raise MigrationError(

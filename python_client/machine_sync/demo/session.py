@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -51,13 +52,18 @@ class DemoSession:
         took = time.monotonic() - began
         output = [line for line in result.stdout.splitlines() if line.strip()]
         shown = ""
-        if output and len(output) % 2 == 0:  # one-row SELECTs: header, value, header, ...
+        headers = output[::2]
+        if output and len(output) % 2 == 0 and all(_IDENTIFIER.match(h) for h in headers):
+            # One-row SELECTs (the demo's files have no other): header, value, ...
             pairs = zip(output[::2], output[1::2], strict=True)
             shown = "  " + ", ".join(f"{header}: {value}" for header, value in pairs)
         elif len(output) >= 2:  # a SELECT's header and its values
             shown = f"  {output[0]}: {', '.join(output[1:])}"
         self.out.say(f"  [green]ok[/] {path.name}  [dim]{_headline(path)}  {took:.2f} s[/]{shown}")
         return shown.strip()
+
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
 def _headline(path: Path, limit: int = 90) -> str:
@@ -73,7 +79,8 @@ def _headline(path: Path, limit: int = 90) -> str:
     text = " ".join(words).rstrip(".:")
     if len(text) <= limit:
         return text
-    if " (" in text[:limit]:
-        return text[: text.index(" (")]  # a remark in parentheses that does not fit: left out
+    opened = text.rfind(" (", 0, limit)
+    if opened > 0 and ")" not in text[opened:limit]:
+        return text[:opened]  # a remark in parentheses that does not fit: left out
     cut = text[:limit].rsplit(" ", 1)[0]  # at a word's end, not inside one
     return cut.rstrip(" ,;:") + " …"

@@ -179,7 +179,7 @@ def what_is_left_line(workspace: Workspace) -> str:
         line = f"kept: connect with {left['psql']}"
         others = [name for name in left["databases"] if name != workspace.database]
         if others:
-            line += f" (also on the server: {', '.join(others)}, the legacy tables of step 6)"
+            line += f" (also kept on the server: {', '.join(others)})"
         if left.get("stop"):
             line += f"; stop the server with {left['stop']}"
         if left.get("delete_after_stop"):
