@@ -42,7 +42,7 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from machine_sync import __version__
-from machine_sync._core import as_uuid
+from machine_sync._core import as_uuid, mirrored
 from machine_sync._output import console
 from machine_sync._usage import ClickException, Command, Context, NoSuchOption, UsageError
 from machine_sync.client import Client, Machine
@@ -652,8 +652,8 @@ def status(
     )
     apart = 0
     for m in machines:
-        mirrored = _mirrored(m)
-        apart += mirrored != "in step"
+        state_row = _mirrored(m)
+        apart += state_row != "in step"
         table.add_row(
             *map(
                 _cell,
@@ -665,7 +665,7 @@ def status(
                     m.current_process_id,
                     m.status_since,
                     m.failure_description,
-                    mirrored,
+                    state_row,
                 ),
             )
         )
@@ -682,22 +682,7 @@ def _mirrored(machine: Machine) -> str:
     state = machine.state
     if state is None:
         return "missing (or hidden from this role)"
-    # The columns machine_sync.drift compares.
-    if (
-        state.current_state,
-        state.process_id,
-        state.state_since,
-        state.is_failure_mode,
-        state.failure_description,
-        state.failure_component,
-    ) == (
-        machine.status,
-        machine.current_process_id,
-        machine.status_since,
-        machine.status == "error",
-        machine.failure_description,
-        machine.failure_component,
-    ):
+    if state == mirrored(dataclasses.asdict(machine)):  # the row the mirror writes for it
         return "in step"
     process = f" with {state.process_id}" if state.process_id else ""
     return f"{state.current_state}{process} since {state.state_since}"

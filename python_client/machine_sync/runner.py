@@ -314,14 +314,15 @@ class Runner:
     def _definitions_recorded(self) -> bool:
         return bool(self._rows("definitions_recorded")[0]["present"])
 
-    def _installed_unrecorded(self, migrations: Sequence[Migration]) -> set[str]:
+    def _installed_unrecorded(
+        self, migrations: Sequence[Migration], applied: dict[str, dict[str, Any]]
+    ) -> set[str]:
         """The files the runner has no history of that ran all the same (with psql):
         files apply in name order, so every one up to the last whose definitions
         the catalog's record names."""
         if not self._definitions_recorded():
             return set()
         latest = max((r["migration"] for r in self._rows("recorded_migrations")), default="")
-        applied = self._applied()
         return {m.name for m in migrations if m.name not in applied and m.name <= latest}
 
     def _definition_problems(self) -> list[DefinitionProblem]:
@@ -348,7 +349,7 @@ class Runner:
             migrations = discover(self.directory)
             applied = self._applied()
             recorded = self._definitions_recorded()
-            installed = self._installed_unrecorded(migrations)
+            installed = self._installed_unrecorded(migrations, applied)
             files = []
             for m in migrations:
                 row = applied.get(m.name)
@@ -380,7 +381,7 @@ class Runner:
         with self._translated():
             migrations = discover(self.directory)
             applied = self._applied()
-            ran = set(applied) | self._installed_unrecorded(migrations)
+            ran = set(applied) | self._installed_unrecorded(migrations, applied)
             results = []
             for m in migrations:
                 if applied and m.name not in ran:
@@ -479,11 +480,11 @@ class Runner:
         if steps < 1:
             raise InvalidArgument(f"steps must be at least 1, got {steps}")
         with self._translated():
-            discover(self.directory)  # the folder must exist
+            migrations = discover(self.directory)  # the folder must exist
             if dry_run:
-                return self._down_targets(steps)
+                return self._down_targets(steps, migrations)
             with self._locked():
-                targets = self._down_targets(steps)
+                targets = self._down_targets(steps, migrations)
                 for index, name in enumerate(targets, 1):
                     self._run_file(
                         name,
@@ -493,14 +494,15 @@ class Runner:
                     )
                 return targets
 
-    def _down_targets(self, steps: int) -> list[str]:
-        applied = sorted(self._applied(), reverse=True)
+    def _down_targets(self, steps: int, migrations: Sequence[Migration]) -> list[str]:
+        history = self._applied()
+        applied = sorted(history, reverse=True)
         if not applied:
             raise MigrationError(
                 "nothing to revert: the runner has no record of applied migrations here "
                 "(a psql-migrated database is adopted by `machine-sync migrate apply` first)"
             )
-        unrecorded = sorted(self._installed_unrecorded(discover(self.directory)))
+        unrecorded = sorted(self._installed_unrecorded(migrations, history))
         if unrecorded:
             raise MigrationError(
                 f"{', '.join(unrecorded)} ran here with psql and the runner has no record of it: "

@@ -55,7 +55,7 @@ class DemoSession:
         headers = output[::2]
         if output and len(output) % 2 == 0 and all(_IDENTIFIER.match(h) for h in headers):
             # One-row SELECTs (the demo's files have no other): header, value, ...
-            pairs = zip(output[::2], output[1::2], strict=True)
+            pairs = zip(headers, output[1::2], strict=True)
             shown = "  " + ", ".join(f"{header}: {value}" for header, value in pairs)
         elif len(output) >= 2:  # a SELECT's header and its values
             shown = f"  {output[0]}: {', '.join(output[1:])}"
