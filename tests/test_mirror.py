@@ -159,6 +159,61 @@ def test_state_since_moves_only_when_the_state_changes(conn):
     assert_consistent(conn)
 
 
+def test_the_hot_path_decides_as_the_general_rules_at_its_edges(db, conn):
+    """A status change meets a shortcut only where the general rules would come
+    to the same; just past each of its edges the outcome is the general one."""
+    # A processing machine written with another spelling of its own status and
+    # its own process: no change of status, so no stop.
+    running = add_machine(conn, status="idle")
+    run = start(conn, running)
+    conn.execute(
+        "UPDATE machines SET status = 'Processing', current_process_id = %s WHERE id = %s",
+        [run, running],
+    )
+    assert (machine(conn, running)["status"], machine(conn, running)["current_process_id"]) == (
+        "processing",
+        run,
+    )
+    # A run ended by naming it: the process is let go, the clocks move.
+    since = state(conn, running)["state_since"]
+    conn.execute(
+        "UPDATE machines SET status = 'idle', current_process_id = %s WHERE id = %s",
+        [run, running],
+    )
+    m, s = machine(conn, running), state(conn, running)
+    assert (m["status"], m["current_process_id"], s["process_id"]) == ("idle", None, None)
+    assert s["state_since"] == m["status_since"] > since
+    # Three changes in one transaction: each after the first finds the status
+    # changed already (its since is now()); the state row ends as the machine.
+    with conn.transaction():
+        now = conn.execute("SELECT now()").fetchone()[0]
+        again = start(conn, running)
+        conn.execute("UPDATE machines SET status = 'idle' WHERE id = %s", [running])
+        conn.execute(
+            "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+            [again, running],
+        )
+    s = state(conn, running)
+    assert (s["current_state"], s["process_id"], s["state_since"]) == ("processing", again, now)
+    # A change the rules refuse keeps its own message: a start from maintenance.
+    kept = add_machine(conn, status="maintenance")
+    with pytest.raises(psycopg.Error) as refused:
+        start(conn, kept)
+    assert refused.value.sqlstate == "MS003"
+    assert "cannot go from maintenance to processing" in str(refused.value)
+    # A missing state row is written by the next change.
+    lost = add_machine(conn, status="idle")
+    with db.connect(admin=True) as admin:
+        admin.execute("SET session_replication_role = replica")
+        admin.execute("DELETE FROM machine_state WHERE machine_id = %s", [lost])
+    process = start(conn, lost)
+    assert (state(conn, lost)["current_state"], state(conn, lost)["process_id"]) == (
+        "processing",
+        process,
+    )
+    assert_consistent(conn)
+
+
 def test_updated_at_comes_from_the_database_clock(conn):
     machine_id = add_machine(conn, updated_at="2001-01-01T00:00:00Z")
     assert machine(conn, machine_id)["updated_at"].year > 2001
