@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import re
 import time
-from typing import Any
 
 from machine_sync import workload as wl
 from machine_sync._queries import query
@@ -15,7 +13,7 @@ from .session import DemoSession
 
 
 def migrate(session: DemoSession) -> None:
-    """Apply every migration with psql; the drift before and after, what it repaired."""
+    """Apply every migration with psql; the drift before and after."""
     session.out.step(4, "Apply the migrations with psql")
     files = sorted(migrations_dir().glob("[0-9]*_*.sql"))
     if not files:
@@ -40,7 +38,6 @@ def migrate(session: DemoSession) -> None:
         agreeing = row[0] if row else 0
         mode_row = conn.execute(query("mode").text).fetchone()
     session.summary["migrations"] = applied
-    repaired = _repaired(applied)
     session.summary["after_migration"] = {
         "machines": len(session.production_ids),
         "agreeing": agreeing,
@@ -50,9 +47,8 @@ def migrate(session: DemoSession) -> None:
     session.summary["migration_repair"] = {
         "database_machines": len(session.production_ids) + len(session.workload_ids),
         "drifted_before": before,
-        "repaired_by_reconcile": repaired,
     }
-    _explain_repair(session, before, repaired)
+    _explain_drift(session, before)
     session.out.say(
         f"  After it: machine_sync.drift has {sum(remaining.values())} rows (all "
         f"{len(session.production_ids) + len(session.workload_ids)} machines); production machines "
@@ -61,7 +57,7 @@ def migrate(session: DemoSession) -> None:
     )
 
 
-def _explain_repair(session: DemoSession, before: dict[str, int], repaired: int | None) -> None:
+def _explain_drift(session: DemoSession, before: dict[str, int]) -> None:
     production, workload = len(session.production_ids), len(session.workload_ids)
     drifted = before["production"] + before["workload"]
     session.out.say(
@@ -69,30 +65,3 @@ def _explain_repair(session: DemoSession, before: dict[str, int], repaired: int 
         f"{production} ({before['production']} disagreeing) and the workload's {workload} "
         f"from step 3 ({before['workload']} disagreeing), {drifted} disagreeing in all."
     )
-    if repaired is None:
-        return
-    line = (
-        f"  repaired_machines is what the migration's last statement, "
-        f"machine_sync.reconcile_v1(), repaired: {repaired} of all {production + workload}"
-    )
-    if repaired < drifted:
-        line += (
-            f"; the other {drifted - repaired} the migration's data fix just before it had "
-            "already settled (legacy status spellings, a stopped run left 'processing', "
-            "failure details only in machine_state)"
-        )
-    elif repaired > drifted:
-        line += (
-            "; machine_sync.drift, which it repairs, counts some disagreements the legacy "
-            "query above does not"
-        )
-    session.out.say(line + ".")
-
-
-def _repaired(applied: list[dict[str, Any]]) -> int | None:
-    """The count v1 prints as ``repaired_machines: N`` (psql's csv output), if it did."""
-    for step in applied:
-        match = re.search(r"repaired_machines: (\d+)", step["output"])
-        if match:
-            return int(match.group(1))
-    return None
