@@ -298,6 +298,20 @@ def test_adopting_a_psql_migrated_database(db):
     assert [f"adopt {n} ..." in result.stdout for n in SHIPPED] == [True] * len(SHIPPED)
 
 
+def test_a_revert_with_psql_is_reported_and_reinstalled(db):
+    assert run("migrate", "apply", dsn=db.dsn).exit_code == 0
+    db.psql(migrations_dir() / "down" / SHIPPED[-1])
+    status = run("migrate", "status", dsn=db.dsn)
+    assert status.exit_code == ExitCode.FINDING, status.stdout
+    said = " ".join(status.stdout.split())
+    assert "machine-sync is not installed here" in said
+    assert "`machine-sync migrate apply` installs it again" in said
+    result = run("migrate", "apply", dsn=db.dsn)
+    assert result.exit_code == 0
+    assert f"reinstall {SHIPPED[-1]} ..." in result.stdout
+    assert run("migrate", "status", dsn=db.dsn).exit_code == 0
+
+
 def test_edited_file_is_refused_and_named(empty_db, tmp_path):
     folder = tmp_path / "migrations"
     shutil.copytree(migrations_dir(), folder)

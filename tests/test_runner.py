@@ -429,6 +429,26 @@ def test_down_then_up_keeps_data_and_catalog(db, conn):
     assert_consistent(conn)
 
 
+def test_a_revert_with_psql_shows_as_reverted_and_apply_installs_it_again(db, conn):
+    runner(conn).apply()
+    machine_id = add_machine(conn, status="idle")
+    catalog_before = snapshot(conn)
+    db.psql(migrations_dir() / "down" / SHIPPED[-1])  # reverted by hand, not by the runner
+    status = runner(conn).status()
+    assert [f.state for f in status.files] == [FileState.APPLIED, FileState.REVERTED]
+    assert not status.up_to_date
+    assert status.to_json()["files"][-1]["state"] == "reverted"
+    plan = runner(conn).apply()
+    assert [(s.migration.name, s.action) for s in plan.steps] == [(SHIPPED[-1], "reinstall")]
+    assert snapshot(conn) == catalog_before
+    assert runner(conn).status().up_to_date
+    assert [v.ok for v in runner(conn).verify()] == [True, True]
+    assert conn.execute("SELECT status FROM machines WHERE id = %s", [machine_id]).fetchone() == (
+        "idle",
+    )
+    assert_consistent(conn)
+
+
 def test_down_everything_on_an_empty_install(empty_db):
     with empty_db.connect() as conn:
         runner(conn).apply()

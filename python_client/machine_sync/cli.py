@@ -450,6 +450,14 @@ def _print_status(status: Status) -> None:
                 "`machine-sync migrate apply` adopts it"
             )
         )
+    if any(file.state is FileState.REVERTED for file in status.files):
+        console.print(
+            Text(
+                "reverted: recorded as applied, but machine-sync is not installed here "
+                "(its down file ran without the runner, or a restore left it out): "
+                "`machine-sync migrate apply` installs it again"
+            )
+        )
     if not status.definitions_recorded:
         console.print(Text("definitions: none recorded (no migration installing any is applied)"))
     elif status.definition_problems:

@@ -107,6 +107,9 @@ _WRAPPED = re.compile(
     re.DOTALL | re.IGNORECASE,
 )
 _OPENS = re.compile(_LEADING + r"(BEGIN|START\s+TRANSACTION)\b", re.IGNORECASE)
+# A migration that installs machine-sync ends by writing the catalog's record
+# of what it installed (python_client/tools/record_definitions.sql).
+_RECORDS = re.compile(r"\bmachine_sync_installed\.record\(")
 
 Echo = Callable[[str], None]
 
@@ -122,6 +125,7 @@ class Migration:
     name: str  # the file name, e.g. 20261125170100_machine_sync_v1.sql
     path: Path
     sha256: str
+    installs: bool = False  # installs machine-sync (writes the catalog's record)
 
 
 def _checksum(text: str) -> str:
@@ -139,7 +143,11 @@ def discover(directory: Path) -> list[Migration]:
         raise MigrationsNotFound(
             f"no migrations in {directory} (expected files named <timestamp>_<name>.sql)"
         )
-    return [Migration(p.name, p, _checksum(p.read_text(encoding="utf-8"))) for p in found]
+    texts = {p: p.read_text(encoding="utf-8") for p in found}
+    return [
+        Migration(p.name, p, _checksum(text), bool(_RECORDS.search(text)))
+        for p, text in texts.items()
+    ]
 
 
 def transaction_body(name: str, text: str) -> str:
@@ -163,6 +171,10 @@ class FileState(StrEnum):
     #: migration's, are in the catalog's record, but the runner has no history
     #: of it; ``migrate apply`` records it (re-running the idempotent file)
     INSTALLED = "installed"
+    #: recorded as applied, but machine-sync is not installed here any more
+    #: (its down file ran without the runner, or a restore left it out);
+    #: ``migrate apply`` installs it again
+    REVERTED = "reverted"
 
 
 @dataclass(frozen=True)
@@ -244,7 +256,7 @@ class Step:
     """One file :meth:`Runner.apply` will run, and why."""
 
     migration: Migration
-    action: str  # apply, adopt (psql applied it before), reapply (forced)
+    action: str  # apply, adopt (psql applied it before), reapply (forced), reinstall (reverted)
 
 
 @dataclass(frozen=True)
@@ -325,6 +337,14 @@ class Runner:
         latest = max((r["migration"] for r in self._rows("recorded_migrations")), default="")
         return {m.name for m in migrations if m.name not in applied and m.name <= latest}
 
+    def _reverted(
+        self, migrations: Sequence[Migration], applied: dict[str, dict[str, Any]]
+    ) -> set[str]:
+        """The applied files that install machine-sync, where it is installed no more."""
+        if self._rows("machine_sync_present")[0]["present"]:
+            return set()
+        return {m.name for m in migrations if m.installs and m.name in applied}
+
     def _definition_problems(self) -> list[DefinitionProblem]:
         if not self._definitions_recorded():
             return []
@@ -350,6 +370,7 @@ class Runner:
             applied = self._applied()
             recorded = self._definitions_recorded()
             installed = self._installed_unrecorded(migrations, applied)
+            reverted = self._reverted(migrations, applied)
             files = []
             for m in migrations:
                 row = applied.get(m.name)
@@ -357,7 +378,12 @@ class Runner:
                     unrecorded = FileState.INSTALLED if m.name in installed else FileState.PENDING
                     files.append(FileStatus(m.name, unrecorded))
                 else:
-                    state = FileState.APPLIED if row["sha256"] == m.sha256 else FileState.CHANGED
+                    if row["sha256"] != m.sha256:
+                        state = FileState.CHANGED
+                    elif m.name in reverted:
+                        state = FileState.REVERTED
+                    else:
+                        state = FileState.APPLIED
                     files.append(FileStatus(m.name, state, row["applied_at"]))
             known = {m.name for m in migrations}
             files += [
@@ -423,11 +449,14 @@ class Runner:
                 f"migration, or re-apply the edited file with `{RESTORE_COMMAND}`",
                 changed,
             )
+        reverted = self._reverted(migrations, applied)
         steps = []
         for m in migrations:
             if m.name in applied:
                 if force:
                     steps.append(Step(m, "reapply"))
+                elif m.name in reverted:
+                    steps.append(Step(m, "reinstall"))
             else:
                 steps.append(Step(m, "adopt" if adopting else "apply"))
         return Plan(steps, adopting)
