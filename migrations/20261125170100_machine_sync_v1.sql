@@ -207,6 +207,32 @@ $$;
 --   role). On an existing database, whether machines has it stays the
 --   application's choice.
 
+-- The rules compare statuses as text, one spelling against another. A
+-- nondeterministic collation on either status column (one under which
+-- 'IDLE' equals 'idle') would let one spelling pass for another, so an
+-- existing database with one is refused before anything changes.
+DO $$
+DECLARE
+    columns text;
+BEGIN
+    SELECT string_agg(format('%s.%I (collation %I)', a.attrelid::regclass, a.attname, c.collname), ', ')
+    INTO columns
+    FROM pg_catalog.pg_attribute AS a
+    INNER JOIN pg_catalog.pg_collation AS c ON a.attcollation = c.oid
+    WHERE
+        a.attrelid IN (to_regclass('public.machines'), to_regclass('public.machine_state'))
+        AND a.attname IN ('status', 'current_state')
+        AND NOT a.attisdropped
+        AND NOT c.collisdeterministic;
+    IF columns IS NOT NULL THEN
+        RAISE EXCEPTION 'machine-sync needs a deterministic collation on %: a nondeterministic one lets one status spelling pass for another',
+            columns
+        USING ERRCODE = 'feature_not_supported',
+              HINT = 'Give the column the database''s collation (ALTER TABLE ... ALTER COLUMN ... TYPE <its type> COLLATE "default"), then migrate again.';
+    END IF;
+END
+$$;
+
 -- Remember, for the end of this file, whether this is a fresh install.
 SELECT set_config(
     'machine_sync.creating_machines',

@@ -190,6 +190,39 @@ def test_a_migration_the_data_refuses_is_named_with_its_hint(legacy_db):
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
 
 
+def test_a_nondeterministic_collation_on_a_status_column_is_refused_before_anything_changes(
+    legacy_db,
+):
+    with legacy_db.connect(admin=True) as admin:
+        try:
+            admin.execute(
+                "CREATE COLLATION public.case_blind"
+                " (provider = icu, locale = 'und-u-ks-level2', deterministic = false)"
+            )
+        except psycopg.errors.FeatureNotSupported as exc:
+            # Only ICU collations can be nondeterministic: without ICU a
+            # server cannot have the column this refuses.
+            pytest.skip(f"this server cannot have a nondeterministic collation: {exc}")
+        admin.execute(
+            "ALTER TABLE public.machines ALTER COLUMN status TYPE text COLLATE case_blind"
+        )
+    with legacy_db.connect() as conn:
+        # Under it 'IDLE' = 'idle': the rules could not tell spellings apart.
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM machines WHERE status = 'IDLE' COLLATE case_blind"
+            ).fetchone()
+            == conn.execute("SELECT count(*) FROM machines WHERE lower(status) = 'idle'").fetchone()
+        )
+        with pytest.raises(MigrationFailed) as caught:
+            runner(conn).apply()
+        assert caught.value.sqlstate == "0A000"
+        assert "public.machines.status (collation case_blind)" in str(caught.value)
+        assert 'COLLATE "default"' in str(caught.value)
+        assert [name for name, _ in history(conn)] == SHIPPED[:-1]
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+
+
 def test_dry_run_changes_nothing(empty_db):
     with empty_db.connect() as conn:
         plan = runner(conn).apply(dry_run=True)
