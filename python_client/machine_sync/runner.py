@@ -337,11 +337,16 @@ class Runner:
         latest = max((r["migration"] for r in self._rows("recorded_migrations")), default="")
         return {m.name for m in migrations if m.name not in applied and m.name <= latest}
 
+    def _machine_sync_present(self) -> bool:
+        """Whether machine-sync is installed here (its schema exists)."""
+        return bool(self._rows("machine_sync_present")[0]["present"])
+
+    @staticmethod
     def _reverted(
-        self, migrations: Sequence[Migration], applied: dict[str, dict[str, Any]]
+        migrations: Sequence[Migration], applied: dict[str, dict[str, Any]], present: bool
     ) -> set[str]:
         """The applied files that install machine-sync, where it is installed no more."""
-        if self._rows("machine_sync_present")[0]["present"]:
+        if present:
             return set()
         return {m.name for m in migrations if m.installs and m.name in applied}
 
@@ -369,8 +374,9 @@ class Runner:
             migrations = discover(self.directory)
             applied = self._applied()
             recorded = self._definitions_recorded()
+            present = self._machine_sync_present()
             installed = self._installed_unrecorded(migrations, applied)
-            reverted = self._reverted(migrations, applied)
+            reverted = self._reverted(migrations, applied, present)
             files = []
             for m in migrations:
                 row = applied.get(m.name)
@@ -393,7 +399,7 @@ class Runner:
             ]
             return Status(
                 files=sorted(files, key=lambda f: f.name),
-                adoptable=not applied and bool(self._rows("machine_sync_present")[0]["present"]),
+                adoptable=not applied and present,
                 definitions_recorded=recorded,
                 definition_problems=self._definition_problems(),
             )
@@ -437,7 +443,8 @@ class Runner:
 
     def _plan(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
         applied = self._applied()
-        adopting = not applied and bool(self._rows("machine_sync_present")[0]["present"])
+        present = self._machine_sync_present()
+        adopting = not applied and present
         changed = [
             m.name
             for m in migrations
@@ -449,7 +456,7 @@ class Runner:
                 f"migration, or re-apply the edited file with `{RESTORE_COMMAND}`",
                 changed,
             )
-        reverted = self._reverted(migrations, applied)
+        reverted = self._reverted(migrations, applied, present)
         steps = []
         for m in migrations:
             if m.name in applied:
