@@ -470,9 +470,15 @@ def test_missing_privilege_is_one_line_not_a_psycopg_traceback(db, conn):
         as_role = psycopg.conninfo.make_conninfo(db.dsn, user=role)
         result = run("drift", dsn=as_role)
         assert_one_error_line(result, ExitCode.FAILED, "permission denied", "drift")
-        # The migrations are the owner's to apply: the hint does not offer service_role.
+        # The migrations are the owner's to apply: refused before anything is
+        # made, naming the owner; the hint does not offer service_role.
         migrate = run("migrate", "apply", dsn=as_role)
-        assert_one_error_line(migrate, ExitCode.FAILED, "permission denied", "owner of the tables")
+        assert_one_error_line(
+            migrate,
+            ExitCode.FAILED,
+            f"must be applied by the owner of its tables, not by {role}",
+            f"(owned by {db.cluster.owner})",
+        )
         assert "service_role" not in migrate.stderr
     finally:
         conn.execute(f'DROP ROLE "{role}"')

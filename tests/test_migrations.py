@@ -312,10 +312,11 @@ def test_a_function_planted_on_the_search_path_never_runs_while_migrating(legacy
             admin.execute(f'DROP ROLE "{planter}"')
 
 
-def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_it(cluster):
+def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_and_revert_it(cluster):
     """Where another role made machine_sync_mirror (once per cluster) and a
     superuser granted it plainly, as the refusal's hint says, the migrations
-    go through: nothing in them needs ADMIN OPTION on the role."""
+    go through: nothing in them needs ADMIN OPTION on the role. The revert
+    goes through too, keeping the role, which only its maker may drop."""
     owner = f"t_lab_{uuid.uuid4().hex[:8]}"
     target = cluster.create()
     with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
@@ -330,6 +331,17 @@ def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_it(cluste
             assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
             add_machine(conn, status="idle")
             assert_consistent(conn)
+            notices: list[str] = []
+            conn.add_notice_handler(lambda notice: notices.append(notice.message_primary or ""))
+            conn.execute(down_file(migration_files()[-1]).read_text())
+            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+            assert conn.execute("SELECT count(*) FROM public.machines").fetchone() == (1,)
+            assert any(
+                f"role machine_sync_mirror is kept: {owner} may not drop it" in n for n in notices
+            ), notices
+            assert conn.execute(
+                "SELECT count(*) FROM pg_roles WHERE rolname = 'machine_sync_mirror'"
+            ).fetchone() == (1,)
     finally:
         cluster.drop(target)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:

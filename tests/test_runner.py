@@ -22,6 +22,7 @@ from machine_sync.errors import (
     MigrationFailed,
     MigrationLocked,
     MigrationsNotFound,
+    PermissionDenied,
 )
 from machine_sync.resources import migrations_dir
 from machine_sync.runner import RESTORE_COMMAND, FileState, Runner, transaction_body
@@ -171,6 +172,28 @@ def test_the_legacy_database_is_migrated_by_the_runner(legacy_db):
         assert {step.action for step in runner(conn).plan().steps} == {"apply"}
         runner(conn).apply()
         assert conn.execute("SELECT count(*) FROM machines").fetchone() == machines_before
+        assert_consistent(conn)
+
+
+def test_another_role_than_the_tables_owner_is_refused_before_the_history_is_made(legacy_db):
+    """A superuser trying first would otherwise leave the runner's history
+    behind, its own, with the baseline recorded: the owner could then neither
+    read nor apply."""
+    owner = legacy_db.cluster.owner
+    with legacy_db.connect(admin=True) as admin:
+        superuser = admin.execute("SELECT current_user").fetchone()[0]
+        with pytest.raises(PermissionDenied) as caught:
+            runner(admin).apply()
+        assert caught.value.sqlstate == "42501"
+        assert f"not by {superuser}" in str(caught.value)
+        assert f"public.machine_state (owned by {owner})" in str(caught.value)
+        assert admin.execute("SELECT to_regnamespace('machine_sync_migrations')").fetchone() == (
+            None,
+        )
+    with legacy_db.connect() as conn:
+        assert {step.action for step in runner(conn).plan().steps} == {"apply"}
+        runner(conn).apply()
+        assert [name for name, _ in history(conn)] == SHIPPED
         assert_consistent(conn)
 
 

@@ -119,15 +119,20 @@ $$;
 
 DROP SCHEMA IF EXISTS machine_sync_revert CASCADE;
 
--- The role is the cluster's: another database may still use it.
+-- The role is the cluster's: another database may still use it. One that
+-- another role made (an administrator, beforehand) and granted without ADMIN
+-- OPTION is its maker's to drop (PostgreSQL 16+).
 DO $$
 BEGIN
     IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror') THEN
         DROP OWNED BY machine_sync_mirror;
         BEGIN
             DROP ROLE machine_sync_mirror;
-        EXCEPTION WHEN dependent_objects_still_exist THEN
-            RAISE NOTICE 'role machine_sync_mirror is kept: another database still uses it';
+        EXCEPTION
+            WHEN dependent_objects_still_exist THEN
+                RAISE NOTICE 'role machine_sync_mirror is kept: another database still uses it';
+            WHEN insufficient_privilege THEN
+                RAISE NOTICE 'role machine_sync_mirror is kept: % may not drop it (another role made it); its maker can', current_user;
         END;
     END IF;
 END

