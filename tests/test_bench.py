@@ -139,7 +139,7 @@ def test_quick_bench_through_the_cli(cluster, tmp_path):
         (w, n) for w in ("client", "legacy-code") for n in (1, 4)
     }
     for cell in ops:
-        assert cell["ops"] >= 8
+        assert cell["ops"] >= 8 * cell["writers"]  # a whole cycle of eight per writer
         assert cell["refused"] == pytest.approx(cell["ops"] * 3 / 8, abs=3 * cell["writers"])
         assert cell["drift"] == (0 if cell["workload"] == "client" else None)
 

@@ -186,7 +186,7 @@ def test_another_role_than_the_tables_owner_is_refused_before_the_history_is_mad
             runner(admin).apply()
         assert caught.value.sqlstate == "42501"
         assert f"not by {superuser}" in str(caught.value)
-        assert f"public.machine_state (owned by {owner})" in str(caught.value)
+        assert f"public.machines (owned by {owner})" in str(caught.value)
         assert admin.execute("SELECT to_regnamespace('machine_sync_migrations')").fetchone() == (
             None,
         )

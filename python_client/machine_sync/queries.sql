@@ -160,25 +160,14 @@ SELECT
     machine_sync.set_mode_v1(%(mode)s::text) AS current_mode;
 
 
--- name: tables_owned_by_others
--- The machine tables that exist here and belong to another role than the
--- connected one, as the v1 migration names them when it refuses that role
--- (sql/00_schema.sql); NULL when there are none.
+-- name: machines_owner
+-- Who owns public.machines (no row before the baseline makes it), and who
+-- is connected: the runner's history is the tables' owner's.
 SELECT
     current_user AS applier,
-    string_agg(
-        pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname)
-        || ' (owned by ' || pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(c.relowner)) || ')',
-        ', ' ORDER BY c.relname
-    ) AS owners
+    pg_catalog.pg_get_userbyid(c.relowner) AS tables_owner
 FROM pg_catalog.pg_class AS c
-INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
-WHERE
-    c.oid IN (
-        pg_catalog.to_regclass('public.machines'),
-        pg_catalog.to_regclass('public.machine_state')
-    )
-    AND pg_catalog.pg_get_userbyid(c.relowner) <> current_user;
+WHERE c.oid = pg_catalog.to_regclass('public.machines');
 
 
 -- name: runner_bootstrap

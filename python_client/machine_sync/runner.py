@@ -514,22 +514,22 @@ class Runner:
                 return plan
 
     def _refuse_another_owners_tables(self) -> None:
-        """Refuse, before the runner's history is made, a role the migrations refuse.
+        """Refuse, before the runner's history is made, a role that does not own the tables.
 
         The v1 migration refuses any role but the tables' owner; checked only
         there, the history schema (made first, owned by the connected role)
         and the baseline's record would stay behind, and the owner could then
         neither read nor write that history.
         """
-        row = self._rows("tables_owned_by_others")[0]
-        if row["owners"] is not None:
-            raise PermissionDenied(
-                f"machine-sync must be applied by the owner of its tables, not by "
-                f"{row['applier']}: {row['owners']}; nothing was run or recorded (hint: Connect "
-                "as the tables' owner, or run SET ROLE to it first (with psql: "
-                "PGOPTIONS='-c role=<owner>'))",
-                sqlstate="42501",
-            )
+        for row in self._rows("machines_owner"):
+            if row["tables_owner"] != row["applier"]:
+                raise PermissionDenied(
+                    f"machine-sync must be applied by the owner of its tables, not by "
+                    f"{row['applier']}: public.machines (owned by {row['tables_owner']}); "
+                    "nothing was run or recorded (hint: Connect as the tables' owner, or run "
+                    "SET ROLE to it first (with psql: PGOPTIONS='-c role=<owner>'))",
+                    sqlstate="42501",
+                )
 
     def down(self, steps: int = 1, *, dry_run: bool = False) -> list[str]:
         """Revert the last ``steps`` applied files with ``down/<same name>``; their names."""

@@ -411,8 +411,14 @@ def ops_cells(
                             return 1
 
                         conns = client_conns if key == "client" else legacy_conns
+                        # At least one whole cycle per writer: its three
+                        # refusals in eight are all in the count.
                         timed = run_writers(
-                            conns, seconds / 4 if warm else seconds, step, what="contended run"
+                            conns,
+                            seconds / 4 if warm else seconds,
+                            step,
+                            what="contended run",
+                            min_steps=len(OPS_CYCLE),
                         )
                         done, elapsed, tally = timed.changes, timed.seconds, timed.tally
                         if warm:

@@ -46,11 +46,15 @@ def run_writers(
     *,
     what: str,
     max_steps: int | None = None,
+    min_steps: int = 1,
     at_start: Callable[[], None] | None = None,
     at_end: Callable[[], None] | None = None,
     after: Callable[[psycopg.Connection[Any]], object] | None = None,
 ) -> Timed:
     """Run ``step`` on every connection at once for ``seconds``.
+
+    Each writer takes at least ``min_steps`` steps however long they take,
+    and at most ``max_steps``.
 
     ``at_start`` runs once when all writers are ready, ``at_end`` once when
     all have stopped (both before the clock of any writer starts or after it
@@ -76,7 +80,7 @@ def run_writers(
             while not stopping.is_set():
                 number += 1
                 changes += step(index, number, tally)
-                if number == max_steps or time.perf_counter() >= deadline:
+                if number == max_steps or (number >= min_steps and time.perf_counter() >= deadline):
                     break
             finished = time.perf_counter()
             end.wait()
