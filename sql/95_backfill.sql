@@ -10,11 +10,16 @@
 --   'processing' without a process is idle, and one that holds a process in
 --   another status lets it go.
 -- * On a database already in that state, nothing changes.
+-- * It says what it did, as a NOTICE: the drift it repaired, by kind (as
+--   machine_sync.drift names them), and how many machines the rules
+--   corrected.
 
 DO $$
 DECLARE
     unknown text;
     unrepaired text;
+    drifted text;
+    corrected bigint;
 BEGIN
     SELECT string_agg(
         format('%s (%s)', m.id, machine_sync.quote_bounded(m.status)), ', ' ORDER BY m.id
@@ -27,6 +32,12 @@ BEGIN
         USING ERRCODE = 'check_violation',
               HINT = 'INSERT the status into machine_sync.allowed_status (or an alias into machine_sync.status_alias), or correct those rows, then migrate again.';
     END IF;
+
+    SELECT string_agg(format('%s %s', d.n, d.problem), ', ' ORDER BY d.n DESC, d.problem)
+    INTO drifted
+    FROM (
+        SELECT dr.problem, count(*) AS n FROM machine_sync.drift AS dr GROUP BY dr.problem
+    ) AS d;
 
     -- Rows both tables agree on may still break the rules: a machine
     -- processing without a process, or holding one in another status. A
@@ -41,6 +52,7 @@ BEGIN
     WHERE
         (machine_sync.canonical_status(m.status) = 'processing')
         IS DISTINCT FROM (m.current_process_id IS NOT NULL);
+    GET DIAGNOSTICS corrected = ROW_COUNT;
 
     SELECT string_agg(format('%s: %s', r.machine_id, r.reason), '; ' ORDER BY r.machine_id)
     INTO unrepaired
@@ -50,5 +62,7 @@ BEGIN
         RAISE EXCEPTION 'machines that could not be brought into agreement: %', unrepaired
         USING ERRCODE = 'check_violation';
     END IF;
+    RAISE NOTICE 'machine-sync: drift repaired from machines: %; machines the rules corrected (processing without a process, or a process held in another status): %; all % machines agree',
+        coalesce(drifted, 'none'), corrected, (SELECT count(*) FROM public.machines);
 END
 $$;

@@ -167,12 +167,29 @@ def test_psql_and_the_runner_can_be_mixed(empty_db, tmp_path):
 def test_the_legacy_database_is_migrated_by_the_runner(legacy_db):
     with legacy_db.connect() as conn:
         machines_before = conn.execute("SELECT count(*) FROM machines").fetchone()
+        (missing,) = conn.execute(
+            "SELECT count(*) FROM machines AS m"
+            " WHERE NOT EXISTS (SELECT FROM machine_state AS s WHERE s.machine_id = m.id)"
+        ).fetchone()
+        assert missing > 0
         # Its tables predate machine-sync: that is not a psql install to adopt.
         assert not runner(conn).status().adoptable
         assert {step.action for step in runner(conn).plan().steps} == {"apply"}
-        runner(conn).apply()
+        said: list[str] = []
+        runner(conn, echo=said.append).apply()
         assert conn.execute("SELECT count(*) FROM machines").fetchone() == machines_before
         assert_consistent(conn)
+        # The migration says what it repaired, in machine_sync.drift's terms;
+        # PostgreSQL's own notices ("already exists, skipping") are not shown.
+        (report,) = [line for line in said if "drift repaired" in line]
+        assert f" {missing} missing_state" in report
+        assert report.endswith(f"all {machines_before[0]} machines agree")
+        assert not [line for line in said if "skipping" in line]
+        said.clear()
+        runner(conn, echo=said.append).apply(force=True)
+        (again,) = [line for line in said if "drift repaired" in line]
+        assert "drift repaired from machines: none;" in again
+        assert "another status): 0;" in again
 
 
 def test_another_role_than_the_tables_owner_is_refused_before_the_history_is_made(legacy_db):

@@ -586,8 +586,16 @@ class Runner:
 
     def _run_file(self, name: str, path: Path, label: str, record: Callable[[], None]) -> None:
         body = self._body(name, path)
+        # What the file says it did: its own RAISE NOTICEs (SQLSTATE 00000),
+        # not PostgreSQL's (such as 42P07, "already exists, skipping").
+        said: list[str] = []
+
+        def keep(notice: psycopg.errors.Diagnostic) -> None:
+            if notice.sqlstate == "00000" and notice.message_primary:
+                said.append(notice.message_primary)
 
         def work() -> None:
+            said.clear()  # a retried attempt says it again
             # The file's statements as they are, sent as one simple query (no
             # parameters); the file ships with the package, like queries.sql.
             self._conn.execute(body)
@@ -600,7 +608,13 @@ class Runner:
 
         self._echo(f"{label} {name} ...")
         started = time.monotonic()
-        self._transaction(name, work, commit=True)
+        self._conn.add_notice_handler(keep)
+        try:
+            self._transaction(name, work, commit=True)
+        finally:
+            self._conn.remove_notice_handler(keep)
+        for line in said:
+            self._echo(f"  {line}")
         self._echo(f"  done in {time.monotonic() - started:.2f} s")
 
     def _transaction(self, what: str, work: Callable[[], None], *, commit: bool) -> None:
