@@ -121,6 +121,24 @@ def test_bad_input_without_a_database(args, dsn, code, words):
     assert_one_error_line(run(*args, dsn=dsn), code, *words)
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://u:s3cr3t-pw0rd@[::1/db",  # libpq quotes the whole URI
+        "postgresql://u:s3cr3t%zzpw0rd@localhost/db",  # ... or the bad token
+        "host=localhost user=u password=s3cr3t pw0rd",  # ... or what follows a space
+        "postgresql://u:s3cr3t@pw0rd@localhost/db",  # the rest would be the host
+        "postgresql://u:s3cr3t/pw0rd@localhost/db",  # ... or the port
+    ],
+    ids=["uri", "token", "keyword", "at-sign", "slash"],
+)
+def test_a_password_in_a_bad_dsn_is_never_printed(dsn):
+    result = run("drift", "--dsn", dsn)
+    assert_one_error_line(result, ExitCode.BAD_INPUT, "invalid --dsn/DATABASE_URL")
+    for part in ("s3cr3t", "pw0rd"):
+        assert part not in result.stderr
+
+
 def test_errors_that_need_the_database(db, empty_db, tmp_path):
     missing_db = db.cluster.server.dsn_for("no_such_database")
     assert_one_error_line(run("drift", dsn=missing_db), ExitCode.UNREACHABLE, "no_such_database")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg
@@ -9,18 +10,49 @@ from psycopg.conninfo import conninfo_to_dict
 
 from machine_sync.errors import InvalidArgument, one_line
 
+# libpq's parse errors quote the text they stumbled on, the whole URI for some:
+# where that text may hold a password, the quotes are left out of the message.
+_QUOTED = re.compile(r'"[^"]*"')
+_URI = re.compile(r"^\s*postgres(?:ql)?://", re.IGNORECASE)
+
+
+def _may_hold_password(dsn: str) -> bool:
+    """Whether the text names a password: a ``password`` keyword or URI parameter, or
+    a URI with user information (``user:secret@``, which libpq splits at the first
+    ``@`` and ``/``, so part of a password with those in it lands in host or port)."""
+    return "password" in dsn.lower() or (_URI.match(dsn) is not None and "@" in dsn)
+
 
 def parse_dsn(dsn: str) -> dict[str, Any]:
-    """The DSN's parameters; :class:`InvalidArgument` names what is wrong with it."""
+    """The DSN's parameters; :class:`InvalidArgument` names what is wrong with it.
+
+    No message quotes text that may be part of a password.
+    """
+    secret = _may_hold_password(dsn)
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
-        raise InvalidArgument(f"invalid --dsn/DATABASE_URL: {one_line(str(exc))}") from None
+        message = one_line(str(exc))
+        if secret:
+            message = (
+                _QUOTED.sub('"..."', message) + " (quoted text left out: it may hold the password)"
+            )
+        raise InvalidArgument(f"invalid --dsn/DATABASE_URL: {message}") from None
     # libpq parses any port text and fails later with a resolver message.
     ports = str(params.get("port") or "").split(",")
     if not all(port.strip().isdigit() for port in ports if port.strip()):
+        shown = "" if secret else f" {params['port']!r}"
         raise InvalidArgument(
-            f"invalid --dsn/DATABASE_URL: port {params['port']!r} is not a number"
+            f"invalid --dsn/DATABASE_URL: port{shown} is not a number"
+            + (" (is a ':' or '/' of the password not percent-encoded?)" if secret else "")
+        )
+    # An '@' of a password that is not percent-encoded: libpq splits user
+    # information at the first one, and the rest of the password is the host,
+    # which the connection's error would print.
+    if _URI.match(dsn) and "@" in str(params.get("host") or ""):
+        raise InvalidArgument(
+            "invalid --dsn/DATABASE_URL: its host contains '@': percent-encode an '@' in the"
+            " user name or password as %40"
         )
     return params
 
