@@ -114,8 +114,9 @@ $$;
 -- ---------------------------------------------------------------------------
 
 -- What machine-sync changes on tables it did not create, recorded so that
--- its down migration puts them back exactly: the two tables' grants, the
--- foreign key's name and rule, the id default.
+-- its down migration puts them back exactly: the two tables' grants (of the
+-- tables and of their columns: revoking a privilege on a table revokes it on
+-- every column too), the foreign key's name and rule, the id default.
 --
 -- Guarantees:
 -- * Recorded once, the first time machine-sync is applied; applying again
@@ -131,6 +132,15 @@ CREATE TABLE IF NOT EXISTS machine_sync_revert.table_grant (
     privilege_type text NOT NULL,
     is_grantable boolean NOT NULL,
     PRIMARY KEY (table_name, grantee, privilege_type)
+);
+
+CREATE TABLE IF NOT EXISTS machine_sync_revert.column_grant (
+    table_name text NOT NULL,
+    column_name text NOT NULL,
+    grantee text NOT NULL,
+    privilege_type text NOT NULL,
+    is_grantable boolean NOT NULL,
+    PRIMARY KEY (table_name, column_name, grantee, privilege_type)
 );
 
 CREATE TABLE IF NOT EXISTS machine_sync_revert.foreign_key (
@@ -165,6 +175,25 @@ BEGIN
             'public.machines'::pg_catalog.regclass,
             'public.machine_state'::pg_catalog.regclass
         )
+        AND a.grantee <> c.relowner;
+    INSERT INTO machine_sync_revert.column_grant
+    SELECT
+        c.oid::regclass::text,
+        col.attname,
+        coalesce(r.rolname, 'PUBLIC'),
+        a.privilege_type,
+        a.is_grantable
+    FROM pg_catalog.pg_class AS c
+    INNER JOIN pg_catalog.pg_attribute AS col ON c.oid = col.attrelid
+    CROSS JOIN LATERAL aclexplode(col.attacl) AS a
+    LEFT JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
+    WHERE
+        c.oid IN (
+            'public.machines'::pg_catalog.regclass,
+            'public.machine_state'::pg_catalog.regclass
+        )
+        AND col.attnum > 0
+        AND NOT col.attisdropped
         AND a.grantee <> c.relowner;
     INSERT INTO machine_sync_revert.foreign_key
     SELECT conname, pg_get_constraintdef(oid)

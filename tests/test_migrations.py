@@ -204,6 +204,12 @@ LEGACY_SHAPE = """
     LEFT JOIN pg_roles r ON r.oid = a.grantee
     WHERE c.oid IN ('machines'::regclass, 'machine_state'::regclass)
     UNION ALL
+    SELECT 'column grant', a.attrelid::regclass || '.' || a.attname || ' ' ||
+           coalesce(r.rolname, 'PUBLIC') || ' ' || g.privilege_type || ' ' || g.is_grantable
+    FROM pg_attribute a CROSS JOIN LATERAL aclexplode(a.attacl) g
+    LEFT JOIN pg_roles r ON r.oid = g.grantee
+    WHERE a.attrelid IN ('machines'::regclass, 'machine_state'::regclass)
+    UNION ALL
     SELECT 'constraint', conname || ' ' || pg_get_constraintdef(oid) FROM pg_constraint
     WHERE conrelid IN ('machines'::regclass, 'machine_state'::regclass)
     UNION ALL
@@ -225,7 +231,14 @@ def test_down_restores_the_legacy_grants_foreign_key_and_defaults(legacy_db):
         conn.execute("ALTER TABLE machines ALTER COLUMN id SET DEFAULT md5('x')::uuid")
         conn.execute("GRANT ALL ON machine_state TO anon WITH GRANT OPTION")
         conn.execute("REVOKE TRUNCATE ON machines FROM service_role")
+        # Column grants: v1 revokes anon's writes and the API roles' REFERENCES,
+        # on the table and so on every column; the revert revokes all of them.
+        conn.execute("REVOKE UPDATE ON machines FROM anon")
+        conn.execute("GRANT UPDATE (location, status) ON machines TO anon")
+        conn.execute("GRANT REFERENCES (id) ON machines TO authenticated WITH GRANT OPTION")
+        conn.execute("GRANT SELECT (id, status) ON machines TO PUBLIC")
         before = conn.execute(LEGACY_SHAPE).fetchall()
+        assert sum(kind == "column grant" for kind, _ in before) == 5
     legacy_db.migrate()
     with legacy_db.connect() as conn:
         assert conn.execute(LEGACY_SHAPE).fetchall() != before

@@ -1,7 +1,7 @@
 -- Revert machine-sync v1: back to two independently written tables, with
--- the grants, foreign key and id default the tables had before v1 (recorded
--- by v1 in machine_sync_revert). Data is kept: machine_state holds every
--- value machines gained (failure details, status_since as state_since), so
+-- the grants (on the tables and on their columns), foreign key and id
+-- default the tables had before v1 (recorded by v1 in machine_sync_revert).
+-- Data is kept: machine_state holds every value machines gained (failure details, status_since as state_since), so
 -- dropping those columns loses nothing. That holds only without drift, so
 -- while any machine drifts this refuses and changes nothing.
 
@@ -94,10 +94,18 @@ BEGIN
         );
     END LOOP;
 
+    -- Every grantee of a table or of one of its columns: REVOKE ALL on the
+    -- table revokes its column privileges too.
     FOR item IN
         SELECT DISTINCT c.oid::regclass::text AS table_name, a.grantee
         FROM pg_catalog.pg_class AS c
-        CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+        LEFT JOIN pg_catalog.pg_attribute AS col
+            ON c.oid = col.attrelid AND col.attnum > 0 AND NOT col.attisdropped
+        CROSS JOIN LATERAL (
+            SELECT x.grantee FROM aclexplode(c.relacl) AS x
+            UNION
+            SELECT x.grantee FROM aclexplode(col.attacl) AS x
+        ) AS a
         WHERE
             c.oid IN ('public.machines'::regclass, 'public.machine_state'::regclass)
             AND a.grantee <> c.relowner
@@ -114,6 +122,17 @@ BEGIN
             CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
         );
     END LOOP;
+    -- (Recorded by the versions of v1 that record column grants.)
+    IF to_regclass('machine_sync_revert.column_grant') IS NOT NULL THEN
+        FOR item IN SELECT * FROM machine_sync_revert.column_grant LOOP
+            EXECUTE format(
+                'GRANT %s (%I) ON %s TO %s%s', item.privilege_type, item.column_name,
+                item.table_name,
+                CASE WHEN item.grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(item.grantee) END,
+                CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
+            );
+        END LOOP;
+    END IF;
 END
 $$;
 
