@@ -30,6 +30,7 @@ import typer
 from .benchmark import QUICK, BenchConfig, BenchError, run_benchmark
 from .benchmark.report import headline_text, write
 from .benchmark.scratch import ScratchMode
+from .cli import DEMO_INSTALL
 from .dsn import given_dsn, parse_dsn
 from .errors import DatabaseUnreachable, MachineSyncError, one_line
 
@@ -170,7 +171,7 @@ def register(app: typer.Typer) -> None:
         written = ", ".join(str(p) for p in paths.values())
         typer.echo(f"written: {written}", err=True)
         if "chart" not in paths:
-            typer.echo("no chart: install matplotlib (pip install 'machine-sync[demo]')", err=True)
+            typer.echo(f"no chart: install matplotlib ({DEMO_INSTALL})", err=True)
         cells_ok = (
             all(c.writes_ok and not c.drift for c in result.cells)
             and not any(c.drift for c in result.hot)

@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from machine_sync.errors import InvalidArgument, one_line
 
@@ -14,6 +14,15 @@ from machine_sync.errors import InvalidArgument, one_line
 # where that text may hold a password, the quotes are left out of the message.
 _QUOTED = re.compile(r'"[^"]*"')
 _URI = re.compile(r"^\s*postgres(?:ql)?://", re.IGNORECASE)
+
+
+#: Connection parameters that are secrets: never shown.
+SECRET_PARAMETERS = frozenset({"password", "sslpassword"})
+
+
+def shown(params: dict[str, Any]) -> str:
+    """The parameters as a conninfo string to print: without their secrets."""
+    return make_conninfo("", **{k: v for k, v in params.items() if k not in SECRET_PARAMETERS})
 
 
 def _may_hold_password(dsn: str) -> bool:

@@ -17,7 +17,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from machine_sync import workload as wl
 from machine_sync.benchmark.queries import CREATE_DATABASE, DROP_DATABASE, naming
 from machine_sync.cli import ExitCode
-from machine_sync.dsn import parse_dsn
+from machine_sync.dsn import parse_dsn, shown
 from machine_sync.errors import InvalidArgument, one_line
 from machine_sync.server import EMBEDDED_USER, Server, embedded_server, find_psql
 
@@ -73,9 +73,7 @@ class Workspace:
 
     def psql_command(self) -> str:
         """The command that connects to the demo's database (no password in it)."""
-        params = conninfo_to_dict(self.dsn)
-        params.pop("password", None)
-        return shlex.join([self.psql, make_conninfo("", **params)])
+        return shlex.join([self.psql, shown(conninfo_to_dict(self.dsn))])
 
     def stop_command(self) -> str | None:
         """The command that stops a server the demo started and kept."""
@@ -93,10 +91,9 @@ def open_workspace(options: DemoOptions, out: DemoOutput) -> Iterator[Workspace]
     name = f"machine_sync_demo_{uuid.uuid4().hex[:8]}"
     if options.dsn:
         params = _dsn_params(options.dsn)
-        params.pop("password", None)
         afterwards = "and keep them (--keep)" if options.keep else "and drop them at the end"
         out.say(
-            f"Using the server {make_conninfo('', **params) or '(libpq defaults)'} (--dsn): "
+            f"Using the server {shown(params) or '(libpq defaults)'} (--dsn): "
             f"the demo will create the databases {name} and {name}_legacy there {afterwards}.",
             whole=True,
         )
