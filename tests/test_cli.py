@@ -121,6 +121,14 @@ def test_bad_input_without_a_database(args, dsn, code, words):
     assert_one_error_line(run(*args, dsn=dsn), code, *words)
 
 
+def test_status_before_migrating_says_not_installed(legacy_db):
+    # The legacy tables lack machine-sync's columns: that is the answer, not
+    # PostgreSQL's guess at which column was meant.
+    result = run("status", dsn=legacy_db.dsn)
+    assert_one_error_line(result, ExitCode.FAILED, "not installed", "migrate apply")
+    assert "Perhaps you meant" not in result.stderr
+
+
 @pytest.mark.parametrize(
     "dsn",
     [

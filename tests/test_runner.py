@@ -540,6 +540,33 @@ def test_down_stops_at_a_revert_that_refuses(db, conn):
     assert [name for name, _ in history(conn)] == SHIPPED[:1]  # the v1 revert committed
 
 
+def test_a_failed_revert_says_what_stood_in_the_way(db, conn):
+    """PostgreSQL names what blocks a DROP in its DETAIL: here a publication
+    whose column list holds a column the revert drops."""
+    runner(conn).apply()
+    publication = f"t_pub_{uuid.uuid4().hex[:8]}"
+    with db.connect(admin=True) as admin:
+        admin.execute(
+            f"CREATE PUBLICATION {publication}"
+            " FOR TABLE public.machines (id, status, failure_description)"
+        )
+    try:
+        with pytest.raises(MigrationFailed) as caught:
+            runner(conn).down()
+        assert caught.value.sqlstate == "2BP01"
+        assert f"publication {publication} depends on column failure_description" in str(
+            caught.value
+        )
+        # Not PostgreSQL's "Use DROP ... CASCADE": the file is not the user's to edit.
+        assert "CASCADE" not in str(caught.value)
+        assert "ALTER PUBLICATION" in str(caught.value)
+        assert [name for name, _ in history(conn)] == SHIPPED  # rolled back
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() != (None,)
+    finally:
+        with db.connect(admin=True) as admin:
+            admin.execute(f"DROP PUBLICATION {publication}")
+
+
 def test_down_dry_run(db, conn):
     runner(conn).apply()
     assert runner(conn).down(dry_run=True) == [SHIPPED[-1]]

@@ -292,12 +292,25 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def describe(exc: psycopg.Error) -> str:
-    """PostgreSQL's message plus its hint, on one line."""
+#: How much of a DETAIL :func:`describe` quotes.
+DETAIL_LIMIT = 300
+
+
+def describe(exc: psycopg.Error, *, detail: bool = False, hint: str | None = None) -> str:
+    """PostgreSQL's message plus its hint, on one line; with ``detail``, its
+    DETAIL as well (at most :data:`DETAIL_LIMIT` characters), which for a
+    failed migration often names what stood in the way; ``hint`` replaces
+    PostgreSQL's."""
     diag = exc.diag
-    primary = diag.message_primary or str(exc) or type(exc).__name__
-    hint = (diag.message_hint or "").rstrip(".")
-    return one_line(f"{primary} (hint: {hint})" if hint else primary)
+    text = diag.message_primary or str(exc) or type(exc).__name__
+    more = one_line(diag.message_detail or "") if detail else ""
+    if more:
+        if len(more) > DETAIL_LIMIT:
+            more = more[:DETAIL_LIMIT] + f"... ({len(more)} characters)"
+        text = f"{text} ({more})"
+    hint = (diag.message_hint if hint is None else hint) or ""
+    hint = hint.rstrip(".")
+    return one_line(f"{text} (hint: {hint})" if hint else text)
 
 
 def _uuids(text: str | None) -> list[UUID]:
@@ -343,8 +356,10 @@ def translate(
         # (never the password), so they are safe and useful to show.
         return DatabaseUnreachable(f"cannot reach the database: {one_line(str(exc))}")
     if ours and state in NOT_INSTALLED_STATES:
+        # (Without PostgreSQL's hint, a guess such as "Perhaps you meant to
+        # reference the column s.failure_description": not what to do.)
         return NotInstalled(
-            f"{message}: machine-sync is not installed here (or not up to date); "
+            f"{describe(exc, hint='')}: machine-sync is not installed here (or not up to date); "
             "run `machine-sync migrate apply`",
             sqlstate=state,
         )

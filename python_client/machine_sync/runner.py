@@ -151,6 +151,16 @@ def discover(directory: Path) -> list[Migration]:
     ]
 
 
+# A migration's statements are not the user's to edit: where PostgreSQL's
+# hint tells its reader to change the statement, the runner says what to do.
+_HINTS = {
+    # "Use DROP ... CASCADE": that would drop the user's objects with ours.
+    "2BP01": "change or remove the objects named above that depend on what the file drops "
+    "(for a publication: ALTER PUBLICATION ... SET TABLE without that column), then run "
+    "it again",
+}
+
+
 def transaction_body(name: str, text: str) -> str:
     """The statements of a migration without its own BEGIN; and COMMIT;."""
     wrapped = _WRAPPED.fullmatch(text)
@@ -648,7 +658,9 @@ class Runner:
                 if isinstance(error, DatabaseUnreachable):
                     raise error from exc
                 raise MigrationFailed(
-                    f"{what} failed and was rolled back: {describe(exc)} (SQLSTATE {exc.sqlstate})",
+                    f"{what} failed and was rolled back: "
+                    f"{describe(exc, detail=True, hint=_HINTS.get(exc.sqlstate or ''))} "
+                    f"(SQLSTATE {exc.sqlstate})",
                     migration=what,
                     sqlstate=exc.sqlstate,
                 ) from exc
