@@ -1,8 +1,9 @@
 -- Revert machine-sync v1: back to two independently written tables, with
 -- the grants (on the tables and on their columns), foreign key and id
 -- default the tables had before v1 (recorded by v1 in machine_sync_revert).
--- Data is kept: machine_state holds every value machines gained (failure details, status_since as state_since), so
--- dropping those columns loses nothing. That holds only without drift, so
+-- Data is kept: machine_state holds every value machines gained (failure
+-- details, status_since as state_since), so dropping those columns loses
+-- nothing. That holds only without drift, so
 -- while any machine drifts this refuses and changes nothing.
 
 -- squawk-ignore-file require-statement-timeout
