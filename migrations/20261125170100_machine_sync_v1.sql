@@ -77,6 +77,65 @@ CREATE SCHEMA IF NOT EXISTS machine_sync;
 COMMENT ON SCHEMA machine_sync IS
 'machine-sync internals: status vocabulary, transitions, mode, triggers, drift view.';
 
+-- Locks the tables a migration changes before it changes any: machines
+-- first, the order every writer takes them in, waiting for it as long as the
+-- caller's lock_timeout allows; then machine_state and the drift view, each
+-- only if free at once. Were one busy, its holder may be a transaction that
+-- wrote it and will write machines next (the legacy code's two statements in
+-- one transaction; a reader of the drift view), so waiting while holding
+-- machines could close a cycle. Instead machines is let go (the
+-- subtransaction rolls back), and the whole is tried again every 10 ms until
+-- lock_timeout has passed since the first try: then 55P03, with nothing
+-- changed, which the migration runner retries. lock_timeout 0 waits on.
+-- Applying, re-applying and reverting call it first; it makes nothing.
+CREATE OR REPLACE FUNCTION machine_sync.lock_tables()
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    caller_lock_timeout text := current_setting('lock_timeout');
+    patience interval := caller_lock_timeout::interval;
+    deadline timestamptz := clock_timestamp() + patience;
+    busy text;
+BEGIN
+    IF to_regclass('public.machines') IS NULL OR to_regclass('public.machine_state') IS NULL THEN
+        RETURN;  -- a fresh install: nothing to wait for
+    END IF;
+    LOOP
+        IF patience > interval '0' THEN
+            PERFORM set_config(
+                'lock_timeout',
+                greatest(ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000), 1)::text || 'ms',
+                true
+            );
+        END IF;
+        BEGIN
+            LOCK TABLE public.machines IN ACCESS EXCLUSIVE MODE;
+            busy := 'public.machine_state';
+            LOCK TABLE public.machine_state IN ACCESS EXCLUSIVE MODE NOWAIT;
+            IF to_regclass('machine_sync.drift') IS NOT NULL THEN
+                busy := 'machine_sync.drift';
+                LOCK TABLE machine_sync.drift IN ACCESS EXCLUSIVE MODE NOWAIT;
+            END IF;
+            EXIT;
+        EXCEPTION WHEN lock_not_available THEN
+            IF patience > interval '0' AND clock_timestamp() >= deadline THEN
+                RAISE EXCEPTION 'lock timeout: machine-sync waited % (lock_timeout) for its tables, and % stayed locked by another transaction',
+                    caller_lock_timeout, coalesce(busy, 'public.machines')
+                USING ERRCODE = 'lock_not_available',
+                      HINT = 'Other transactions hold them (SELECT * FROM pg_locks); nothing was changed, retry.';
+            END IF;
+            busy := NULL;
+        END;
+        PERFORM pg_sleep(0.01);
+    END LOOP;
+    PERFORM set_config('lock_timeout', caller_lock_timeout, true);
+END
+$$;
+
+SELECT machine_sync.lock_tables();
+
 -- Two databases of one cluster migrated at once may both try: whichever
 -- loses the race finds the role made and granted by the other.
 DO $$

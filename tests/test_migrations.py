@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
@@ -194,8 +197,71 @@ def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
         blocker.rollback()
     assert result.returncode != 0
     assert "lock timeout" in result.stderr
+    assert "public.machines stayed locked by another transaction" in result.stderr
     with legacy_db.connect() as conn:
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+# Locks on the two tables held or wanted by a psql session (the migration).
+PSQL_LOCKS = """
+    SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE a.application_name = 'psql' AND a.datname = current_database()
+      AND l.relation IN ('public.machines'::regclass, 'public.machine_state'::regclass)
+"""
+PSQL_WAITS = """
+    SELECT count(*) FROM pg_stat_activity
+    WHERE application_name = 'psql' AND datname = current_database()
+      AND (wait_event_type = 'Lock' OR wait_event = 'PgSleep')
+"""
+LEGACY_WRITES = {
+    "machine_state": "UPDATE machine_state SET current_state = 'idle' WHERE machine_id = %s",
+    "machines": "UPDATE machines SET status = 'idle' WHERE id = %s",
+}
+
+
+@pytest.mark.parametrize("first", sorted(LEGACY_WRITES))
+def test_migrating_does_not_deadlock_a_legacy_pair_in_one_transaction(legacy_db, first):
+    """The legacy code's two writes, in one transaction, in either order,
+    while the migration starts: both commit, neither gets 40P01."""
+    machine = LEGACY_MACHINE.format(1)
+    second = next(table for table in LEGACY_WRITES if table != first)
+    with ThreadPoolExecutor(1) as pool, legacy_db.connect(autocommit=False) as writer:
+        writer.execute(LEGACY_WRITES[first], [machine])
+        migration = pool.submit(legacy_db.psql, *migration_files(), check=False)
+        wait_for("the migration reaches the tables", lambda: legacy_db.one(PSQL_LOCKS) > 0)
+        writer.execute(LEGACY_WRITES[second], [machine])
+        writer.commit()
+        result = migration.result(timeout=60)
+    assert result.returncode == 0, result.stderr
+    with legacy_db.connect() as conn:
+        assert_consistent(conn)
+        assert conn.execute(
+            "SELECT status, current_state FROM machines JOIN machine_state ON machine_id = id"
+            " WHERE id = %s",
+            [machine],
+        ).fetchone() == ("idle", "idle")
+
+
+def test_reverting_does_not_deadlock_a_reader(legacy_db):
+    """A transaction that reads machine_state, then the drift view (and so
+    machines), while the down migration starts: both complete."""
+    legacy_db.migrate()
+    with ThreadPoolExecutor(1) as pool, legacy_db.connect(autocommit=False) as reader:
+        reader.execute("SELECT count(*) FROM machine_state")
+        revert = pool.submit(legacy_db.psql, down_file(migration_files()[-1]), check=False)
+        wait_for("the revert waits for the reader", lambda: legacy_db.one(PSQL_WAITS) > 0)
+        assert reader.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
+        reader.commit()
+        result = revert.result(timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert legacy_db.one("SELECT to_regnamespace('machine_sync')") is None
 
 
 LEGACY_SHAPE = """

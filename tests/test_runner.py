@@ -731,6 +731,52 @@ def test_a_busy_table_is_retried_then_applied(empty_db, tmp_path):
         assert [name for name, _ in history(conn)] == ["1_busy.sql"]
 
 
+CROSSED = {
+    "1_crossed.sql": (
+        "BEGIN;\nLOCK TABLE first_gate IN ACCESS EXCLUSIVE MODE;\n"
+        "LOCK TABLE second_gate IN ACCESS EXCLUSIVE MODE;\nINSERT INTO runs VALUES (1);\nCOMMIT;\n"
+    )
+}
+
+
+def test_a_file_that_loses_a_deadlock_is_retried_then_applied(empty_db, tmp_path):
+    """The server aborts one transaction of a lock cycle (40P01); when that is
+    the migration's, it was rolled back whole and is simply run again."""
+    folder = write_migrations(tmp_path, CROSSED)
+    with empty_db.connect() as conn, empty_db.connect(autocommit=False) as other:
+        conn.execute("CREATE TABLE first_gate (); CREATE TABLE second_gate ();")
+        conn.execute("CREATE TABLE runs (n int)")
+        other.execute("LOCK TABLE second_gate IN ACCESS EXCLUSIVE MODE")
+        other_pid = other.info.backend_pid
+
+        def close_the_cycle() -> None:
+            # Once the migration holds first_gate and waits for second_gate,
+            # take first_gate too: the migration waited first, so its own
+            # deadlock check finds the cycle and it is the one aborted.
+            with empty_db.connect() as watcher:
+                deadline = time.monotonic() + 30
+                while not watcher.execute(
+                    "SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted"
+                    " AND %s = ANY (pg_blocking_pids(pid)))",
+                    [other_pid],
+                ).fetchone()[0]:  # type: ignore[index]
+                    assert time.monotonic() < deadline, "the migration never waited"
+                    time.sleep(0.01)
+            other.execute("LOCK TABLE first_gate IN ACCESS EXCLUSIVE MODE")
+            other.rollback()
+
+        closer = threading.Thread(target=close_the_cycle)
+        closer.start()
+        lines: list[str] = []
+        try:
+            runner(conn, folder, retries=2, retry_delay=0.01, echo=lines.append).apply()
+        finally:
+            closer.join()
+        assert any("deadlock detected" in line and "retry 1/2" in line for line in lines), lines
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+        assert [name for name, _ in history(conn)] == ["1_crossed.sql"]
+
+
 def test_a_table_that_stays_busy_gives_up_cleanly(empty_db, tmp_path):
     folder = write_migrations(tmp_path, BUSY)
     with empty_db.connect() as conn, empty_db.connect(autocommit=False) as holder:

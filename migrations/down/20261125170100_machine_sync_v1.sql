@@ -23,6 +23,17 @@ SET LOCAL lock_timeout = '5s';
 -- 15) can neither stand in for a built-in one nor run as the migrating role.
 SET LOCAL search_path = pg_catalog, pg_temp;
 
+-- The tables first, machines before machine_state, as the migration takes
+-- them (machine_sync.lock_tables): a transaction that read the drift view
+-- or wrote machine_state, and goes on, never deadlocks with this one.
+DO $$
+BEGIN
+    IF to_regprocedure('machine_sync.lock_tables()') IS NOT NULL THEN
+        PERFORM machine_sync.lock_tables();
+    END IF;
+END
+$$;
+
 DO $$
 DECLARE
     drifting bigint;

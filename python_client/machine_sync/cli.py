@@ -300,7 +300,11 @@ LockWait = Annotated[
 ]
 Retries = Annotated[
     int,
-    typer.Option("--retries", min=0, help="Retries of a file that finds a table busy (55P03)."),
+    typer.Option(
+        "--retries",
+        min=0,
+        help="Retries of a file that finds a table busy (55P03) or loses a deadlock (40P01).",
+    ),
 ]
 
 

@@ -41,8 +41,9 @@ adds what psql cannot:
   (Sqitch's deploy/revert/verify); ``psql -v ON_ERROR_STOP=1 -f`` runs it as
   well as :meth:`Runner.verify`.
 * **Busy tables.** Each transaction starts with a short ``lock_timeout`` (a
-  file's own ``SET LOCAL`` wins); a file that hits it (SQLSTATE 55P03) is
-  rolled back and tried again a bounded number of times.
+  file's own ``SET LOCAL`` wins); a file that hits it (SQLSTATE 55P03), or
+  that the server picks as a deadlock's victim (40P01), is rolled back and
+  tried again a bounded number of times.
 """
 
 from __future__ import annotations
@@ -628,7 +629,8 @@ class Runner:
         self._echo(f"  done in {time.monotonic() - started:.2f} s")
 
     def _transaction(self, what: str, work: Callable[[], None], *, commit: bool) -> None:
-        """Run ``work`` in one transaction; retry it when a table is busy (55P03)."""
+        """Run ``work`` in one transaction; retry it when a table is busy (55P03)
+        or it lost a deadlock (40P01): either way it was rolled back whole."""
         for attempt in range(1, self._retries + 2):
             try:
                 self._conn.execute("BEGIN")
@@ -636,7 +638,7 @@ class Runner:
                 work()
                 self._conn.execute("COMMIT" if commit else "ROLLBACK")
                 return
-            except psycopg.errors.LockNotAvailable as exc:
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.DeadlockDetected) as exc:
                 self._rollback()
                 if attempt > self._retries:
                     raise MigrationFailed(
