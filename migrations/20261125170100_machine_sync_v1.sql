@@ -134,7 +134,11 @@ BEGIN
 END
 $$;
 
-SELECT machine_sync.lock_tables();
+DO $$
+BEGIN
+    PERFORM machine_sync.lock_tables();
+END
+$$;
 
 -- Two databases of one cluster migrated at once may both try: whichever
 -- loses the race finds the role made and granted by the other.

@@ -351,6 +351,33 @@ def test_edited_file_is_refused_and_named(empty_db, tmp_path):
     assert f"reapply {SHIPPED[0]}" in forced.stdout
 
 
+def test_status_shows_what_a_terminal_would_act_on_escaped_and_long_values_cut(db, conn):
+    """A failure message is anyone's text: a table cell escapes control
+    characters (ESC starts colour and cursor sequences, a newline breaks the
+    table) and invisible reordering ones, and shows at most 100 characters;
+    --json gives it whole."""
+    machine_id = add_machine(conn, status="idle")
+    message = "valve\x1b[2J\x1b]0;owned\x07\nstuck \u202eevil" + "x" * 5000
+    conn.execute(
+        "UPDATE machines SET status = 'error', failure_description = %s WHERE id = %s",
+        [message, machine_id],
+    )
+    result = run("status", dsn=db.dsn)
+    assert result.exit_code == 0, result.output
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in result.stdout
+    assert "valve\\x1b[2J\\x1b]0;owned\\x07\\nstuck" in result.stdout
+    assert f"({len(message)}" in "".join(result.stdout.split())  # rich wraps the cell
+    assert max(map(len, result.stdout.splitlines())) < 400
+    whole = json.loads(run("status", str(machine_id), "--json", dsn=db.dsn).stdout)
+    assert whole["failure_description"] == message
+    assert cli._cell(message).plain == (
+        "valve\\x1b[2J\\x1b]0;owned\\x07\\nstuck \\u202eevil"
+        + "x" * (100 - 31)
+        + f"... ({len(message)} characters)"
+    )
+
+
 def test_status_reports_a_hand_edited_function(db, conn):
     assert run("migrate", "apply", dsn=db.dsn).exit_code == 0
     conn.execute(

@@ -3,9 +3,11 @@ rule, races, error translation and the number of round trips."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
+from importlib.resources import files
 from typing import Any
 
 import psycopg
@@ -19,6 +21,7 @@ from machine_sync.errors import (
     _DOING_INSTEAD,
     BY_SQLSTATE,
     ConcurrentUpdate,
+    DatabaseError,
     DatabaseUnreachable,
     DirectWriteRefused,
     InvalidArgument,
@@ -28,6 +31,7 @@ from machine_sync.errors import (
     NotCurrentProcess,
     NotInstalled,
     PermissionDenied,
+    UnknownComponent,
     UnknownMachine,
     UnknownProcess,
     translate,
@@ -131,6 +135,27 @@ def test_start_of_a_process_the_legacy_database_lacks(conn, client):
     known = uuid.uuid4()
     conn.execute("INSERT INTO public.process_executions VALUES (%s)", [known])
     assert client.start_process(machine_id, known).current_process_id == known
+
+
+def test_failure_of_a_component_the_legacy_database_lacks(conn, client):
+    """Production's machine_state.failure_component references
+    machine_components; the mirror's write of the state row meets it."""
+    conn.execute("CREATE TABLE public.machine_components (id uuid PRIMARY KEY)")
+    conn.execute(
+        "ALTER TABLE public.machine_state ADD FOREIGN KEY (failure_component)"
+        " REFERENCES public.machine_components (id)"
+    )
+    machine_id = add_machine(conn, status="idle")
+    missing = uuid.uuid4()
+    with pytest.raises(UnknownComponent) as caught:
+        client.fail_process(machine_id, "valve stuck", missing)
+    assert (caught.value.component_id, caught.value.sqlstate) == (missing, "23503")
+    assert f"component {missing} is not in machine_components" in str(caught.value)
+    assert machine(conn, machine_id)["status"] == "idle"
+    known = uuid.uuid4()
+    conn.execute("INSERT INTO public.machine_components VALUES (%s)", [known])
+    assert client.fail_process(machine_id, "valve stuck", known).failure_component == known
+    assert_consistent(conn)
 
 
 # -- complete_process / stop_process ----------------------------------------
@@ -519,6 +544,23 @@ def test_errors_are_classes_keyed_on_sqlstate():
     assert not InvalidTransition.retryable
 
 
+def test_migrating_guide_lists_the_exception_of_every_sqlstate():
+    """MIGRATING.md's SQLSTATE table says which exception each code becomes:
+    it names every code BY_SQLSTATE maps, and the class translate gives."""
+    guide = (files("machine_sync") / "MIGRATING.md").read_text()
+    table = guide.split("## The SQLSTATEs", 1)[1].split("\n\n", 2)[1]
+    listed: dict[str, set[str]] = {}
+    for line in table.splitlines()[2:]:
+        codes, _, exception = line.strip("|").split(" | ")
+        for code in re.findall(r"`(\w+)`", codes):
+            listed.setdefault(code, set()).update(re.findall(r"`(\w+)`", exception))
+    assert set(BY_SQLSTATE) <= set(listed)
+    for code, error in BY_SQLSTATE.items():
+        assert error.__name__ in listed[code], code
+    # 23503 is UnknownProcess or, from machine_state's foreign key, UnknownComponent.
+    assert listed["23503"] == {"UnknownProcess", "UnknownComponent"}
+
+
 def test_missing_objects_are_not_installed(db):
     with db.connect() as other:
         other.execute("DROP SCHEMA machine_sync CASCADE")
@@ -614,6 +656,42 @@ def test_prepared_statements(db, conn):
         ).fetchone()
     assert names is not None
     assert names[0] >= 2  # transition and get_machine ran as prepared statements
+    assert_consistent(conn)
+
+
+def test_in_pipeline_mode_what_a_call_returns_is_committed(db, conn):
+    """On an autocommit connection in pipeline mode, a statement that fails
+    after the call (before the pipeline's next sync) does not undo it."""
+    machine_id = add_machine(conn, status="idle")
+    run = uuid.uuid4()
+    started: list[Any] = []
+
+    def start_then_fail(piped: psycopg.Connection[Any]) -> None:
+        with piped.pipeline():
+            started.append(Client(piped).start_process(machine_id, run))
+            piped.execute("SELECT 1 / 0")
+
+    with db.connect() as piped, pytest.raises(psycopg.errors.DivisionByZero):
+        start_then_fail(piped)
+    assert [m.current_process_id for m in started] == [run]
+    row = machine(conn, machine_id)
+    assert (row["status"], row["current_process_id"]) == ("processing", run)
+    assert_consistent(conn)
+
+
+def test_in_pipeline_mode_a_call_after_a_failed_statement_runs_nothing(db, conn):
+    """The server skips a pipeline's statements after a failure up to the
+    next sync: the call says so (not a lost connection), and the pipeline
+    works again after it."""
+    machine_id = add_machine(conn, status="idle")
+    with db.connect() as piped, piped.pipeline():
+        client = Client(piped)
+        with pytest.raises(psycopg.errors.DivisionByZero):
+            piped.execute("SELECT 1 / 0").fetchall()
+        with pytest.raises(DatabaseError, match="earlier statement in this pipeline failed"):
+            client.start_process(machine_id, uuid.uuid4())
+        assert client.get(machine_id).status == "idle"
+    assert machine(conn, machine_id)["status"] == "idle"
     assert_consistent(conn)
 
 

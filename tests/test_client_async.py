@@ -106,6 +106,25 @@ def test_every_operation_through_an_async_connection(db, conn):
     assert_consistent(conn)
 
 
+def test_in_async_pipeline_mode_what_a_call_returns_is_committed(db, conn):
+    machine_id = add_machine(conn, status="idle")
+    run = uuid.uuid4()
+
+    started: list[Any] = []
+
+    async def main() -> None:
+        aconn = await psycopg.AsyncConnection.connect(db.dsn, autocommit=True)
+        async with aconn, aconn.pipeline():
+            started.append(await AsyncClient(aconn).start_process(machine_id, run))
+            await aconn.execute("SELECT 1 / 0")
+
+    with pytest.raises(psycopg.errors.DivisionByZero):
+        asyncio.run(main())
+    assert [m.current_process_id for m in started] == [run]
+    assert machine(conn, machine_id)["current_process_id"] == run
+    assert_consistent(conn)
+
+
 def test_async_pool(db, conn):
     machine_id = add_machine(conn, status="idle")
 

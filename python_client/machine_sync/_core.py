@@ -114,6 +114,7 @@ class Request:
     machine_id: UUID | None = None
     operation: Operation | None = None
     process_id: UUID | None = None
+    component_id: UUID | None = None
 
 
 def as_uuid(value: UUID | str, what: str) -> UUID:
@@ -202,15 +203,17 @@ def fail(
         raise InvalidArgument("fail_process needs a non-empty message saying what failed")
     _text(message, "message")
     process = _optional_uuid(process_id, "process_id")
-    return _write(
+    failed = _optional_uuid(component, "component")
+    request = _write(
         "fail_process",
         "fail",
         machine,
         process,
         process_id=process,
         failure_description=message,
-        failure_component=_optional_uuid(component, "component"),
+        failure_component=failed,
     )
+    return replace(request, component_id=failed)
 
 
 def set_status(machine_id: UUID | str, status: str) -> Request:
@@ -238,8 +241,8 @@ def read_request(name: str, **params: Any) -> Request:
 def set_mode(mode: str) -> Request:
     """Request for :meth:`Client.set_mode`."""
     if not isinstance(mode, str):
-        raise InvalidArgument(f"mode must be 'compat' or 'strict', got {mode!r}")
-    return read_request("set_mode", mode=mode)
+        raise InvalidArgument(f"mode must be 'compat' or 'strict', got {_quoted(mode)}")
+    return read_request("set_mode", mode=_text(mode, "mode"))
 
 
 def _state(row: Row) -> MachineState | None:

@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -364,13 +365,29 @@ def _console() -> Console:
     return console()
 
 
+#: The most characters of a value a table cell shows (``--json`` has it all).
+CELL_LIMIT = 100
+# Characters a terminal acts on rather than shows (C0 and C1 controls, among
+# them ESC, which starts colour and cursor sequences) and invisible ones that
+# reorder or hide text (bidirectional overrides, zero-width characters).
+_UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
 def _cell(value: object) -> Text:
-    # Text, not markup: a failure message may contain [brackets].
+    """A table cell: a value as plain text (Text, not markup: a failure message
+    may contain [brackets]), with what a terminal would act on escaped
+    (``\\x1b``) and at most :data:`CELL_LIMIT` characters of it."""
     if value is None:
         return Text("-")
     if isinstance(value, datetime):
         return Text(f"{value:%Y-%m-%d %H:%M:%S%z}")
-    return Text(str(value))
+    text = str(value)
+    shown = _UNSHOWABLE.sub(
+        lambda found: found[0].encode("unicode_escape").decode("ascii"), text[:CELL_LIMIT]
+    )
+    if len(text) > CELL_LIMIT:
+        shown += f"... ({len(text)} characters)"
+    return Text(shown)
 
 
 def _runner(

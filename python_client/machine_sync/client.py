@@ -49,7 +49,11 @@ Connections: the client never opens one. Given a connection, it runs on it as
 it is: an autocommit connection commits each operation at once; otherwise the
 operation joins the open transaction and the caller commits (a refusal, being
 the database's error, aborts that transaction: wrap a call that may be refused
-in a savepoint, ``conn.transaction()``). Given a pool, it
+in a savepoint, ``conn.transaction()``). In pipeline mode
+(``conn.pipeline()``) each call ends with a Sync, so on an autocommit
+connection what it returns is committed whatever the pipeline does next; a
+call after a failed statement the pipeline has not synced yet raises
+:class:`~machine_sync.errors.DatabaseError` and runs nothing. Given a pool, it
 borrows a connection per call; create the pool with
 ``kwargs={"autocommit": True}`` for one round trip per call (without it psycopg
 adds ``BEGIN`` and ``COMMIT``). No query sets session state, so PgBouncer in
@@ -63,10 +67,12 @@ Privileges: ``SELECT, UPDATE`` on ``public.machines``, ``SELECT`` on
 from __future__ import annotations
 
 import builtins
+from contextlib import nullcontext
 from typing import Any, TypeAlias
 from uuid import UUID
 
 import psycopg
+from psycopg import pq
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
@@ -98,13 +104,23 @@ def _translate(exc: psycopg.Error, request: _core.Request) -> MachineSyncError:
         exc,
         machine_id=request.machine_id,
         process_id=request.process_id,
+        component_id=request.component_id,
         operation=request.operation,
         ours=True,
     )
 
 
+def _in_pipeline(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    return conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
+
+
 def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[str, Any]]:
-    with conn.cursor(row_factory=dict_row) as cur:
+    # In pipeline mode a result arrives before the server has committed it:
+    # on an autocommit connection the statements up to the next Sync are one
+    # transaction, and a later one's failure would undo what was reported.
+    # A nested pipeline block ends with a Sync, so the call returns committed.
+    synced = conn.pipeline() if _in_pipeline(conn) else nullcontext()
+    with synced, conn.cursor(row_factory=dict_row) as cur:
         cur.execute(request.query.text, request.params or None)
         return cur.fetchall()
 
@@ -112,7 +128,8 @@ def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[s
 async def _afetch(
     conn: psycopg.AsyncConnection[Any], request: _core.Request
 ) -> list[dict[str, Any]]:
-    async with conn.cursor(row_factory=dict_row) as cur:
+    synced = conn.pipeline() if _in_pipeline(conn) else nullcontext()
+    async with synced, conn.cursor(row_factory=dict_row) as cur:
         await cur.execute(request.query.text, request.params or None)
         return await cur.fetchall()
 

@@ -17,6 +17,7 @@ class                          SQLSTATE  raised when
 :class:`NotCurrentProcess`     MS005     complete/stop/fail of a run not current
 :class:`InvalidStatus`         23514     a status outside machine_sync.allowed_status
 :class:`UnknownProcess`        23503     a process id process_executions lacks
+:class:`UnknownComponent`      23503     a failed component machine_components lacks
 :class:`InvalidArgument`       22023     a bad argument (not a UUID, empty message,
                                          a NUL character PostgreSQL text cannot hold)
 :class:`PermissionDenied`      42501     the role may not do this (or RLS skipped it)
@@ -67,6 +68,7 @@ __all__ = [
     "NotInstalled",
     "PermissionDenied",
     "ServerUnavailable",
+    "UnknownComponent",
     "UnknownMachine",
     "UnknownProcess",
     "translate",
@@ -186,6 +188,20 @@ class UnknownProcess(MachineSyncError, LookupError):
     ) -> None:
         super().__init__(message, sqlstate=sqlstate)
         self.process_id = process_id
+
+
+class UnknownComponent(MachineSyncError, LookupError):
+    """Raised when a failure names a component machine_components lacks (23503:
+    the legacy database's foreign key from machine_state.failure_component,
+    met when the mirror writes the state row); ``component_id`` names it."""
+
+    sqlstate = "23503"
+
+    def __init__(
+        self, message: str, *, component_id: UUID | None, sqlstate: str | None = None
+    ) -> None:
+        super().__init__(message, sqlstate=sqlstate)
+        self.component_id = component_id
 
 
 class DirectWriteRefused(MachineSyncError):
@@ -334,6 +350,7 @@ def translate(
     *,
     machine_id: UUID | None = None,
     process_id: UUID | None = None,
+    component_id: UUID | None = None,
     operation: str | None = None,
     ours: bool = False,
     privileged: str = "the table owner or service_role",
@@ -342,12 +359,21 @@ def translate(
 
     The class comes from the SQLSTATE alone (:data:`BY_SQLSTATE`). The
     keywords say what was attempted, to fill the error's fields: the machine,
-    the process sent, the operation; ``ours`` says the statement names only
-    machine-sync's objects, so that a missing object means NotInstalled;
+    the process and the failed component sent, the operation; ``ours`` says
+    the statement names only machine-sync's objects, so that a missing
+    object means NotInstalled;
     ``privileged`` names who may do it, for a PermissionDenied.
     """
     state = exc.sqlstate
     message = describe(exc)
+    if isinstance(exc, psycopg.errors.PipelineAborted):
+        # An OperationalError, but the connection is fine: an earlier
+        # statement of the caller's pipeline failed, and the server skips
+        # everything up to the next Sync.
+        return DatabaseError(
+            "not run: an earlier statement in this pipeline failed, and the server skips"
+            " every statement up to the pipeline's next sync (nothing of this call was applied)"
+        )
     if isinstance(exc, psycopg.InterfaceError) or (
         isinstance(exc, psycopg.OperationalError)
         and (state is None or state.startswith("08") or state in _UNREACHABLE_STATES)
@@ -397,6 +423,17 @@ def translate(
         return UnknownProcess(
             f"process {named} is not in process_executions: start a run that exists ({message})",
             process_id=named,
+            sqlstate=state,
+        )
+    if issubclass(error, UnknownProcess) and exc.diag.table_name == "machine_state":
+        named = component_id
+        if named is None:
+            found = _uuids(exc.diag.message_detail)
+            named = found[0] if found else None
+        return UnknownComponent(
+            f"component {named} is not in machine_components: name a component that exists,"
+            f" or none ({message})",
+            component_id=named,
             sqlstate=state,
         )
     if issubclass(error, PermissionDenied):

@@ -565,7 +565,8 @@ def test_unicode_look_alikes_are_refused_under_a_unicode_collation(
 
 def test_nul_and_bad_ids_get_a_clear_client_error(conn: Conn, subtests: Any) -> None:
     """The client refuses, before sending, what PostgreSQL cannot take or
-    what is no UUID, with InvalidArgument naming the argument."""
+    what is no UUID, and the database what is no mode, with a short
+    InvalidArgument naming the argument."""
     machine_id = add_machine(conn, status="idle")
     client = Client(conn)
     calls: dict[str, tuple[Callable[[], object], str]] = {
@@ -575,6 +576,10 @@ def test_nul_and_bad_ids_get_a_clear_client_error(conn: Conn, subtests: Any) -> 
             lambda: client.fail_process(machine_id, "x" * 2**20 + "\x00"),
             "message",
         ),
+        "mode-nul": (lambda: client.set_mode("strict\x00"), "mode"),
+        "mode-1mb": (lambda: client.set_mode("s" * 2**20), "mode"),
+        "mode-1mb-nul": (lambda: client.set_mode("s" * 2**20 + "\x00"), "mode"),
+        "mode-not-text": (lambda: client.set_mode(b"strict" * 2**17), "mode"),  # type: ignore[arg-type]
     }
     bad_ids: list[Any] = ["not-a-uuid", "", "12345", 42, 4.2, None, b"\x00" * 16, ["a"], "\x00"]
     bad_ids += ["00000000-0000-0000-0000-00000000000Z", "\u0660" * 32, str(machine_id) + " "]
