@@ -15,6 +15,7 @@ import pytest
 from psycopg_pool import ConnectionPool
 
 from client_support import assert_matches_store, pgbouncer, round_trips
+from machine_sync import _core
 from machine_sync._queries import parse, queries
 from machine_sync.client import Client
 from machine_sync.errors import (
@@ -582,6 +583,77 @@ def test_missing_privilege_is_permission_denied(db, conn):
         assert "permission denied" in str(caught.value)
     finally:
         conn.execute(f'DROP ROLE "{role}"')
+
+
+def test_an_update_policy_narrower_than_the_select_policy_is_permission_denied(db, conn):
+    machine_id = add_machine(conn, status="idle")
+    conn.execute("ALTER TABLE machines ENABLE ROW LEVEL SECURITY")
+    conn.execute("CREATE POLICY t_see ON machines FOR SELECT TO authenticated USING (true)")
+    conn.execute("CREATE POLICY t_write ON machines FOR UPDATE TO authenticated USING (false)")
+    with db.connect() as user:
+        user.execute("SET ROLE authenticated")  # test setup only: the client sets nothing
+        with pytest.raises(PermissionDenied, match="row-level security policy lets this role see"):
+            Client(user).set_status(machine_id, "offline")
+    assert machine(conn, machine_id)["status"] == "idle"
+
+
+def test_a_trigger_that_skips_the_update_is_named(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    conn.execute(
+        "CREATE FUNCTION public.t_skip() RETURNS trigger LANGUAGE plpgsql"
+        " AS $$ BEGIN RETURN NULL; END $$"
+    )
+    conn.execute(
+        "CREATE TRIGGER a_skip BEFORE UPDATE ON machines FOR EACH ROW"
+        " EXECUTE FUNCTION public.t_skip()"
+    )
+    with pytest.raises(PermissionDenied, match=r"a trigger on public\.machines skipped the update"):
+        client.set_status(machine_id, "offline")
+    assert machine(conn, machine_id)["status"] == "idle"
+
+
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_ending_the_current_run_of_a_machine_started_meanwhile(
+    db, conn, client, operation, monkeypatch
+):
+    """Without a run id, complete and stop end the run current when they
+    run. A machine idle then, and started before the client asks why nothing
+    was written: refused (not a permission problem), the new run untouched."""
+    machine_id = add_machine(conn, status="idle")
+    run = uuid.uuid4()
+    classify = _core.classify
+
+    def start_first(request: _core.Request) -> _core.Request:
+        with db.connect() as other:
+            Client(other).start_process(machine_id, run)
+        return classify(request)
+
+    monkeypatch.setattr(_core, "classify", start_first)
+    with pytest.raises(InvalidTransition, match="another writer has started it since") as caught:
+        getattr(client, operation)(machine_id)
+    assert type(caught.value) is InvalidTransition
+    assert (caught.value.status, caught.value.process_id) == ("processing", run)
+    assert machine(conn, machine_id)["current_process_id"] == run
+    assert_consistent(conn)
+
+
+def test_a_machine_being_written_while_the_client_asks_why_is_retryable(
+    db, conn, client, monkeypatch
+):
+    machine_id = add_machine(conn, status="idle")
+    classify = _core.classify
+    with db.connect(autocommit=False) as other:
+
+        def start_first(request: _core.Request) -> _core.Request:
+            Client(other).start_process(machine_id, uuid.uuid4())  # not committed yet
+            return classify(request)
+
+        monkeypatch.setattr(_core, "classify", start_first)
+        with pytest.raises(ConcurrentUpdate) as caught:
+            client.complete_process(machine_id)
+        other.rollback()
+    assert caught.value.retryable
+    assert machine(conn, machine_id)["status"] == "idle"
 
 
 def test_service_role_gets_exact_results(db, conn):

@@ -333,7 +333,8 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
         if current is None
         else f"its status is {status}, with process {current}"
     )
-    if operation in ("complete", "stop") and request.process_id is None and status != "processing":
+    ends_current = operation in ("complete", "stop") and request.process_id is None
+    if ends_current and status != "processing":
         return InvalidTransition(
             f"cannot {operation} the process of machine {machine_id}: {now}, and only a "
             "processing machine has a process to end",
@@ -342,13 +343,26 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
             status=status,
             process_id=current,
         )
-    # The row exists and the UPDATE could have written it: a row-level
-    # security policy or another trigger skipped it, or it changed between
-    # the write and this read.
+    if not rows[0]["writable"]:
+        return PermissionDenied(
+            f"machine {machine_id} was not written ({now}): a row-level security policy lets "
+            "this role see it but not update it"
+        )
+    if ends_current:
+        # Its UPDATE found it not processing; it is now: a writer started it
+        # in between. Ending "the current run" now would end that new run.
+        return InvalidTransition(
+            f"cannot {operation} the process of machine {machine_id}: it was not processing "
+            f"when this ran, and another writer has started it since ({now}); pass the run "
+            "id to end a particular run",
+            machine_id=machine_id,
+            operation=operation,
+            status=status,
+            process_id=current,
+        )
     return PermissionDenied(
-        f"machine {machine_id} was not written ({now}): a row-level security policy or "
-        "another trigger on public.machines skipped the update, or another writer changed "
-        "it meanwhile"
+        f"machine {machine_id} was not written ({now}): a trigger on public.machines "
+        "skipped the update"
     )
 
 

@@ -35,11 +35,15 @@ it is omitted); the database ends it when it is the machine's current run and
 refuses otherwise, so a late completion of an old run never ends the run that
 replaced it. Only an UPDATE that returns no row (no machine this role may
 write, or a stop without ``P`` of a machine that is not processing) takes one
-small SELECT more to say which (:class:`~machine_sync.errors.UnknownMachine`,
-:class:`~machine_sync.errors.InvalidTransition`,
-:class:`~machine_sync.errors.PermissionDenied`). Nothing is retried: a
-:class:`~machine_sync.errors.ConcurrentUpdate` (``retryable``) is the caller's
-to send again.
+small SELECT more to say which: :class:`~machine_sync.errors.UnknownMachine`;
+:class:`~machine_sync.errors.InvalidTransition` (not processing, or started by
+another writer since: ending "the current run" now would end that new run);
+:class:`~machine_sync.errors.PermissionDenied` (an UPDATE policy narrower than
+the SELECT one, or a trigger that skipped the row). That SELECT locks the row
+as the UPDATE would, without waiting (so it holds the row until an open
+transaction ends): a row another transaction is writing right then gives a
+:class:`~machine_sync.errors.ConcurrentUpdate`. Nothing is retried: a
+ConcurrentUpdate (``retryable``) is the caller's to send again.
 
 Results: the returned ``machines`` row, and the ``machine_state`` row the
 trigger wrote for it, read from that row by the mirror's contract (``state_since``

@@ -62,10 +62,18 @@ WHERE m.id = %(machine_id)s::uuid;
 
 
 -- name: classify
--- Why a state change wrote no row: the machine's status and run, if it exists.
+-- Why a state change wrote no row: the machine's status and run, if it
+-- exists, and whether this role may update it (writable: the row can be
+-- locked as an UPDATE would, which row-level security's UPDATE policies
+-- decide; a row another transaction is writing now raises 55P03).
 SELECT
     m.status,
-    m.current_process_id
+    m.current_process_id,
+    exists(
+        SELECT FROM public.machines AS w
+        WHERE w.id = m.id
+        FOR NO KEY UPDATE NOWAIT
+    ) AS writable
 FROM public.machines AS m
 WHERE m.id = %(machine_id)s::uuid;
 
