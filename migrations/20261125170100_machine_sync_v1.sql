@@ -189,21 +189,15 @@ $$;
 CREATE SCHEMA IF NOT EXISTS machine_sync_revert;
 REVOKE ALL ON SCHEMA machine_sync_revert FROM public;
 
-CREATE TABLE IF NOT EXISTS machine_sync_revert.table_grant (
+-- Every privilege granted on the two tables (column_name NULL) or on one of
+-- their columns, to anyone but the owner.
+CREATE TABLE IF NOT EXISTS machine_sync_revert.privilege (
     table_name text NOT NULL,
+    column_name text,
     grantee text NOT NULL,
     privilege_type text NOT NULL,
     is_grantable boolean NOT NULL,
-    PRIMARY KEY (table_name, grantee, privilege_type)
-);
-
-CREATE TABLE IF NOT EXISTS machine_sync_revert.column_grant (
-    table_name text NOT NULL,
-    column_name text NOT NULL,
-    grantee text NOT NULL,
-    privilege_type text NOT NULL,
-    is_grantable boolean NOT NULL,
-    PRIMARY KEY (table_name, column_name, grantee, privilege_type)
+    UNIQUE NULLS NOT DISTINCT (table_name, column_name, grantee, privilege_type)
 );
 
 CREATE TABLE IF NOT EXISTS machine_sync_revert.foreign_key (
@@ -224,39 +218,32 @@ BEGIN
     THEN
         RETURN;  -- recorded already, or a fresh install: nothing to put back
     END IF;
-    INSERT INTO machine_sync_revert.table_grant
+    INSERT INTO machine_sync_revert.privilege
     SELECT
         c.oid::regclass::text,
+        granted.column_name,
         coalesce(r.rolname, 'PUBLIC'),
         a.privilege_type,
         a.is_grantable
     FROM pg_catalog.pg_class AS c
-    CROSS JOIN LATERAL aclexplode(c.relacl) AS a
+    CROSS JOIN LATERAL (
+        SELECT
+            NULL::pg_catalog.name AS column_name,
+            c.relacl AS acl
+        UNION ALL
+        SELECT
+            col.attname,
+            col.attacl
+        FROM pg_catalog.pg_attribute AS col
+        WHERE col.attrelid = c.oid AND col.attnum > 0 AND NOT col.attisdropped
+    ) AS granted
+    CROSS JOIN LATERAL aclexplode(granted.acl) AS a
     LEFT JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
     WHERE
         c.oid IN (
             'public.machines'::pg_catalog.regclass,
             'public.machine_state'::pg_catalog.regclass
         )
-        AND a.grantee <> c.relowner;
-    INSERT INTO machine_sync_revert.column_grant
-    SELECT
-        c.oid::regclass::text,
-        col.attname,
-        coalesce(r.rolname, 'PUBLIC'),
-        a.privilege_type,
-        a.is_grantable
-    FROM pg_catalog.pg_class AS c
-    INNER JOIN pg_catalog.pg_attribute AS col ON c.oid = col.attrelid
-    CROSS JOIN LATERAL aclexplode(col.attacl) AS a
-    LEFT JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
-    WHERE
-        c.oid IN (
-            'public.machines'::pg_catalog.regclass,
-            'public.machine_state'::pg_catalog.regclass
-        )
-        AND col.attnum > 0
-        AND NOT col.attisdropped
         AND a.grantee <> c.relowner;
     INSERT INTO machine_sync_revert.foreign_key
     SELECT conname, pg_get_constraintdef(oid)

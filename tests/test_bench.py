@@ -219,7 +219,7 @@ def test_pgbench_runs_are_sized_from_the_round_before(cluster, monkeypatch):
 # The migrations' records in the user's database: what its down migration
 # restores and what `migrate verify` compares with.
 RECORDS = """
-    SELECT 'revert' AS kind, t::text FROM machine_sync_revert.table_grant AS t
+    SELECT 'revert' AS kind, t::text FROM machine_sync_revert.privilege AS t
     UNION ALL SELECT 'revert', f::text FROM machine_sync_revert.foreign_key AS f
     UNION ALL SELECT 'revert', d::text FROM machine_sync_revert.column_default AS d
     UNION ALL SELECT 'installed', i::text FROM machine_sync_installed.definition AS i

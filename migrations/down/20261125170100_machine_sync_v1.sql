@@ -127,24 +127,14 @@ BEGIN
             CASE WHEN item.grantee = 0 THEN 'PUBLIC' ELSE item.grantee::regrole::text END
         );
     END LOOP;
-    FOR item IN SELECT * FROM machine_sync_revert.table_grant LOOP
+    FOR item IN SELECT * FROM machine_sync_revert.privilege LOOP
         EXECUTE format(
-            'GRANT %s ON %s TO %s%s', item.privilege_type, item.table_name,
+            'GRANT %s%s ON %s TO %s%s', item.privilege_type,
+            coalesce(' (' || quote_ident(item.column_name) || ')', ''), item.table_name,
             CASE WHEN item.grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(item.grantee) END,
             CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
         );
     END LOOP;
-    -- (Recorded by the versions of v1 that record column grants.)
-    IF to_regclass('machine_sync_revert.column_grant') IS NOT NULL THEN
-        FOR item IN SELECT * FROM machine_sync_revert.column_grant LOOP
-            EXECUTE format(
-                'GRANT %s (%I) ON %s TO %s%s', item.privilege_type, item.column_name,
-                item.table_name,
-                CASE WHEN item.grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(item.grantee) END,
-                CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
-            );
-        END LOOP;
-    END IF;
 END
 $$;
 
