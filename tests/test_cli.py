@@ -110,7 +110,12 @@ def test_version():
             ExitCode.BAD_INPUT,
             ["invalid --dsn", "'notaport' is not a number"],
         ),
-        (["reconcile"], UNREACHABLE, ExitCode.UNREACHABLE, ["cannot connect", "port 1"]),
+        (
+            ["reconcile"],
+            UNREACHABLE,
+            ExitCode.UNREACHABLE,
+            ["cannot connect", "port 1", "check the --dsn or DATABASE_URL"],
+        ),
         (["migrate", "status"], UNREACHABLE, ExitCode.UNREACHABLE, ["cannot connect"]),
         (["mode", "lenient"], UNREACHABLE, ExitCode.BAD_INPUT, ["invalid mode 'lenient'"]),
         (["status", "nope"], UNREACHABLE, ExitCode.BAD_INPUT, ["MACHINE_ID must be a UUID"]),
@@ -119,6 +124,23 @@ def test_version():
 )
 def test_bad_input_without_a_database(args, dsn, code, words):
     assert_one_error_line(run(*args, dsn=dsn), code, *words)
+
+
+def test_a_huge_mode_is_quoted_in_part():
+    result = run("mode", "x" * 5000, dsn=UNREACHABLE)
+    assert_one_error_line(result, ExitCode.BAD_INPUT, "invalid mode 'xxx", "(5002 characters)")
+    assert len(result.stderr) < 300
+
+
+@pytest.mark.parametrize("args", [[], ["migrate"]], ids=["program", "migrate"])
+def test_a_group_without_its_command_shows_its_help(args):
+    """Not one squashed error line: the help as --help prints it, on stderr, exit 2."""
+    result = run(*args)
+    assert result.exit_code == ExitCode.BAD_INPUT
+    assert result.stdout == ""
+    assert result.stderr.startswith(f"Usage: machine-sync {' '.join(args)}".rstrip() + " [OPTIONS]")
+    assert "Commands:" in result.stderr
+    assert "error" not in result.stderr.splitlines()[0]
 
 
 def test_status_before_migrating_says_not_installed(legacy_db):

@@ -128,10 +128,10 @@ def as_uuid(value: UUID | str, what: str) -> UUID:
             return UUID(value)
         except ValueError:
             pass
-    raise InvalidArgument(f"{what} must be a UUID, got {_quoted(value)}")
+    raise InvalidArgument(f"{what} must be a UUID, got {quoted(value)}")
 
 
-def _quoted(value: object) -> str:
+def quoted(value: object) -> str:
     """``value`` for an error message: its repr, at most 40 characters of it."""
     text = repr(value)
     return text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
@@ -142,7 +142,7 @@ def _text(value: str, what: str) -> str:
     if "\x00" in value:
         raise InvalidArgument(
             f"{what} contains a NUL character (0x00), which PostgreSQL text cannot hold:"
-            f" {_quoted(value)}"
+            f" {quoted(value)}"
         )
     return value
 
@@ -220,7 +220,7 @@ def set_status(machine_id: UUID | str, status: str) -> Request:
     """Request for :meth:`Client.set_status`."""
     machine = as_uuid(machine_id, "machine_id")
     if not isinstance(status, str):
-        raise InvalidArgument(f"status must be a string, got {_quoted(status)}")
+        raise InvalidArgument(f"status must be a string, got {quoted(status)}")
     _text(status, "status")
     return _write("set_status", "set", machine, None, status=status)
 
@@ -241,7 +241,7 @@ def read_request(name: str, **params: Any) -> Request:
 def set_mode(mode: str) -> Request:
     """Request for :meth:`Client.set_mode`."""
     if not isinstance(mode, str):
-        raise InvalidArgument(f"mode must be 'compat' or 'strict', got {_quoted(mode)}")
+        raise InvalidArgument(f"mode must be 'compat' or 'strict', got {quoted(mode)}")
     return read_request("set_mode", mode=_text(mode, "mode"))
 
 

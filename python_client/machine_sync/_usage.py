@@ -8,13 +8,26 @@ from __future__ import annotations
 
 try:
     from typer._click.core import Command, Context
-    from typer._click.exceptions import ClickException, NoSuchOption, UsageError
+    from typer._click.exceptions import (
+        ClickException,
+        NoArgsIsHelpError,
+        NoSuchOption,
+        UsageError,
+    )
 except ImportError:  # typer before it vendored click
     from click.core import Command, Context  # type: ignore[assignment]
     from click.exceptions import (  # type: ignore[assignment]
         ClickException,
+        NoArgsIsHelpError,
         NoSuchOption,
         UsageError,
     )
 
-__all__ = ["ClickException", "Command", "Context", "NoSuchOption", "UsageError"]
+__all__ = [
+    "ClickException",
+    "Command",
+    "Context",
+    "NoArgsIsHelpError",
+    "NoSuchOption",
+    "UsageError",
+]

@@ -43,9 +43,16 @@ from rich.text import Text
 from typer.core import TyperCommand, TyperGroup
 
 from machine_sync import __version__
-from machine_sync._core import as_uuid, mirrored
+from machine_sync._core import as_uuid, mirrored, quoted
 from machine_sync._output import console
-from machine_sync._usage import ClickException, Command, Context, NoSuchOption, UsageError
+from machine_sync._usage import (
+    ClickException,
+    Command,
+    Context,
+    NoArgsIsHelpError,
+    NoSuchOption,
+    UsageError,
+)
 from machine_sync.client import Client, Machine
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import (
@@ -236,6 +243,11 @@ class _OneLineErrors(_WholeSummaries):
             return run()
         try:
             code = run()
+        except NoArgsIsHelpError as exc:
+            # `machine-sync` or `machine-sync migrate` alone: the help, as
+            # --help shows it (on stderr: no command ran), exit 2.
+            typer.echo(exc.ctx.get_help() if exc.ctx else exc.format_message(), err=True)
+            sys.exit(int(ExitCode.BAD_INPUT))
         except ClickException as exc:
             message = exc.format_message()
             if (
@@ -345,7 +357,11 @@ def _connect(dsn: str | None, purpose: str) -> psycopg.Connection[Any]:
     try:
         return psycopg.connect(make_conninfo("", **params), autocommit=True)
     except psycopg.Error as exc:
-        _fail(f"cannot connect to the database: {exc}", ExitCode.UNREACHABLE)
+        _fail(
+            f"cannot connect to the database: {exc} (check the --dsn or DATABASE_URL"
+            " it was given: host, port, user, password, database)",
+            ExitCode.UNREACHABLE,
+        )
 
 
 def _json(value: Any) -> None:
@@ -629,7 +645,7 @@ def mode(
 ) -> None:
     """Show or set the mode: compat (machine_state writes land in machines) or strict (refused)."""
     if new_mode is not None and new_mode.strip().lower() not in MODES:
-        _fail(f"invalid mode {new_mode!r}: use compat or strict", ExitCode.BAD_INPUT)
+        _fail(f"invalid mode {quoted(new_mode)}: use compat or strict", ExitCode.BAD_INPUT)
     with _reported(), _connect(dsn, "mode") as conn:
         client = Client(conn)
         if new_mode is None:
