@@ -53,7 +53,8 @@ COMMENT ON SCHEMA machine_sync IS
 
 -- Locks the tables a migration changes before it changes any: machines
 -- first, the order every writer takes them in, waiting for it as long as the
--- caller's lock_timeout allows; then machine_state and the drift view, each
+-- caller's lock_timeout allows; then machine_state and every table and view
+-- of machine_sync (the drift view, the status vocabulary, the mode), each
 -- only if free at once. Were one busy, its holder may be a transaction that
 -- wrote it and will write machines next (the legacy code's two statements in
 -- one transaction; a reader of the drift view), so waiting while holding
@@ -88,10 +89,19 @@ BEGIN
             LOCK TABLE public.machines IN ACCESS EXCLUSIVE MODE;
             busy := 'public.machine_state';
             LOCK TABLE public.machine_state IN ACCESS EXCLUSIVE MODE NOWAIT;
-            IF to_regclass('machine_sync.drift') IS NOT NULL THEN
-                busy := 'machine_sync.drift';
-                LOCK TABLE machine_sync.drift IN ACCESS EXCLUSIVE MODE NOWAIT;
-            END IF;
+            -- The drift view and the tables the triggers and legacy RPCs
+            -- read (the status vocabulary, the mode): a transaction may have
+            -- read one, or switched the mode, before it writes machines, and
+            -- reverting drops them, re-applying writes them.
+            FOR busy IN
+                SELECT format('%I.%I', n.nspname, c.relname)
+                FROM pg_class AS c
+                INNER JOIN pg_namespace AS n ON c.relnamespace = n.oid
+                WHERE n.nspname = 'machine_sync' AND c.relkind IN ('r', 'v', 'p')
+                ORDER BY c.relname COLLATE "C"
+            LOOP
+                EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', busy);
+            END LOOP;
             EXIT;
         EXCEPTION WHEN lock_not_available THEN
             IF patience > interval '0' AND clock_timestamp() >= deadline THEN

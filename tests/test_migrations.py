@@ -264,6 +264,43 @@ def test_reverting_does_not_deadlock_a_reader(legacy_db):
     assert legacy_db.one("SELECT to_regnamespace('machine_sync')") is None
 
 
+# What a transaction may do with machine-sync's own tables before it writes
+# machines: read the status vocabulary (as atomic_update_machine_state's
+# check of its two statuses does), or switch the mode.
+BEFORE_MACHINES = {
+    "vocabulary": "SELECT count(*) FROM machine_sync.allowed_status",
+    "status_check": "SELECT machine_sync.normalize_status('idle')",
+    "set_mode": "SELECT machine_sync.set_mode_v1('compat')",
+}
+
+
+@pytest.mark.parametrize(
+    ("direction", "first"),
+    [("down", first) for first in sorted(BEFORE_MACHINES)] + [("reapply", "set_mode")],
+)
+def test_migrating_does_not_deadlock_a_writer_that_used_machine_sync_first(
+    legacy_db, first, direction
+):
+    """A transaction that read machine_sync's vocabulary or switched the
+    mode, then writes machines, while the migration is reverted (which drops
+    those tables) or re-applied (which inserts the mode's row again): both
+    complete, neither gets 40P01."""
+    legacy_db.migrate()
+    files = migration_files() if direction == "reapply" else [down_file(migration_files()[-1])]
+    machine = LEGACY_MACHINE.format(1)
+    with ThreadPoolExecutor(1) as pool, legacy_db.connect(autocommit=False) as writer:
+        writer.execute(BEFORE_MACHINES[first])
+        migration = pool.submit(legacy_db.psql, *files, check=False)
+        wait_for("the migration waits", lambda: legacy_db.one(PSQL_WAITS) > 0)
+        writer.execute(LEGACY_WRITES["machines"], [machine])
+        writer.commit()
+        result = migration.result(timeout=60)
+    assert result.returncode == 0, result.stderr
+    installed = legacy_db.one("SELECT to_regnamespace('machine_sync') IS NOT NULL")
+    assert installed is (direction == "reapply")
+    assert legacy_db.one("SELECT status FROM machines WHERE id = %s", [machine]) == "idle"
+
+
 LEGACY_SHAPE = """
     SELECT 'grant', c.relname || ' ' || coalesce(r.rolname, 'PUBLIC') || ' ' || a.privilege_type
     FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
