@@ -767,6 +767,36 @@ def test_in_pipeline_mode_a_call_after_a_failed_statement_runs_nothing(db, conn)
     assert_consistent(conn)
 
 
+# A statement of the caller's own, queued in its pipeline and not yet read,
+# that fails: MachineBusy of another machine, a table that does not exist.
+EARLIER_FAILURES = {
+    "busy": "UPDATE machines SET status = 'processing', current_process_id = %s WHERE id = %s",
+    "missing_table": "SELECT * FROM no_such_table WHERE %s::uuid <> %s",
+}
+
+
+@pytest.mark.parametrize("earlier", sorted(EARLIER_FAILURES))
+def test_in_pipeline_mode_an_earlier_statements_failure_is_not_the_calls(db, conn, earlier):
+    """A call made while a statement the caller queued before it has failed
+    unseen says so: not that this machine is busy, nor that machine-sync is
+    not installed. Nothing of the call was applied, and the next call runs."""
+    busy = add_machine(conn, status="idle")
+    Client(conn).start_process(busy, uuid.uuid4())
+    machine_id = add_machine(conn, status="idle")
+    run = uuid.uuid4()
+    with db.connect() as piped, piped.pipeline():
+        client = Client(piped)
+        piped.execute(EARLIER_FAILURES[earlier], [uuid.uuid4(), busy])
+        earlier_failed = "earlier statement in this pipeline failed"
+        with pytest.raises(DatabaseError, match=earlier_failed) as info:
+            client.start_process(machine_id, run)
+        assert type(info.value) is DatabaseError
+        assert machine(conn, machine_id)["status"] == "idle"
+        assert client.start_process(machine_id, run).current_process_id == run
+    assert machine(conn, machine_id)["current_process_id"] == run
+    assert_consistent(conn)
+
+
 def test_through_pgbouncer_in_transaction_mode(db, conn):
     """Two clients share one server connection: nothing may rely on session state."""
     machine_id = add_machine(conn, status="idle")

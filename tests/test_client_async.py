@@ -18,6 +18,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 from client_support import assert_matches_store, round_trips
 from machine_sync.client import AsyncClient, Client
 from machine_sync.errors import (
+    DatabaseError,
     DatabaseUnreachable,
     InvalidStatus,
     InvalidTransition,
@@ -121,6 +122,32 @@ def test_in_async_pipeline_mode_what_a_call_returns_is_committed(db, conn):
     with pytest.raises(psycopg.errors.DivisionByZero):
         asyncio.run(main())
     assert [m.current_process_id for m in started] == [run]
+    assert machine(conn, machine_id)["current_process_id"] == run
+    assert_consistent(conn)
+
+
+def test_in_async_pipeline_mode_an_earlier_statements_failure_is_not_the_calls(db, conn):
+    """As with Client: the caller's failed statement, queued before the call
+    and not yet read, is not reported as the call's own refusal."""
+    machine_id = add_machine(conn, status="idle")
+    run = uuid.uuid4()
+    raised: list[BaseException] = []
+
+    async def main() -> None:
+        aconn = await psycopg.AsyncConnection.connect(db.dsn, autocommit=True)
+        async with aconn, aconn.pipeline():
+            client = AsyncClient(aconn)
+            await aconn.execute("SELECT * FROM no_such_table")
+            try:
+                await client.start_process(machine_id, run)
+            except DatabaseError as exc:
+                raised.append(exc)
+            assert machine(conn, machine_id)["status"] == "idle"
+            await client.start_process(machine_id, run)
+
+    asyncio.run(main())
+    assert [type(exc) for exc in raised] == [DatabaseError]
+    assert "earlier statement in this pipeline failed" in str(raised[0])
     assert machine(conn, machine_id)["current_process_id"] == run
     assert_consistent(conn)
 

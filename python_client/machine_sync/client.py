@@ -71,7 +71,7 @@ Privileges: ``SELECT, UPDATE`` on ``public.machines``, ``SELECT`` on
 from __future__ import annotations
 
 import builtins
-from contextlib import nullcontext
+from contextlib import AsyncExitStack, ExitStack
 from typing import Any, TypeAlias
 from uuid import UUID
 
@@ -82,7 +82,7 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from machine_sync import _core
 from machine_sync._core import DriftRow, Machine, MachineState, ModeChange, ReconcileRow
-from machine_sync.errors import MachineSyncError, translate
+from machine_sync.errors import MachineSyncError, earlier_statement_failed, translate
 
 __all__ = [
     "AsyncClient",
@@ -118,13 +118,28 @@ def _in_pipeline(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -
     return conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
 
 
+class _EarlierStatementFailed(Exception):
+    """A statement the caller queued in its pipeline before this call failed."""
+
+    def __init__(self, error: psycopg.Error) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[str, Any]]:
     # In pipeline mode a result arrives before the server has committed it:
     # on an autocommit connection the statements up to the next Sync are one
     # transaction, and a later one's failure would undo what was reported.
     # A nested pipeline block ends with a Sync, so the call returns committed.
-    synced = conn.pipeline() if _in_pipeline(conn) else nullcontext()
-    with synced, conn.cursor(row_factory=dict_row) as cur:
+    # Entering it first syncs what the caller queued before: an error then is
+    # the caller's statement's, not this call's (which was not sent).
+    with ExitStack() as stack:
+        if _in_pipeline(conn):
+            try:
+                stack.enter_context(conn.pipeline())
+            except psycopg.Error as exc:
+                raise _EarlierStatementFailed(exc) from exc
+        cur = stack.enter_context(conn.cursor(row_factory=dict_row))
         cur.execute(request.query.text, request.params or None)
         return cur.fetchall()
 
@@ -132,8 +147,13 @@ def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[s
 async def _afetch(
     conn: psycopg.AsyncConnection[Any], request: _core.Request
 ) -> list[dict[str, Any]]:
-    synced = conn.pipeline() if _in_pipeline(conn) else nullcontext()
-    async with synced, conn.cursor(row_factory=dict_row) as cur:
+    async with AsyncExitStack() as stack:
+        if _in_pipeline(conn):
+            try:
+                await stack.enter_async_context(conn.pipeline())
+            except psycopg.Error as exc:
+                raise _EarlierStatementFailed(exc) from exc
+        cur = await stack.enter_async_context(conn.cursor(row_factory=dict_row))
         await cur.execute(request.query.text, request.params or None)
         return await cur.fetchall()
 
@@ -156,6 +176,8 @@ class Client:
                 with self._source.connection() as conn:
                     return _fetch(conn, request)
             return _fetch(self._source, request)
+        except _EarlierStatementFailed as earlier:
+            raise earlier_statement_failed(earlier.error) from earlier.error
         except psycopg.Error as exc:
             raise _translate(exc, request) from exc
 
@@ -283,6 +305,8 @@ class AsyncClient:
                 async with self._source.connection() as conn:
                     return await _afetch(conn, request)
             return await _afetch(self._source, request)
+        except _EarlierStatementFailed as earlier:
+            raise earlier_statement_failed(earlier.error) from earlier.error
         except psycopg.Error as exc:
             raise _translate(exc, request) from exc
 

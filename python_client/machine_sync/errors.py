@@ -312,6 +312,24 @@ def one_line(text: str) -> str:
 DETAIL_LIMIT = 300
 
 
+def earlier_statement_failed(exc: psycopg.Error) -> DatabaseError:
+    """A client call in pipeline mode found that a statement the caller had
+    queued before it failed: that error is the caller's, and the call's own
+    statement was not sent."""
+    if isinstance(exc, psycopg.errors.PipelineAborted):
+        # An OperationalError, but the connection is fine: the failure was
+        # seen already, and the server skips everything up to the next Sync.
+        return DatabaseError(
+            "not run: an earlier statement in this pipeline failed, and the server skips"
+            " every statement up to the pipeline's next sync (nothing of this call was applied)"
+        )
+    state = f", SQLSTATE {exc.sqlstate}" if exc.sqlstate else ""
+    return DatabaseError(
+        f"not run: an earlier statement in this pipeline failed ({describe(exc)}{state});"
+        " nothing of this call was applied"
+    )
+
+
 def describe(exc: psycopg.Error, *, detail: bool = False, hint: str | None = None) -> str:
     """PostgreSQL's message plus its hint, on one line; with ``detail``, its
     DETAIL as well (at most :data:`DETAIL_LIMIT` characters), which for a
@@ -367,13 +385,7 @@ def translate(
     state = exc.sqlstate
     message = describe(exc)
     if isinstance(exc, psycopg.errors.PipelineAborted):
-        # An OperationalError, but the connection is fine: an earlier
-        # statement of the caller's pipeline failed, and the server skips
-        # everything up to the next Sync.
-        return DatabaseError(
-            "not run: an earlier statement in this pipeline failed, and the server skips"
-            " every statement up to the pipeline's next sync (nothing of this call was applied)"
-        )
+        return earlier_statement_failed(exc)
     if isinstance(exc, psycopg.InterfaceError) or (
         isinstance(exc, psycopg.OperationalError)
         and (state is None or state.startswith("08") or state in _UNREACHABLE_STATES)
