@@ -118,14 +118,6 @@ def _in_pipeline(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -
     return conn.pgconn.pipeline_status != pq.PipelineStatus.OFF
 
 
-class _EarlierStatementFailed(Exception):
-    """A statement the caller queued in its pipeline before this call failed."""
-
-    def __init__(self, error: psycopg.Error) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
 def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[str, Any]]:
     # In pipeline mode a result arrives before the server has committed it:
     # on an autocommit connection the statements up to the next Sync are one
@@ -138,7 +130,7 @@ def _fetch(conn: psycopg.Connection[Any], request: _core.Request) -> list[dict[s
             try:
                 stack.enter_context(conn.pipeline())
             except psycopg.Error as exc:
-                raise _EarlierStatementFailed(exc) from exc
+                raise earlier_statement_failed(exc) from exc
         cur = stack.enter_context(conn.cursor(row_factory=dict_row))
         cur.execute(request.query.text, request.params or None)
         return cur.fetchall()
@@ -152,7 +144,7 @@ async def _afetch(
             try:
                 await stack.enter_async_context(conn.pipeline())
             except psycopg.Error as exc:
-                raise _EarlierStatementFailed(exc) from exc
+                raise earlier_statement_failed(exc) from exc
         cur = await stack.enter_async_context(conn.cursor(row_factory=dict_row))
         await cur.execute(request.query.text, request.params or None)
         return await cur.fetchall()
@@ -176,8 +168,6 @@ class Client:
                 with self._source.connection() as conn:
                     return _fetch(conn, request)
             return _fetch(self._source, request)
-        except _EarlierStatementFailed as earlier:
-            raise earlier_statement_failed(earlier.error) from earlier.error
         except psycopg.Error as exc:
             raise _translate(exc, request) from exc
 
@@ -305,8 +295,6 @@ class AsyncClient:
                 async with self._source.connection() as conn:
                     return await _afetch(conn, request)
             return await _afetch(self._source, request)
-        except _EarlierStatementFailed as earlier:
-            raise earlier_statement_failed(earlier.error) from earlier.error
         except psycopg.Error as exc:
             raise _translate(exc, request) from exc
 

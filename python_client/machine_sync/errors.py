@@ -351,6 +351,15 @@ def _uuids(text: str | None) -> list[UUID]:
     return [UUID(found) for found in _UUID.findall(text or "")]
 
 
+def _missing_key(exc: psycopg.Error, sent: UUID | None) -> UUID | None:
+    """The id a foreign key violation (23503) is about: the one sent, else the
+    one its DETAIL names ("Key (...)=(id) is not present ...")."""
+    if sent is not None:
+        return sent
+    found = _uuids(exc.diag.message_detail)
+    return found[0] if found else None
+
+
 def _running_process(exc: psycopg.Error, machine_id: UUID | None) -> UUID | None:
     """The run holding a busy machine: the id the database's MS002 message names.
 
@@ -428,20 +437,14 @@ def translate(
     if issubclass(error, UnknownMachine):
         return UnknownMachine(machine_id, message, sqlstate=state)
     if issubclass(error, UnknownProcess) and exc.diag.table_name == "machines":
-        named = process_id
-        if named is None:
-            found = _uuids(exc.diag.message_detail)
-            named = found[0] if found else None
+        named = _missing_key(exc, process_id)
         return UnknownProcess(
             f"process {named} is not in process_executions: start a run that exists ({message})",
             process_id=named,
             sqlstate=state,
         )
     if issubclass(error, UnknownProcess) and exc.diag.table_name == "machine_state":
-        named = component_id
-        if named is None:
-            found = _uuids(exc.diag.message_detail)
-            named = found[0] if found else None
+        named = _missing_key(exc, component_id)
         return UnknownComponent(
             f"component {named} is not in machine_components: name a component that exists,"
             f" or none ({message})",
