@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -93,6 +94,14 @@ def assert_consistent(conn: psycopg.Connection[Any]) -> None:
     """One agreeing machine_state row per machine, and the drift view agrees."""
     assert disagreements(conn) == []
     assert conn.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Wait until ``condition()`` holds; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
 
 
 def wait_until_lock_waiting(conn: psycopg.Connection[Any], pid: int, timeout: float = 10.0) -> None:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -14,7 +12,7 @@ from psycopg.conninfo import make_conninfo
 
 from catalog import data, snapshot
 from conftest import down_file, migration_files, sql_files
-from machines import add_machine, assert_consistent
+from machines import add_machine, assert_consistent, wait_for
 
 LEGACY_MACHINE = "00000000-0000-4000-8000-{:012d}"
 
@@ -200,13 +198,6 @@ def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
     assert "public.machines stayed locked by another transaction" in result.stderr
     with legacy_db.connect() as conn:
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 # Locks on the two tables held or wanted by a psql session (the migration).

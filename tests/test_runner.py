@@ -28,7 +28,7 @@ from machine_sync.resources import migrations_dir
 from machine_sync.runner import RESTORE_COMMAND, FileState, Runner, transaction_body
 
 from catalog import data, snapshot
-from machines import add_machine, assert_consistent
+from machines import add_machine, assert_consistent, wait_for
 
 SHIPPED = sorted(p.name for p in migrations_dir().glob("[0-9]*_*.sql"))
 
@@ -754,14 +754,17 @@ def test_a_file_that_loses_a_deadlock_is_retried_then_applied(empty_db, tmp_path
             # take first_gate too: the migration waited first, so its own
             # deadlock check finds the cycle and it is the one aborted.
             with empty_db.connect() as watcher:
-                deadline = time.monotonic() + 30
-                while not watcher.execute(
-                    "SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted"
-                    " AND %s = ANY (pg_blocking_pids(pid)))",
-                    [other_pid],
-                ).fetchone()[0]:  # type: ignore[index]
-                    assert time.monotonic() < deadline, "the migration never waited"
-                    time.sleep(0.01)
+                wait_for(
+                    "the migration waits for second_gate",
+                    lambda: (
+                        watcher.execute(
+                            "SELECT EXISTS (SELECT FROM pg_locks WHERE NOT granted"
+                            " AND %s = ANY (pg_blocking_pids(pid)))",
+                            [other_pid],
+                        ).fetchone()
+                        == (True,)
+                    ),
+                )
             other.execute("LOCK TABLE first_gate IN ACCESS EXCLUSIVE MODE")
             other.rollback()
 

@@ -35,7 +35,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -43,7 +42,7 @@ import psycopg
 
 from .model import Refused, Row, canonical, write_machine, write_state
 from .workload import LEGACY_PATHS, legacy_params
-from machines import assert_consistent
+from machines import assert_consistent, wait_for
 
 LEGACY_MACHINE = "00000000-0000-4000-8000-{:012d}"
 # Writers that keep going through the migration, and writers that stop as it
@@ -222,13 +221,6 @@ def expected_row(machine: dict[str, Any], state: Row | None, log: list[Done]) ->
             migrated = backfill(machine, state)
         migrated = replay(migrated, done)
     return backfill(machine, state) if migrated is None else migrated
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def watch_lock_waits(dsn: str, done: threading.Event, blocked: list[int]) -> None:
