@@ -597,8 +597,8 @@ def test_an_update_policy_narrower_than_the_select_policy_is_permission_denied(d
     assert machine(conn, machine_id)["status"] == "idle"
 
 
-def test_a_trigger_that_skips_the_update_is_named(conn, client):
-    machine_id = add_machine(conn, status="idle")
+def add_skipping_trigger(conn) -> None:
+    """An application's BEFORE UPDATE trigger on machines that skips every update."""
     conn.execute(
         "CREATE FUNCTION public.t_skip() RETURNS trigger LANGUAGE plpgsql"
         " AS $$ BEGIN RETURN NULL; END $$"
@@ -607,6 +607,11 @@ def test_a_trigger_that_skips_the_update_is_named(conn, client):
         "CREATE TRIGGER a_skip BEFORE UPDATE ON machines FOR EACH ROW"
         " EXECUTE FUNCTION public.t_skip()"
     )
+
+
+def test_a_trigger_that_skips_the_update_is_named(conn, client):
+    machine_id = add_machine(conn, status="idle")
+    add_skipping_trigger(conn)
     with pytest.raises(PermissionDenied, match=r"a trigger on public\.machines skipped the update"):
         client.set_status(machine_id, "offline")
     assert machine(conn, machine_id)["status"] == "idle"
@@ -637,9 +642,13 @@ def test_ending_the_current_run_of_a_machine_started_meanwhile(
     assert_consistent(conn)
 
 
-def test_a_machine_being_written_while_the_client_asks_why_is_retryable(
-    db, conn, client, monkeypatch
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_ending_the_current_run_of_a_machine_another_transaction_is_starting(
+    db, conn, client, operation, monkeypatch
 ):
+    """Idle when the client's UPDATE ran, being started by a transaction not
+    committed yet when it asks why nothing was written: refused as idle, as
+    its snapshot has it, not a retry that would end the other's new run."""
     machine_id = add_machine(conn, status="idle")
     classify = _core.classify
     with db.connect(autocommit=False) as other:
@@ -649,8 +658,32 @@ def test_a_machine_being_written_while_the_client_asks_why_is_retryable(
             return classify(request)
 
         monkeypatch.setattr(_core, "classify", start_first)
+        with pytest.raises(InvalidTransition, match="only a processing machine") as caught:
+            getattr(client, operation)(machine_id)
+        other.rollback()
+    assert type(caught.value) is InvalidTransition
+    assert caught.value.status == "idle"
+    assert machine(conn, machine_id)["status"] == "idle"
+
+
+def test_a_machine_being_written_while_the_client_asks_why_is_retryable(
+    db, conn, client, monkeypatch
+):
+    """A write skipped (here by an application's trigger) on a machine that
+    another transaction locks before the client asks why: may succeed if
+    retried, so ConcurrentUpdate, not a verdict."""
+    machine_id = add_machine(conn, status="idle")
+    add_skipping_trigger(conn)
+    classify = _core.classify
+    with db.connect(autocommit=False) as other:
+
+        def lock_first(request: _core.Request) -> _core.Request:
+            other.execute("SELECT FROM machines WHERE id = %s FOR UPDATE", (machine_id,))
+            return classify(request)
+
+        monkeypatch.setattr(_core, "classify", lock_first)
         with pytest.raises(ConcurrentUpdate) as caught:
-            client.complete_process(machine_id)
+            client.set_status(machine_id, "offline")
         other.rollback()
     assert caught.value.retryable
     assert machine(conn, machine_id)["status"] == "idle"

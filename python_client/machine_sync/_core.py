@@ -311,11 +311,16 @@ def classify(request: Request) -> Request:
     named = query("classify")
     return Request(
         named,
-        named.bind(machine_id=request.machine_id),
+        named.bind(machine_id=request.machine_id, ends_current=_ends_current(request)),
         request.machine_id,
         request.operation,
         request.process_id,
     )
+
+
+def _ends_current(request: Request) -> bool:
+    """Whether ``request`` completes or stops whatever run is current (no run id)."""
+    return request.operation in ("complete", "stop") and request.process_id is None
 
 
 def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
@@ -333,7 +338,7 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
         if current is None
         else f"its status is {status}, with process {current}"
     )
-    ends_current = operation in ("complete", "stop") and request.process_id is None
+    ends_current = _ends_current(request)
     if ends_current and status != "processing":
         return InvalidTransition(
             f"cannot {operation} the process of machine {machine_id}: {now}, and only a "

@@ -65,15 +65,20 @@ WHERE m.id = %(machine_id)s::uuid;
 -- Why a state change wrote no row: the machine's status and run, if it
 -- exists, and whether this role may update it (writable: the row can be
 -- locked as an UPDATE would, which row-level security's UPDATE policies
--- decide; a row another transaction is writing now raises 55P03).
+-- decide; a row another transaction is writing now raises 55P03). An
+-- operation that ends the current run of a machine not processing is
+-- refused for that alone: its lock is not tried (NULL).
 SELECT
     m.status,
     m.current_process_id,
-    exists(
-        SELECT FROM public.machines AS w
-        WHERE w.id = m.id
-        FOR NO KEY UPDATE NOWAIT
-    ) AS writable
+    CASE
+        WHEN %(ends_current)s::boolean AND m.status <> 'processing' THEN NULL
+        ELSE EXISTS (
+            SELECT FROM public.machines AS w
+            WHERE w.id = m.id
+            FOR NO KEY UPDATE NOWAIT
+        )
+    END AS writable
 FROM public.machines AS m
 WHERE m.id = %(machine_id)s::uuid;
 
