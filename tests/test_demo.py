@@ -111,6 +111,14 @@ def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:
     assert data["compat"]["double_starts"] == 0
     assert data["rpcs"]["ok"] is True
     assert set(data["rpcs"]["calls"]) == set(wl.LEGACY_RPCS)
+    # strict mode: the legacy writes to machine_state are refused, the rest
+    # works, nothing disagrees; and the demo goes back to compat
+    strict = list(data["strict"]["outcomes"].values())
+    assert strict[0] == "ok"  # the legacy start's UPDATE machines
+    assert strict[1:3] == ["refused (MS001)"] * 2  # its UPDATE machine_state, an error's
+    assert "read-only in strict mode" in data["strict"]["messages"]["MS001"]
+    assert strict[3:] == ["ok"]  # the client's completion of the run the start began
+    assert data["strict"]["drifted_machines"] == 0
 
     # 6: counted on the wire; throughput measured for each target
     wire = data["throughput"]["wire"]
@@ -131,6 +139,7 @@ def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:
     with db.connect(admin=True) as conn:  # the demo's database: made by the server's superuser
         assert disagreements(conn) == []
         assert conn.execute("SELECT count(*) FROM machine_sync.drift").fetchone() == (0,)
+        assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
 
 
 def test_demo_for_people_says_where_and_what_it_counts(cluster: Cluster) -> None:
@@ -165,6 +174,10 @@ def test_demo_for_people_says_where_and_what_it_counts(cluster: Cluster) -> None
         "of the workload's 6 machines, disagreeing at the end",
         "this database held 24 machines: production's 18 (17 disagreeing)",
         "Production's 18 machines",
+        "machine-sync mode strict",
+        "legacy start, 2nd write: UPDATE machine_state",
+        "refused (MS001)",
+        "MS001: machine_state is maintained by machine-sync",
     ):
         assert words in result.stdout, words
     # The migration's repair has its own table, not a cell under "after: client".

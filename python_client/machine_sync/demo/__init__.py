@@ -9,7 +9,8 @@ server that matters) the demo:
 3. runs the legacy two-statement workload with faults and reports the drift it makes;
 4. applies the migrations with psql, one file at a time;
 5. runs the same workload through :mod:`machine_sync.client` with the same
-   faults, then the legacy code again (compat mode), then the legacy RPCs;
+   faults, then the legacy code again (compat mode), then the legacy RPCs,
+   then the legacy code's statements in strict mode (and back to compat);
 6. measures statements, round trips and throughput side by side, and
 7. ends with a before/after table and where the data is.
 
