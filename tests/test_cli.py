@@ -321,6 +321,11 @@ def test_migrate_plan_apply_status_down(empty_db):
     assert [f["state"] for f in report["files"]] == ["applied"] * len(SHIPPED)
     assert "up to date" in run("migrate", "status", dsn=dsn).stdout
 
+    assert_one_error_line(
+        run("migrate", "down", "--steps", str(len(SHIPPED) + 1), dsn=dsn),
+        ExitCode.BAD_INPUT,
+        f"only {len(SHIPPED)} are applied",
+    )
     assert run("migrate", "down", "--dry-run", dsn=dsn).stdout == f"would revert {SHIPPED[-1]}\n"
     down = run("migrate", "down", dsn=dsn)
     assert down.exit_code == 0

@@ -686,6 +686,7 @@ def test_a_machine_being_written_while_the_client_asks_why_is_retryable(
             client.set_status(machine_id, "offline")
         other.rollback()
     assert caught.value.retryable
+    assert "roll it back if it is still open, then retry it from its start" in str(caught.value)
     assert machine(conn, machine_id)["status"] == "idle"
 
 

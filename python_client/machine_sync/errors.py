@@ -22,7 +22,8 @@ class                          SQLSTATE  raised when
                                          a NUL character PostgreSQL text cannot hold)
 :class:`PermissionDenied`      42501     the role may not do this (or RLS skipped it)
 :class:`ConcurrentUpdate`      55P03,    lock wait capped, deadlock, serialization
-                               40P01,    failure: rolled back, retry (``retryable``)
+                               40P01,    failure: the transaction failed, retry it
+                                         from its start (``retryable``)
                                40001
 :class:`NotInstalled`          42P01,    a machine-sync table, schema, function or
                                3F000,    column is missing: run the migrations
@@ -225,9 +226,12 @@ class NotInstalled(MachineSyncError):
 
 
 class ConcurrentUpdate(MachineSyncError):
-    """Raised when the transaction was rolled back because of other writers: a
-    legacy write that could not lock its machine in time or a lock_timeout
-    (55P03), a deadlock (40P01), a serialization failure (40001). Retryable."""
+    """Raised when a statement failed because of other writers: a legacy
+    write that could not lock its machine in time or a lock_timeout (55P03),
+    a deadlock (40P01), a serialization failure (40001). Nothing it did
+    stays: in autocommit its transaction was rolled back; in a transaction
+    the caller opened, that transaction is aborted and must be rolled back.
+    Retryable: the whole transaction, from its start."""
 
     retryable = True
 
@@ -458,7 +462,9 @@ def translate(
         )
     if issubclass(error, ConcurrentUpdate):
         return ConcurrentUpdate(
-            f"{message}; the transaction was rolled back, retry it", sqlstate=state
+            f"{message}; the transaction failed: roll it back if it is still open,"
+            " then retry it from its start",
+            sqlstate=state,
         )
     if error in (DatabaseError, UnknownProcess):
         return DatabaseError(f"{message} (SQLSTATE {state})", sqlstate=state)

@@ -577,7 +577,7 @@ class Runner:
                 "from the last migration"
             )
         if steps > len(applied):
-            raise MigrationError(
+            raise InvalidArgument(
                 f"cannot revert {steps} migrations: only {len(applied)} are applied"
             )
         targets = applied[:steps]
