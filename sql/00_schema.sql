@@ -54,14 +54,22 @@ COMMENT ON SCHEMA machine_sync IS
 -- Locks the tables a migration changes before it changes any: machines
 -- first, the order every writer takes them in, waiting for it as long as the
 -- caller's lock_timeout allows; then machine_state and every table and view
--- of machine_sync (the drift view, the status vocabulary, the mode), each
--- only if free at once. Were one busy, its holder may be a transaction that
--- wrote it and will write machines next (the legacy code's two statements in
--- one transaction; a reader of the drift view), so waiting while holding
--- machines could close a cycle. Instead machines is let go (the
--- subtransaction rolls back), and the whole is tried again every 10 ms until
--- lock_timeout has passed since the first try: then 55P03, with nothing
--- changed, which the migration runner retries. lock_timeout 0 waits on.
+-- of machine_sync (the drift view, the status vocabulary, the mode). Were
+-- one busy, its holder may be a transaction that wrote it and will write
+-- machines next (the legacy code's two statements in one transaction; a
+-- reader of the drift view), and waiting for it while holding machines
+-- closes a cycle. So for the first half of lock_timeout each is taken only
+-- if free at once; else machines is let go (the subtransaction rolls back)
+-- and the whole is tried again 10 ms later. Transactions on machine_state
+-- that overlap without a gap (readers one after another) would keep it from
+-- ever being free then; so for the second half the rest are waited for,
+-- which queues the transactions that come after: all of those waits end
+-- within half of deadlock_timeout from taking machines. A transaction in a
+-- cycle with it began to wait for machines after that, so the migration
+-- gives up its turn before that transaction's deadlock check can run, and
+-- no one gets 40P01. When lock_timeout has passed since the first try: 55P03,
+-- with nothing changed, which the migration runner retries. lock_timeout 0
+-- waits on, in the second manner from the start.
 -- Applying, re-applying and reverting call it first; it makes nothing.
 CREATE OR REPLACE FUNCTION machine_sync.lock_tables()
 RETURNS void
@@ -71,7 +79,13 @@ AS $$
 DECLARE
     caller_lock_timeout text := current_setting('lock_timeout');
     patience interval := caller_lock_timeout::interval;
-    deadline timestamptz := clock_timestamp() + patience;
+    began timestamptz := clock_timestamp();
+    deadline timestamptz := began + patience;
+    -- How long the tables after machines may be waited for, in all, once
+    -- machines is held (the second half, above); under 1 ms: never.
+    hold_bound interval := current_setting('deadlock_timeout')::interval / 2;
+    queueing boolean;
+    hold_until timestamptz;
     busy text;
 BEGIN
     IF to_regclass('public.machines') IS NULL OR to_regclass('public.machine_state') IS NULL THEN
@@ -84,23 +98,48 @@ BEGIN
                 greatest(ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000), 1)::text || 'ms',
                 true
             );
+        ELSE
+            PERFORM set_config('lock_timeout', caller_lock_timeout, true);
         END IF;
+        queueing := hold_bound >= interval '1 ms'
+            AND (patience <= interval '0' OR clock_timestamp() >= began + patience / 2);
         BEGIN
             LOCK TABLE public.machines IN ACCESS EXCLUSIVE MODE;
-            busy := 'public.machine_state';
-            LOCK TABLE public.machine_state IN ACCESS EXCLUSIVE MODE NOWAIT;
-            -- The drift view and the tables the triggers and legacy RPCs
-            -- read (the status vocabulary, the mode): a transaction may have
-            -- read one, or switched the mode, before it writes machines, and
-            -- reverting drops them, re-applying writes them.
+            hold_until := clock_timestamp() + hold_bound;
+            IF patience > interval '0' AND deadline < hold_until THEN
+                hold_until := deadline;
+            END IF;
+            -- machine_state first, then the drift view and the tables the
+            -- triggers and legacy RPCs read (the status vocabulary, the
+            -- mode): a transaction may have read one, or switched the mode,
+            -- before it writes machines, and reverting drops them,
+            -- re-applying writes them.
             FOR busy IN
-                SELECT format('%I.%I', n.nspname, c.relname)
-                FROM pg_class AS c
-                INNER JOIN pg_namespace AS n ON c.relnamespace = n.oid
-                WHERE n.nspname = 'machine_sync' AND c.relkind IN ('r', 'v', 'p')
-                ORDER BY c.relname COLLATE "C"
+                SELECT q.name
+                FROM (
+                    SELECT
+                        0 AS rank,
+                        'public.machine_state' AS name
+                    UNION ALL
+                    SELECT
+                        1 AS rank,
+                        format('%I.%I', n.nspname, c.relname) AS name
+                    FROM pg_class AS c
+                    INNER JOIN pg_namespace AS n ON c.relnamespace = n.oid
+                    WHERE n.nspname = 'machine_sync' AND c.relkind IN ('r', 'v', 'p')
+                ) AS q
+                ORDER BY q.rank, q.name COLLATE "C"
             LOOP
-                EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', busy);
+                IF queueing THEN
+                    PERFORM set_config(
+                        'lock_timeout',
+                        greatest(floor(extract(epoch FROM hold_until - clock_timestamp()) * 1000), 1)::text || 'ms',
+                        true
+                    );
+                    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', busy::regclass);
+                ELSE
+                    EXECUTE format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE NOWAIT', busy::regclass);
+                END IF;
             END LOOP;
             EXIT;
         EXCEPTION WHEN lock_not_available THEN

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import psycopg
 import pytest
@@ -238,6 +240,93 @@ def test_migrating_does_not_deadlock_a_legacy_pair_in_one_transaction(legacy_db,
             " WHERE id = %s",
             [machine],
         ).fetchone() == ("idle", "idle")
+
+
+# A psql session (the migration) waiting for machine_state.
+PSQL_QUEUED = """
+    SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+    WHERE a.application_name = 'psql' AND a.datname = current_database()
+      AND l.relation = 'public.machine_state'::regclass AND NOT l.granted
+"""
+
+
+def test_a_legacy_pair_in_one_transaction_meets_the_migration_queued_for_machine_state(
+    legacy_db,
+):
+    """The legacy code's two writes in one transaction, machine_state first,
+    held past the first half of the migration's lock_timeout: the migration
+    holds machines and queues for machine_state, the transaction then waits
+    for machines. The migration gives up its turn before that wait is long
+    enough for a deadlock check: the transaction commits, then the migration
+    does."""
+    machine = LEGACY_MACHINE.format(1)
+    baseline, *rest = migration_files()  # the baseline would queue for machine_state itself
+    legacy_db.psql(baseline)
+    with ThreadPoolExecutor(1) as pool, legacy_db.connect(autocommit=False) as writer:
+        writer.execute(LEGACY_WRITES["machine_state"], [machine])
+        migration = pool.submit(legacy_db.psql, *rest, check=False)
+        wait_for("the migration queues for machine_state", lambda: legacy_db.one(PSQL_QUEUED) > 0)
+        writer.execute(LEGACY_WRITES["machines"], [machine])  # no 40P01
+        writer.commit()
+        result = migration.result(timeout=60)
+    assert result.returncode == 0, result.stderr
+    with legacy_db.connect() as conn:
+        assert_consistent(conn)
+
+
+def test_migrating_is_not_starved_by_overlapping_readers_of_machine_state(legacy_db):
+    """Readers of machine_state one after another, each ending only once the
+    next holds the table or waits for it, so that it is never free: the
+    migration queues for it (in the second half of its lock_timeout), the
+    next reader queues behind it, and it has the table when the reader
+    holding it ends, rather than giving up with 55P03."""
+    done = threading.Event()
+    with ExitStack() as stack:
+        readers = [stack.enter_context(legacy_db.connect(autocommit=False)) for _ in range(2)]
+        watcher = stack.enter_context(legacy_db.connect())
+        pids = [reader.info.backend_pid for reader in readers]
+
+        def on_machine_state(pid: int) -> bool:  # holding it or waiting for it
+            return watcher.execute(
+                "SELECT EXISTS (SELECT FROM pg_locks WHERE pid = %s"
+                " AND relation = 'public.machine_state'::regclass)",
+                [pid],
+            ).fetchone() == (True,)
+
+        watching = threading.Lock()  # one connection, two threads
+        turn = [0]  # whose read may end next: they end in turns, never both at once
+
+        def read_in_turn(me: int) -> int:
+            reads = 0
+            while not done.is_set():
+                readers[me].execute("SELECT count(*) FROM machine_state")
+                reads += 1
+
+                def handed_over() -> bool:
+                    with watching:
+                        return done.is_set() or (turn[0] == me and on_machine_state(pids[1 - me]))
+
+                wait_for("the other reader is on machine_state", handed_over)
+                readers[me].commit()
+                turn[0] = 1 - me
+            return reads
+
+        baseline, *rest = migration_files()  # the baseline would queue for machine_state itself
+        legacy_db.psql(baseline)
+        pool = stack.enter_context(ThreadPoolExecutor(2))
+        turns = [pool.submit(read_in_turn, me) for me in range(2)]
+        try:
+            result = legacy_db.psql(*rest, check=False)
+        finally:
+            done.set()
+        reads = [turn.result(timeout=30) for turn in turns]
+    assert result.returncode == 0, result.stderr
+    assert min(reads) > 1  # the readers did overlap, in turns
+    with legacy_db.connect() as conn:
+        assert conn.execute("SELECT to_regnamespace('machine_sync') IS NOT NULL").fetchone() == (
+            True,
+        )
+        assert_consistent(conn)
 
 
 def test_reverting_does_not_deadlock_a_reader(legacy_db):
