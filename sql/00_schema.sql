@@ -12,6 +12,15 @@
 --   role is created once per cluster (it needs CREATEROLE, which Supabase's
 --   `postgres` has) and granted to the migrating role, so that it can hand
 --   the mirror's function to it.
+-- * Its schemas (machine_sync, machine_sync_revert, machine_sync_installed)
+--   are its own: one that exists already and belongs to another role is
+--   refused before anything is made. Its owner could drop and replace what
+--   the migration puts in it (functions the mirror and the SECURITY DEFINER
+--   functions call) or, in machine_sync_revert, read and rewrite the record
+--   of the grants the down migration puts back.
+-- * machine_sync_mirror, made beforehand (it is the cluster's), must be a
+--   role nobody else can be: not one that can log in, not a superuser, not
+--   granted to an API role. Otherwise it is refused, before anything is made.
 -- * It is applied by the role that owns the two tables (Supabase's
 --   `postgres`). Its SECURITY DEFINER functions run as the role that
 --   creates them and must run as that owner: not as a superuser, which
@@ -22,6 +31,7 @@
 DO $$
 DECLARE
     owners text;
+    squatted text;
 BEGIN
     SELECT
         string_agg(
@@ -42,6 +52,22 @@ BEGIN
             current_user, owners
         USING ERRCODE = 'insufficient_privilege',
               HINT = 'Connect as the tables'' owner, or run SET ROLE to it first (with psql: PGOPTIONS=''-c role=<owner>'').';
+    END IF;
+    SELECT
+        string_agg(
+            format('%I exists and is owned by %I', n.nspname, pg_catalog.pg_get_userbyid(n.nspowner)),
+            ', ' ORDER BY n.nspname COLLATE "C"
+        )
+    INTO squatted
+    FROM pg_catalog.pg_namespace AS n
+    WHERE
+        n.nspname IN ('machine_sync', 'machine_sync_revert', 'machine_sync_installed')
+        AND pg_catalog.pg_get_userbyid(n.nspowner) <> current_user;
+    IF squatted IS NOT NULL THEN
+        RAISE EXCEPTION 'machine-sync''s schema %, not by %: its owner could replace what machine-sync puts in it',
+            squatted, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Check what is in it; drop it (or, if it is machine-sync''s own, give it to the tables'' owner with ALTER SCHEMA ... OWNER TO), then migrate again.';
     END IF;
 END
 $$;
@@ -166,6 +192,8 @@ $$;
 -- Two databases of one cluster migrated at once may both try: whichever
 -- loses the race finds the role made and granted by the other.
 DO $$
+DECLARE
+    exposed text;
 BEGIN
     IF NOT EXISTS (
         SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror'
@@ -191,6 +219,29 @@ BEGIN
                       HINT = format('As a superuser: GRANT machine_sync_mirror TO %I; then migrate again.', current_user);
             END IF;
         END;
+    END IF;
+    SELECT
+        string_agg(problem, ', ' ORDER BY problem COLLATE "C")
+    INTO exposed
+    FROM (
+        SELECT 'it can log in' AS problem
+        FROM pg_catalog.pg_roles AS r
+        WHERE r.rolname = 'machine_sync_mirror' AND r.rolcanlogin
+        UNION ALL
+        SELECT 'it is a superuser'
+        FROM pg_catalog.pg_roles AS r
+        WHERE r.rolname = 'machine_sync_mirror' AND r.rolsuper
+        UNION ALL
+        SELECT format('%I is a member of it', r.rolname)
+        FROM pg_catalog.pg_roles AS r
+        WHERE
+            r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
+            AND pg_catalog.pg_has_role(r.oid, 'machine_sync_mirror', 'MEMBER')
+    ) AS found;
+    IF exposed IS NOT NULL THEN
+        RAISE EXCEPTION 'role machine_sync_mirror must be one nobody else can be, and it is not: %', exposed
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'As a superuser: ALTER ROLE machine_sync_mirror NOLOGIN NOSUPERUSER, and REVOKE it from the roles named; then migrate again.';
     END IF;
 END
 $$;

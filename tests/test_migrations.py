@@ -542,3 +542,119 @@ def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_and_rever
         cluster.drop(target)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
             admin.execute(f'DROP ROLE "{owner}"')
+
+
+@pytest.mark.parametrize(
+    "schema", ["machine_sync", "machine_sync_revert", "machine_sync_installed"]
+)
+def test_a_schema_of_machine_sync_made_beforehand_by_another_role_is_refused(legacy_db, schema):
+    """A role that may create schemas (CREATE on the database) can make one of
+    machine-sync's first, open to everyone. machine_sync_revert was then used
+    with a WARNING only: the revert record went into that role's table, for
+    it to read and rewrite, and every revert failed at the end (must be owner
+    of schema). The other two stopped at a COMMENT with PostgreSQL's bare
+    "must be owner of schema". Now each is refused before anything is made,
+    naming the schema and its owner."""
+    squatter = f"t_squatter_{uuid.uuid4().hex[:8]}"
+    with legacy_db.connect(admin=True) as admin:
+        admin.execute(f'CREATE ROLE "{squatter}" NOLOGIN')
+        admin.execute(f'GRANT CREATE ON DATABASE "{legacy_db.name}" TO "{squatter}"')
+        admin.execute(f'SET ROLE "{squatter}"')
+        admin.execute(f"CREATE SCHEMA {schema}")
+        admin.execute(f"GRANT ALL ON SCHEMA {schema} TO PUBLIC")
+        if schema == "machine_sync_revert":
+            admin.execute(
+                "CREATE TABLE machine_sync_revert.privilege (table_name text NOT NULL,"
+                " column_name text, grantee text NOT NULL, privilege_type text NOT NULL,"
+                " is_grantable boolean NOT NULL,"
+                " UNIQUE NULLS NOT DISTINCT (table_name, column_name, grantee, privilege_type))"
+            )
+            admin.execute("GRANT ALL ON machine_sync_revert.privilege TO PUBLIC")
+        admin.execute("RESET ROLE")
+    try:
+        result = legacy_db.psql(*migration_files(), check=False)
+        assert result.returncode != 0
+        assert (
+            f"machine-sync's schema {schema} exists and is owned by {squatter}," in result.stderr
+        ), result.stderr
+        with legacy_db.connect() as conn:
+            assert conn.execute("SELECT to_regclass('machine_sync.settings')").fetchone() == (None,)
+            assert conn.execute(
+                "SELECT count(*) FROM pg_class"
+                " WHERE relnamespace = %s::regnamespace AND relkind = 'r'",
+                [schema],
+            ).fetchone() == (1 if schema == "machine_sync_revert" else 0,)
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+        legacy_db.migrate()
+        with legacy_db.connect() as conn:
+            assert_consistent(conn)
+    finally:
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f'DROP OWNED BY "{squatter}"')
+            admin.execute(f'DROP ROLE "{squatter}"')
+
+
+@pytest.mark.parametrize("made_as", ["LOGIN", "granted to authenticated", "SUPERUSER"])
+def test_a_mirror_role_made_beforehand_that_others_can_be_is_refused(cluster, made_as):
+    """machine_sync_mirror passes the guard, sees every machine_state row and
+    may call stored_machine() (any machine, past row-level security). Made
+    beforehand (it is the cluster's) so that someone can log in as it,
+    granted to an API role (whose members would inherit all that), or a
+    superuser (the mirror would run as one), it was taken as it was; now it
+    is refused before anything is made."""
+    target = cluster.create("legacy")
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        (existed,) = admin.execute(
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'machine_sync_mirror'"
+        ).fetchone()
+        assert existed == 1  # the migrated template made it
+        if made_as == "LOGIN":
+            admin.execute("ALTER ROLE machine_sync_mirror LOGIN")
+        elif made_as == "SUPERUSER":
+            admin.execute("ALTER ROLE machine_sync_mirror SUPERUSER")
+        else:
+            admin.execute("GRANT machine_sync_mirror TO authenticated")
+    try:
+        result = target.psql(*migration_files(), check=False)
+        assert result.returncode != 0
+        assert "role machine_sync_mirror must be one nobody else can be" in result.stderr, (
+            result.stderr
+        )
+        with target.connect() as conn:
+            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+    finally:
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute("ALTER ROLE machine_sync_mirror NOLOGIN NOSUPERUSER")
+            admin.execute("REVOKE machine_sync_mirror FROM authenticated")
+        cluster.drop(target)
+
+
+def test_the_down_migration_runs_nothing_from_a_schema_another_role_made(legacy_db):
+    """After a revert, a role that may create schemas can make machine_sync
+    again with a lock_tables() of its own. The down migration, run again by
+    hand, would call it as the owner: refused before it calls anything."""
+    squatter = f"t_squatter_{uuid.uuid4().hex[:8]}"
+    with legacy_db.connect(admin=True) as admin:
+        admin.execute(f'CREATE ROLE "{squatter}" NOLOGIN')
+        admin.execute(f'GRANT CREATE ON DATABASE "{legacy_db.name}" TO "{squatter}"')
+        admin.execute(f'SET ROLE "{squatter}"')
+        admin.execute("CREATE SCHEMA machine_sync")
+        admin.execute("GRANT USAGE ON SCHEMA machine_sync TO PUBLIC")
+        admin.execute(
+            "CREATE FUNCTION machine_sync.lock_tables() RETURNS void LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE WARNING 'SQUATTED CODE RAN AS %', current_user; END $$"
+        )
+        admin.execute("RESET ROLE")
+    try:
+        result = legacy_db.psql(down_file(migration_files()[-1]), check=False)
+        assert "SQUATTED CODE RAN" not in result.stderr
+        assert result.returncode != 0
+        assert (
+            f"machine-sync's schema machine_sync exists and is owned by {squatter},"
+            in result.stderr
+        ), result.stderr
+    finally:
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f'DROP OWNED BY "{squatter}"')
+            admin.execute(f'DROP ROLE "{squatter}"')

@@ -23,11 +23,32 @@ SET LOCAL lock_timeout = '5s';
 -- 15) can neither stand in for a built-in one nor run as the migrating role.
 SET LOCAL search_path = pg_catalog, pg_temp;
 
--- The tables first, machines before machine_state, as the migration takes
--- them (machine_sync.lock_tables): a transaction that read the drift view
--- or wrote machine_state, and goes on, never deadlocks with this one.
+-- Nothing in a schema of machine-sync's name that another role owns is
+-- called (its owner could have put a lock_tables() of its own there, after a
+-- revert, to run as this role). Then the tables, machines before
+-- machine_state, as the migration takes them (machine_sync.lock_tables): a
+-- transaction that read the drift view or wrote machine_state, and goes on,
+-- never deadlocks with this one.
 DO $$
+DECLARE
+    squatted text;
 BEGIN
+    SELECT
+        string_agg(
+            format('%I exists and is owned by %I', n.nspname, pg_get_userbyid(n.nspowner)),
+            ', ' ORDER BY n.nspname COLLATE "C"
+        )
+    INTO squatted
+    FROM pg_namespace AS n
+    WHERE
+        n.nspname IN ('machine_sync', 'machine_sync_revert', 'machine_sync_installed')
+        AND pg_get_userbyid(n.nspowner) <> current_user;
+    IF squatted IS NOT NULL THEN
+        RAISE EXCEPTION 'machine-sync''s schema %, not by %: nothing in it is run, nothing is changed',
+            squatted, current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'Revert as the owner of machine-sync''s schemas; a schema another role made is not machine-sync''s: check what is in it and drop it.';
+    END IF;
     IF to_regprocedure('machine_sync.lock_tables()') IS NOT NULL THEN
         PERFORM machine_sync.lock_tables();
     END IF;
