@@ -618,6 +618,25 @@ def test_a_trigger_that_skips_the_update_is_named(conn, client):
 
 
 @pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
+def test_ending_the_current_run_past_a_trigger_that_skips_the_update_names_the_trigger(
+    conn, client, operation
+):
+    """A machine processing all along whose end, without a run id, an
+    application's trigger skips: the answer must not claim that another
+    writer started it meanwhile (nobody did), and is no retry."""
+    machine_id = add_machine(conn, status="idle")
+    run = uuid.uuid4()
+    client.start_process(machine_id, run)
+    add_skipping_trigger(conn)
+    with pytest.raises(InvalidTransition) as caught:
+        getattr(client, operation)(machine_id)
+    assert not caught.value.retryable
+    assert "a trigger on public.machines skipped the update" in str(caught.value)
+    assert (caught.value.status, caught.value.process_id) == ("processing", run)
+    assert machine(conn, machine_id)["current_process_id"] == run
+
+
+@pytest.mark.parametrize("operation", ["complete_process", "stop_process"])
 def test_ending_the_current_run_of_a_machine_started_meanwhile(
     db, conn, client, operation, monkeypatch
 ):

@@ -354,12 +354,15 @@ def refusal(request: Request, rows: Sequence[Row]) -> MachineSyncError:
             "this role see it but not update it"
         )
     if ends_current:
-        # Its UPDATE found it not processing; it is now: a writer started it
-        # in between. Ending "the current run" now would end that new run.
+        # Processing now, and its UPDATE wrote nothing: it was not processing
+        # then (a writer started it in between), or a trigger skipped the
+        # write; nothing here tells which. Either way ending "the current
+        # run" now could end a run this call never saw: no retry.
         return InvalidTransition(
-            f"cannot {operation} the process of machine {machine_id}: it was not processing "
-            f"when this ran, and another writer has started it since ({now}); pass the run "
-            "id to end a particular run",
+            f"cannot {operation} the process of machine {machine_id}: nothing was written "
+            f"({now}): either it was not processing when this ran, and another writer has "
+            "started it since, or a trigger on public.machines skipped the update; pass the "
+            "run id to end a particular run",
             machine_id=machine_id,
             operation=operation,
             status=status,

@@ -36,8 +36,10 @@ refuses otherwise, so a late completion of an old run never ends the run that
 replaced it. Only an UPDATE that returns no row (no machine this role may
 write, or a stop without ``P`` of a machine that is not processing) takes one
 small SELECT more to say which: :class:`~machine_sync.errors.UnknownMachine`;
-:class:`~machine_sync.errors.InvalidTransition` (not processing, or started by
-another writer since: ending "the current run" now would end that new run);
+:class:`~machine_sync.errors.InvalidTransition` (not processing; or processing
+now, either started by another writer since or past a trigger that skipped the
+row, which the SELECT cannot tell apart: ending "the current run" now could end
+a run the call never saw);
 :class:`~machine_sync.errors.PermissionDenied` (an UPDATE policy narrower than
 the SELECT one, or a trigger that skipped the row). That SELECT locks the row
 as the UPDATE would, without waiting (so it holds the row until an open
