@@ -12,11 +12,14 @@ CREATE SCHEMA IF NOT EXISTS machine_sync_revert;
 REVOKE ALL ON SCHEMA machine_sync_revert FROM public;
 
 -- Every privilege granted on the two tables (column_name NULL) or on one of
--- their columns, to anyone but the owner.
+-- their columns, to anyone but the owner. The grantee by name and by OID
+-- (NULL for PUBLIC): a role dropped while machine-sync is installed gets
+-- nothing back, nor does another role made since under its name.
 CREATE TABLE IF NOT EXISTS machine_sync_revert.privilege (
     table_name text NOT NULL,
     column_name text,
     grantee text NOT NULL,
+    grantee_oid oid,
     privilege_type text NOT NULL,
     is_grantable boolean NOT NULL,
     UNIQUE NULLS NOT DISTINCT (table_name, column_name, grantee, privilege_type)
@@ -45,6 +48,7 @@ BEGIN
         c.oid::regclass::text,
         granted.column_name,
         coalesce(r.rolname, 'PUBLIC'),
+        r.oid,
         a.privilege_type,
         a.is_grantable
     FROM pg_catalog.pg_class AS c

@@ -434,6 +434,41 @@ def test_down_restores_the_legacy_grants_foreign_key_and_defaults(legacy_db):
         assert_consistent(conn)
 
 
+def test_down_puts_back_no_grant_of_a_role_dropped_meanwhile(legacy_db):
+    """A role granted on machines before v1, whose grants were revoked and
+    which was dropped while v1 was installed, stopped every revert (role
+    does not exist); and a new role given its name would have been granted
+    what the old one had. Its grants are left out, with a NOTICE; the rest
+    are put back."""
+    gone = f"t_gone_{uuid.uuid4().hex[:8]}"
+    with legacy_db.connect() as conn:
+        conn.execute(f'CREATE ROLE "{gone}"')
+        conn.execute(f'GRANT SELECT, UPDATE (status) ON machines TO "{gone}"')
+        conn.execute("GRANT SELECT (id, status) ON machines TO PUBLIC")
+        conn.execute(f'REVOKE ALL ON machines FROM "{gone}"')
+        before = conn.execute(LEGACY_SHAPE).fetchall()
+        conn.execute(f'GRANT SELECT, UPDATE (status) ON machines TO "{gone}"')
+    legacy_db.migrate()
+    with legacy_db.connect() as conn:
+        conn.execute(f'REVOKE ALL ON machines FROM "{gone}"')
+        conn.execute(f'DROP ROLE "{gone}"')
+        conn.execute(f'CREATE ROLE "{gone}"')  # someone else, by the same name
+    try:
+        result = legacy_db.psql(down_file(migration_files()[-1]), check=False)
+        assert result.returncode == 0, result.stderr
+        assert f"role {gone} (granted before machine-sync) no longer exists" in result.stderr
+        with legacy_db.connect() as conn:
+            assert conn.execute(LEGACY_SHAPE).fetchall() == before
+            assert conn.execute(
+                "SELECT has_table_privilege(%s, 'machines', 'SELECT'),"
+                " has_column_privilege(%s, 'machines', 'status', 'UPDATE')",
+                [gone, gone],
+            ).fetchone() == (False, False)
+    finally:
+        with legacy_db.connect() as conn:
+            conn.execute(f'DROP ROLE "{gone}"')
+
+
 def test_only_the_tables_owner_may_apply_machine_sync(legacy_db):
     """A superuser, or a member of the owner's role, would own the SECURITY
     DEFINER functions: refused before anything is made, naming the owner."""

@@ -106,6 +106,7 @@ COMMENT ON TABLE public.machine_state IS NULL;
 DO $$
 DECLARE
     item record;
+    grantee text;
 BEGIN
     IF to_regnamespace('machine_sync_revert') IS NULL THEN
         RETURN;  -- v1 is not applied: nothing to put back
@@ -148,11 +149,25 @@ BEGIN
             CASE WHEN item.grantee = 0 THEN 'PUBLIC' ELSE item.grantee::regrole::text END
         );
     END LOOP;
+    -- A grantee is found by its OID, under its name now: a role dropped
+    -- since gets nothing back (nor does another role made under its name).
     FOR item IN SELECT * FROM machine_sync_revert.privilege LOOP
+        IF item.grantee_oid IS NULL THEN
+            grantee := 'PUBLIC';
+        ELSE
+            SELECT quote_ident(r.rolname) INTO grantee
+            FROM pg_roles AS r WHERE r.oid = item.grantee_oid;
+            IF NOT FOUND THEN
+                RAISE NOTICE 'role % (granted before machine-sync) no longer exists: % on % is not put back',
+                    item.grantee, item.privilege_type,
+                    item.table_name || coalesce('.' || quote_ident(item.column_name), '');
+                CONTINUE;
+            END IF;
+        END IF;
         EXECUTE format(
             'GRANT %s%s ON %s TO %s%s', item.privilege_type,
             coalesce(' (' || quote_ident(item.column_name) || ')', ''), item.table_name,
-            CASE WHEN item.grantee = 'PUBLIC' THEN 'PUBLIC' ELSE quote_ident(item.grantee) END,
+            grantee,
             CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END
         );
     END LOOP;
