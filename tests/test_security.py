@@ -228,3 +228,46 @@ def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db,
         assert conn.execute(
             "SELECT relrowsecurity FROM pg_class WHERE oid = 'machines'::regclass"
         ).fetchone() == (enabled,)
+
+
+@pytest.mark.parametrize(
+    "role", ["anon", "authenticated", "service_role", "machine_sync_mirror", "PUBLIC"]
+)
+def test_only_the_owner_may_call_lock_tables(db, conn, role):
+    """lock_tables() takes ACCESS EXCLUSIVE on machines and every table of
+    machine_sync: the migrations' alone. PostgreSQL grants EXECUTE on a new
+    function to PUBLIC; 90_grants.sql takes it back."""
+    (acl,) = conn.execute(
+        "SELECT proacl::text[] FROM pg_proc WHERE oid = 'machine_sync.lock_tables()'::regprocedure"
+    ).fetchone()
+    assert acl == [f"{db.cluster.owner}=X/{db.cluster.owner}"]
+    if role == "PUBLIC":
+        return
+    assert conn.execute(
+        "SELECT has_function_privilege(%s, 'machine_sync.lock_tables()', 'EXECUTE')", [role]
+    ).fetchone() == (False,)
+    with db.connect(admin=True) as admin:
+        admin.execute(f'SET ROLE "{role}"')
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            admin.execute("SELECT machine_sync.lock_tables()")
+
+
+@pytest.mark.parametrize(
+    "lock_timeout", ["0", "1us", "1", "1500us", "90s", "61min", "25h", "1d", "2147483647ms"]
+)
+def test_lock_tables_takes_any_lock_timeout_and_gives_it_back(conn, lock_timeout):
+    """Whatever the caller's lock_timeout and however PostgreSQL spells it
+    (rounded microseconds, minutes, hours, days, the largest value), the
+    owner's call locks the tables at once when they are free and leaves the
+    setting as it found it."""
+    with conn.transaction():
+        conn.execute("SELECT set_config('lock_timeout', %s, true)", [lock_timeout])
+        (before,) = conn.execute("SELECT current_setting('lock_timeout')").fetchone()
+        conn.execute("SELECT machine_sync.lock_tables()")
+        assert conn.execute("SELECT current_setting('lock_timeout')").fetchone() == (before,)
+        (locked,) = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE pid = pg_backend_pid()"
+            " AND mode = 'AccessExclusiveLock'"
+            " AND relation IN ('public.machines'::regclass, 'public.machine_state'::regclass)"
+        ).fetchone()
+        assert locked == 2
