@@ -7,6 +7,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 from machine_sync import server as pgserver
 
@@ -271,3 +272,35 @@ def test_lock_tables_takes_any_lock_timeout_and_gives_it_back(conn, lock_timeout
             " AND relation IN ('public.machines'::regclass, 'public.machine_state'::regclass)"
         ).fetchone()
         assert locked == 2
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, not fixed: machine_sync_mirror is one role per cluster, granted to every"
+    " role that migrated a database of it; each may SET ROLE to it in the others",
+)
+def test_the_owner_of_another_database_cannot_act_as_this_databases_mirror(db, cluster):
+    """Another database of the cluster, with another owner, migrated too:
+    that owner is a member of machine_sync_mirror (cluster-wide; here granted
+    as migrating it grants it). Connected
+    here (PUBLIC may CONNECT to a database by default), it must not read
+    machines past row-level security, write machine_state past the guard or
+    drop this database's mirror."""
+    other_owner = f"t_other_{uuid.uuid4().hex[:8]}"
+    other = cluster.create()
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{other_owner}" LOGIN CREATEROLE')
+        admin.execute(f'GRANT machine_sync_mirror TO "{other_owner}"')
+        admin.execute(f'ALTER DATABASE "{other.name}" OWNER TO "{other_owner}"')
+    with db.connect() as conn:
+        machine_id = add_machine(conn, status="idle")
+    try:
+        dsn = make_conninfo(db.admin_dsn, user=other_owner)
+        with psycopg.connect(dsn, autocommit=True) as intruder:
+            intruder.execute("SET ROLE machine_sync_mirror")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                intruder.execute("SELECT * FROM machine_sync.stored_machine(%s)", [machine_id])
+    finally:
+        cluster.drop(other)
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{other_owner}"')
