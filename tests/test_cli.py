@@ -4,6 +4,7 @@ one clear line plus the documented exit code for each bad input."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -452,6 +453,38 @@ def test_drift_then_reconcile(db, conn):
     assert json.loads(repaired.stdout) == {"repaired": 1, "not_repaired": []}
     assert run("drift", dsn=db.dsn).exit_code == 0
     assert run("reconcile", dsn=db.dsn).stdout == "repaired 0 drifted machine(s)\n"
+
+
+def test_drift_names_what_differs_when_the_table_cannot_show_it(db, conn):
+    """A value_mismatch in a failure field or in the clock alone looks, in the
+    columns drift shows, like a machine that agrees: a column names it."""
+    clock = add_machine(conn, status="idle")
+    failure = add_machine(conn, status="idle")
+    missing = add_machine(conn, status="idle")
+    bypassing_triggers(
+        db,
+        (
+            "UPDATE machine_state SET state_since = state_since - interval '1 hour'"
+            " WHERE machine_id = %s",
+            [clock],
+        ),
+        ("UPDATE machine_state SET failure_description = 'stale' WHERE machine_id = %s", [failure]),
+        ("DELETE FROM machine_state WHERE machine_id = %s", [missing]),
+    )
+    found = run("drift", dsn=db.dsn)
+    assert found.exit_code == ExitCode.FINDING
+    lines = {line.split()[0]: line.split() for line in found.stdout.splitlines()[1:4]}
+    assert lines[str(clock)][1:3] == ["value_mismatch", "state_since"]
+    assert lines[str(failure)][1:3] == ["value_mismatch", "failure_description"]
+    assert lines[str(missing)][1:3] == ["missing_state", "-"]
+    rows = {row["machine_id"]: row for row in json.loads(run("drift", "--json", dsn=db.dsn).stdout)}
+    assert rows[str(clock)]["status_since"] != rows[str(clock)]["state_since"]
+    assert rows[str(failure)]["status_since"] == rows[str(failure)]["state_since"]
+    assert rows[str(missing)]["state_since"] is None
+    # status shows the state row's clock as it shows the machine's.
+    apart = run("status", str(clock), dsn=db.dsn)
+    row = " ".join(apart.stdout.splitlines()[1].split())
+    assert re.search(r"idle since \d{4}-\d\d-\d\d \d\d:\d\d:\d\d[+-]\d{4}$", row), row
 
 
 def test_reconcile_names_what_it_could_not_repair_and_exits_4(db, conn):

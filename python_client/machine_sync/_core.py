@@ -72,7 +72,12 @@ class Machine:
 
 @dataclass(frozen=True, slots=True)
 class DriftRow:
-    """One row of ``machine_sync.drift``: a machine whose two rows disagree."""
+    """One row of ``machine_sync.drift``: a machine whose two rows disagree.
+
+    ``status_since`` (of ``machines``) and ``state_since`` (of ``machine_state``)
+    are read beside the view, which compares them without showing them: a
+    ``value_mismatch`` may lie in the clocks alone. None where the row is
+    missing."""
 
     machine_id: UUID
     problem: str
@@ -85,6 +90,8 @@ class DriftRow:
     state_failure_description: str | None
     failure_component: UUID | None
     state_failure_component: UUID | None
+    status_since: datetime | None
+    state_since: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

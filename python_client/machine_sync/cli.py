@@ -53,7 +53,7 @@ from machine_sync._usage import (
     NoSuchOption,
     UsageError,
 )
-from machine_sync.client import Client, Machine
+from machine_sync.client import Client, DriftRow, Machine
 from machine_sync.dsn import parse_dsn
 from machine_sync.errors import (
     DatabaseUnreachable,
@@ -570,7 +570,14 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
         typer.echo("no drift: every machine_state row agrees with its machine")
     else:
         table = Table(
-            "machine", "problem", "status", "current_state", "process", "state process", box=None
+            "machine",
+            "problem",
+            "differs in",
+            "status",
+            "current_state",
+            "process",
+            "state process",
+            box=None,
         )
         for row in rows:
             table.add_row(
@@ -579,6 +586,7 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
                     (
                         row.machine_id,
                         row.problem,
+                        _differing(row),
                         row.status,
                         row.current_state,
                         row.current_process_id,
@@ -605,6 +613,23 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
             )
     if rows:
         raise typer.Exit(int(ExitCode.FINDING))
+
+
+def _differing(row: DriftRow) -> str | None:
+    """What a drifted machine's state row disagrees in, as the view compares
+    them (None for a missing or orphaned row, where the problem says it all):
+    a failure field or the clock differs with nothing else in the table."""
+    if row.problem in ("missing_state", "orphaned_state"):
+        return None
+    pairs = (
+        ("status", row.status, row.current_state),
+        ("process", row.current_process_id, row.process_id),
+        ("is_failure_mode", row.status == "error", row.is_failure_mode),
+        ("failure_description", row.failure_description, row.state_failure_description),
+        ("failure_component", row.failure_component, row.state_failure_component),
+        ("state_since", row.status_since, row.state_since),
+    )
+    return ", ".join(name for name, ours, theirs in pairs if ours != theirs) or None
 
 
 @app.command("reconcile")
@@ -732,7 +757,7 @@ def _mirrored(machine: Machine) -> str:
     if state == mirrored(dataclasses.asdict(machine)):  # the row the mirror writes for it
         return "in step"
     process = f" with {state.process_id}" if state.process_id else ""
-    return f"{state.current_state}{process} since {state.state_since}"
+    return f"{state.current_state}{process} since {_cell(state.state_since)}"
 
 
 def _version(value: bool) -> None:

@@ -134,7 +134,8 @@ ORDER BY m.serial_number, m.id;
 
 
 -- name: drift
--- Every machine whose machine_state row is missing, orphaned or disagrees.
+-- Every machine whose machine_state row is missing, orphaned or disagrees, with
+-- both clocks, which the view compares but does not show.
 SELECT
     d.machine_id,
     d.problem,
@@ -146,8 +147,12 @@ SELECT
     d.failure_description,
     d.state_failure_description,
     d.failure_component,
-    d.state_failure_component
+    d.state_failure_component,
+    m.status_since,
+    s.state_since
 FROM machine_sync.drift AS d
+LEFT JOIN public.machines AS m ON d.machine_id = m.id
+LEFT JOIN public.machine_state AS s ON d.machine_id = s.machine_id
 ORDER BY d.machine_id;
 
 
