@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,11 @@ def test_another_role_than_the_tables_owner_is_refused_before_the_history_is_mad
     owner = legacy_db.cluster.owner
     with legacy_db.connect(admin=True) as admin:
         superuser = admin.execute("SELECT current_user").fetchone()[0]
+        # Its plan (and apply --dry-run) says so too, rather than list files
+        # that apply then refuses to run.
+        for planned in (runner(admin).plan, partial(runner(admin).apply, dry_run=True)):
+            with pytest.raises(PermissionDenied, match=f"not by {superuser}"):
+                planned()
         with pytest.raises(PermissionDenied) as caught:
             runner(admin).apply()
         assert caught.value.sqlstate == "42501"

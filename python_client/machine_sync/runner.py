@@ -449,9 +449,12 @@ class Runner:
             return results
 
     def plan(self, *, force: bool = False) -> Plan:
-        """What :meth:`apply` would run; raises what apply would raise."""
+        """What :meth:`apply` would run; raises what apply would raise (a role
+        that does not own the tables included)."""
         with self._translated():
-            return self._plan(discover(self.directory), force=force)
+            migrations = discover(self.directory)
+            self._refuse_another_owners_tables()
+            return self._plan(migrations, force=force)
 
     def _plan(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
         applied = self._applied()
@@ -491,6 +494,7 @@ class Runner:
         with self._translated():
             migrations = discover(self.directory)
             if dry_run:
+                self._refuse_another_owners_tables()
                 return self._plan(migrations, force=force)
             with self._locked():
                 self._refuse_another_owners_tables()
