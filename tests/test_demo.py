@@ -135,6 +135,10 @@ def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:
     fate = data["server"]["data"]
     assert fate["kept"] is True
     assert data["server"]["database"] in fate["psql"]
+    # ... and the string the operational commands take (--dsn, DATABASE_URL).
+    assert fate["dsn"] in fate["psql"]
+    with psycopg.connect(fate["dsn"]) as conn:
+        assert conn.info.dbname == data["server"]["database"]
     db = Database(cluster, data["server"]["database"])
     with db.connect(admin=True) as conn:  # the demo's database: made by the server's superuser
         assert disagreements(conn) == []

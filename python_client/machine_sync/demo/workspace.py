@@ -157,6 +157,8 @@ def what_is_left(workspace: Workspace, dropped: bool) -> dict[str, Any]:
     }
     if workspace.keep:
         left["psql"] = workspace.psql_command()
+        # The same database for the operational commands (no password in it).
+        left["dsn"] = shown(conninfo_to_dict(workspace.dsn))
         left["stop"] = workspace.stop_command()
         if workspace.started_here and workspace.server.data_dir is not None:
             left["delete_after_stop"] = str(workspace.server.data_dir.parent)
@@ -174,6 +176,7 @@ def what_is_left_line(workspace: Workspace) -> str:
     left = workspace.left_behind or what_is_left(workspace, not workspace.started_here)
     if left["kept"]:
         line = f"kept: connect with {left['psql']}"
+        line += f"; the machine-sync commands take it as DATABASE_URL={shlex.quote(left['dsn'])}"
         others = [name for name in left["databases"] if name != workspace.database]
         if others:
             line += f" (also kept on the server: {', '.join(others)})"
