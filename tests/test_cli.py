@@ -296,6 +296,27 @@ def test_help_shows_flags_as_flags():
 # -- migrate ----------------------------------------------------------------------
 
 
+def test_migrate_plan_warns_of_a_disabled_trigger_it_will_not_restore(db, conn):
+    assert run("migrate", "apply", dsn=db.dsn).exit_code == 0  # recorded: nothing pending
+    conn.execute("ALTER TABLE machines DISABLE TRIGGER zz_machine_sync")
+    for command in (("plan",), ("apply", "--dry-run")):
+        planned = run("migrate", *command, dsn=db.dsn)
+        assert planned.exit_code == 0, planned.stderr
+        [warning] = [line for line in planned.stdout.splitlines() if line.startswith("warning")]
+        assert "trigger zz_machine_sync on public.machines is disabled" in warning
+        assert RESTORE_COMMAND in warning
+    [problem] = json.loads(run("migrate", "plan", "--json", dsn=db.dsn).stdout)[
+        "definition_problems"
+    ]
+    assert problem == {
+        "kind": "trigger",
+        "name": "zz_machine_sync on public.machines",
+        "problem": "disabled",
+    }
+    forced = run("migrate", "plan", "--force", dsn=db.dsn)
+    assert "warning" not in forced.stdout  # a forced apply (or an adoption) restores it
+
+
 def test_migrate_plan_apply_status_down(empty_db):
     dsn = empty_db.dsn
     plan = run("migrate", "plan", "--json", dsn=dsn)
@@ -303,6 +324,7 @@ def test_migrate_plan_apply_status_down(empty_db):
     assert json.loads(plan.stdout) == {
         "adopting": False,
         "steps": [{"name": n, "action": "apply"} for n in SHIPPED],
+        "definition_problems": [],
     }
     dry = run("migrate", "apply", "--dry-run", dsn=dsn)
     assert dry.stdout.splitlines() == [f"would apply {n}" for n in SHIPPED]

@@ -331,6 +331,11 @@ def test_hand_edited_definitions_are_reported_and_restored(db, conn):
     }
     assert not status.up_to_date
     assert status.to_json()["definitions"]["restore_command"] == RESTORE_COMMAND
+    # The plan, with nothing pending, says so too rather than look all clear.
+    for planned in (runner(conn).plan(), runner(conn).apply(dry_run=True)):
+        assert planned.steps == []
+        assert set(planned.definition_problems) == set(status.definition_problems)
+        assert planned.to_json()["definition_problems"][0].keys() == {"kind", "name", "problem"}
     lines: list[str] = []
     runner(conn, echo=lines.append).apply()  # nothing pending: nothing restored, only said
     assert lines[-1].startswith("warning: function machine_sync.mode_v1() was changed")

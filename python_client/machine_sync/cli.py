@@ -426,6 +426,15 @@ def _print_plan(plan: Plan, *, dry_run: bool) -> None:
         typer.echo("nothing to apply: every migration is applied")
     for step in plan.steps:
         typer.echo(f"{'would ' if dry_run else ''}{step.action} {step.migration.name}")
+    # A plan that runs the installed files again (forced, adopted, reinstalled)
+    # restores them; any other leaves them as they are, so it says so.
+    rerun = {"reapply", "adopt", "reinstall"}
+    if plan.definition_problems and not any(s.action in rerun for s in plan.steps):
+        typer.echo(
+            "warning: "
+            + "; ".join(str(p) for p in plan.definition_problems)
+            + f". `{RESTORE_COMMAND}` restores the shipped definitions"
+        )
 
 
 @migrate_app.command("apply")

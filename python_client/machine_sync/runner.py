@@ -53,7 +53,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from enum import StrEnum
 from functools import partial
@@ -277,12 +277,16 @@ class Plan:
 
     steps: list[Step]
     adopting: bool
+    # Installed definitions that differ from the record, which only
+    # ``apply --force`` restores (filled by plan() and apply(dry_run=True)).
+    definition_problems: list[DefinitionProblem] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (``machine-sync migrate plan --json``)."""
         return {
             "adopting": self.adopting,
             "steps": [{"name": s.migration.name, "action": s.action} for s in self.steps],
+            "definition_problems": [asdict(p) for p in self.definition_problems],
         }
 
 
@@ -454,7 +458,12 @@ class Runner:
         with self._translated():
             migrations = discover(self.directory)
             self._refuse_another_owners_tables()
-            return self._plan(migrations, force=force)
+            return self._planned(migrations, force=force)
+
+    def _planned(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
+        """The plan, with what it leaves as it is: hand-changed definitions."""
+        plan = self._plan(migrations, force=force)
+        return replace(plan, definition_problems=self._definition_problems())
 
     def _plan(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
         applied = self._applied()
@@ -495,7 +504,7 @@ class Runner:
             migrations = discover(self.directory)
             if dry_run:
                 self._refuse_another_owners_tables()
-                return self._plan(migrations, force=force)
+                return self._planned(migrations, force=force)
             with self._locked():
                 self._refuse_another_owners_tables()
                 self._exec("runner_bootstrap")
