@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from machine_sync.errors import (
     ChecksumMismatch,
@@ -754,7 +755,19 @@ def test_a_file_that_loses_a_deadlock_is_retried_then_applied(empty_db, tmp_path
     """The server aborts one transaction of a lock cycle (40P01); when that is
     the migration's, it was rolled back whole and is simply run again."""
     folder = write_migrations(tmp_path, CROSSED)
-    with empty_db.connect() as conn, empty_db.connect(autocommit=False) as other:
+    # Each waiter's deadlock check runs once, deadlock_timeout after its wait
+    # began: the migration's late enough (3 s) for the cycle to be closed by
+    # then however slow the machine, the other's never first.
+    with empty_db.connect(admin=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER DATABASE {} SET deadlock_timeout = '3s'").format(
+                sql.Identifier(empty_db.name)
+            )
+        )
+    with (
+        empty_db.connect() as conn,
+        empty_db.connect(admin=True, autocommit=False, options="-c deadlock_timeout=60s") as other,
+    ):
         conn.execute("CREATE TABLE first_gate (); CREATE TABLE second_gate ();")
         conn.execute("CREATE TABLE runs (n int)")
         other.execute("LOCK TABLE second_gate IN ACCESS EXCLUSIVE MODE")
