@@ -625,20 +625,22 @@ def drift(dsn: Dsn = None, as_json: AsJson = False) -> None:
 
 
 def _differing(row: DriftRow) -> str | None:
-    """What a drifted machine's state row disagrees in, as the view compares
-    them (None for a missing or orphaned row, where the problem says it all):
-    a failure field or the clock differs with nothing else in the table."""
+    """The machine_state columns in which a drifted machine's state row differs
+    from the one the mirror writes for its machine (None for a missing or
+    orphaned row, where the problem says it all): a failure field or the
+    clock may differ with nothing else in the table."""
     if row.problem in ("missing_state", "orphaned_state"):
         return None
-    pairs = (
-        ("status", row.status, row.current_state),
-        ("process", row.current_process_id, row.process_id),
-        ("is_failure_mode", row.status == "error", row.is_failure_mode),
-        ("failure_description", row.failure_description, row.state_failure_description),
-        ("failure_component", row.failure_component, row.state_failure_component),
-        ("state_since", row.status_since, row.state_since),
-    )
-    return ", ".join(name for name, ours, theirs in pairs if ours != theirs) or None
+    expected = dataclasses.asdict(mirrored(dataclasses.asdict(row)))
+    stored = {
+        "current_state": row.current_state,
+        "process_id": row.process_id,
+        "is_failure_mode": row.is_failure_mode,
+        "failure_description": row.state_failure_description,
+        "failure_component": row.state_failure_component,
+        "state_since": row.state_since,
+    }
+    return ", ".join(name for name, value in expected.items() if stored[name] != value) or None
 
 
 @app.command("reconcile")

@@ -458,12 +458,9 @@ class Runner:
         with self._translated():
             migrations = discover(self.directory)
             self._refuse_another_owners_tables()
-            return self._planned(migrations, force=force)
-
-    def _planned(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
-        """The plan, with what it leaves as it is: hand-changed definitions."""
-        plan = self._plan(migrations, force=force)
-        return replace(plan, definition_problems=self._definition_problems())
+            plan = self._plan(migrations, force=force)
+            # With what it leaves as it is: hand-changed definitions.
+            return replace(plan, definition_problems=self._definition_problems())
 
     def _plan(self, migrations: Sequence[Migration], *, force: bool) -> Plan:
         applied = self._applied()
@@ -500,11 +497,10 @@ class Runner:
         ``force`` also re-applies edited files and restores changed definitions.
         ``dry_run`` only plans: nothing is locked, created or run.
         """
+        if dry_run:
+            return self.plan(force=force)
         with self._translated():
             migrations = discover(self.directory)
-            if dry_run:
-                self._refuse_another_owners_tables()
-                return self._planned(migrations, force=force)
             with self._locked():
                 self._refuse_another_owners_tables()
                 self._exec("runner_bootstrap")
