@@ -31,20 +31,26 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 -- * Nothing internal lives in `public`, which PostgREST exposes. The two
 --   legacy tables and the legacy RPC functions stay in `public` because
 --   deployed clients name them.
--- * The mirror (50_mirror.sql) runs as `machine_sync_mirror`, a role nobody
---   logs in as and no client role is granted. A write to machine_state is
---   the mirror's exactly when it runs as that role (`current_user`), which
---   no setting, foreign-key action or trigger of a client's can fake. The
---   role is created once per cluster (it needs CREATEROLE, which Supabase's
---   `postgres` has) and granted to the migrating role, so that it can hand
---   the mirror's function to it.
+-- * The mirror (50_mirror.sql) runs as the database's own mirror role,
+--   `machine_sync_mirror_<database>` (machine_sync.mirror_role() names
+--   it), a role nobody logs in as and no client role is granted. A write to
+--   machine_state is the mirror's exactly when it runs as that role
+--   (`current_user`), which no setting, foreign-key action or trigger of a
+--   client's can fake. It is made by the first migration of the database
+--   (it needs CREATEROLE, which Supabase's `postgres` has) and granted to
+--   the migrating role, so that it can hand the mirror's function to it.
+--   The role of one database has no privilege in another, so the owner of
+--   another database of the cluster, a member of its own mirror role, is
+--   an ordinary caller here. (On PostgreSQL 15 a CREATEROLE role may grant
+--   itself any role that is not a superuser: there, owners that do not
+--   trust each other must not have CREATEROLE.)
 -- * Its schemas (machine_sync, machine_sync_revert, machine_sync_installed)
 --   are its own: one that exists already and belongs to another role is
 --   refused before anything is made. Its owner could drop and replace what
 --   the migration puts in it (functions the mirror and the SECURITY DEFINER
 --   functions call) or, in machine_sync_revert, read and rewrite the record
 --   of the grants the down migration puts back.
--- * machine_sync_mirror, made beforehand (it is the cluster's), must be a
+-- * The mirror role, if made beforehand (by an administrator), must be a
 --   role nobody else can be: not one that can log in, not a superuser, not
 --   granted to an API role. Otherwise it is refused, before anything is made.
 -- * It is applied by the role that owns the two tables (Supabase's
@@ -215,62 +221,98 @@ BEGIN
 END
 $$;
 
--- Two databases of one cluster migrated at once may both try: whichever
--- loses the race finds the role made and granted by the other.
+-- The database's own mirror role. A database migrated before keeps the one
+-- it has (a copy restored from a dump keeps its source's: see MIGRATING.md);
+-- else it is named after the database (a name too long for a role: after
+-- its md5). Two migrations of one database at once may both try to make it:
+-- whichever loses the race finds it made and granted by the other.
+-- machine_sync.mirror_role() names it for the migrations, the down
+-- migration and the tools; the guard's triggers on machine_state are given
+-- the name as they are created (60_guard.sql), so that a write meets no
+-- function call to learn it.
 DO $$
 DECLARE
+    mirror name;
     exposed text;
 BEGIN
+    IF pg_catalog.to_regprocedure('machine_sync.mirror_role()') IS NOT NULL THEN
+        EXECUTE 'SELECT machine_sync.mirror_role()' INTO mirror;
+    ELSIF pg_catalog.octet_length(pg_catalog.current_database()) <= 43 THEN
+        mirror := 'machine_sync_mirror_' || pg_catalog.current_database();
+    ELSE
+        mirror := 'machine_sync_mirror_' || pg_catalog.md5(pg_catalog.current_database());
+    END IF;
     IF NOT EXISTS (
-        SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror'
+        SELECT FROM pg_catalog.pg_roles AS r WHERE r.rolname = mirror
     ) THEN
         BEGIN
-            CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+            EXECUTE format('CREATE ROLE %I NOLOGIN NOINHERIT', mirror);
             -- Only its maker may: a role another one made and granted
             -- without ADMIN OPTION cannot be commented on (PostgreSQL 16+).
-            COMMENT ON ROLE machine_sync_mirror IS
-            'machine-sync: the role its mirror trigger runs as. Nobody logs in as it.';
+            EXECUTE format(
+                'COMMENT ON ROLE %I IS %L', mirror,
+                format(
+                    'machine-sync: the role the mirror trigger of database %s runs as. Nobody logs in as it.',
+                    pg_catalog.current_database()
+                )
+            );
         EXCEPTION WHEN duplicate_object OR unique_violation THEN
             NULL;
         END;
     END IF;
-    IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
+    IF NOT pg_catalog.pg_has_role(mirror, 'USAGE') THEN
         BEGIN
-            GRANT machine_sync_mirror TO CURRENT_USER;
+            EXECUTE format('GRANT %I TO CURRENT_USER', mirror);
         EXCEPTION WHEN insufficient_privilege THEN
-            IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
-                RAISE EXCEPTION 'role machine_sync_mirror exists, but % may not take it (it was made by another role)',
-                    current_user
+            IF NOT pg_catalog.pg_has_role(mirror, 'USAGE') THEN
+                RAISE EXCEPTION 'role % exists, but % may not take it (it was made by another role)',
+                    quote_ident(mirror), current_user
                 USING ERRCODE = 'insufficient_privilege',
-                      HINT = format('As a superuser: GRANT machine_sync_mirror TO %I; then migrate again.', current_user);
+                      HINT = format('As a superuser: GRANT %I TO %I; then migrate again.', mirror, current_user);
             END IF;
         END;
     END IF;
     SELECT
-        string_agg(problem, ', ' ORDER BY problem COLLATE "C")
+        string_agg(found.problem, ', ' ORDER BY found.problem COLLATE "C")
     INTO exposed
     FROM (
         SELECT 'it can log in' AS problem
         FROM pg_catalog.pg_roles AS r
-        WHERE r.rolname = 'machine_sync_mirror' AND r.rolcanlogin
+        WHERE r.rolname = mirror AND r.rolcanlogin
         UNION ALL
         SELECT 'it is a superuser'
         FROM pg_catalog.pg_roles AS r
-        WHERE r.rolname = 'machine_sync_mirror' AND r.rolsuper
+        WHERE r.rolname = mirror AND r.rolsuper
         UNION ALL
         SELECT format('%I is a member of it', r.rolname)
         FROM pg_catalog.pg_roles AS r
         WHERE
             r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
-            AND pg_catalog.pg_has_role(r.oid, 'machine_sync_mirror', 'MEMBER')
+            AND pg_catalog.pg_has_role(r.oid, mirror, 'MEMBER')
     ) AS found;
     IF exposed IS NOT NULL THEN
-        RAISE EXCEPTION 'role machine_sync_mirror must be one nobody else can be, and it is not: %', exposed
+        RAISE EXCEPTION 'role % must be one nobody else can be, and it is not: %', quote_ident(mirror), exposed
         USING ERRCODE = 'insufficient_privilege',
-              HINT = 'As a superuser: ALTER ROLE machine_sync_mirror NOLOGIN NOSUPERUSER, and REVOKE it from the roles named; then migrate again.';
+              HINT = format(
+                  'As a superuser: ALTER ROLE %I NOLOGIN NOSUPERUSER, and REVOKE it from the roles named; then migrate again.',
+                  mirror
+              );
     END IF;
+    EXECUTE format(
+        $f$CREATE OR REPLACE FUNCTION machine_sync.mirror_role()
+        RETURNS pg_catalog.name
+        LANGUAGE sql
+        IMMUTABLE
+        PARALLEL SAFE
+        SET search_path = pg_catalog, pg_temp
+        RETURN %L::pg_catalog.name$f$,
+        mirror
+    );
 END
 $$;
+
+COMMENT ON FUNCTION machine_sync.mirror_role() IS
+'The role this database''s mirror runs as (made by the migration for this database).';
 
 -- ---------------------------------------------------------------------------
 -- sql/05_revert.sql
@@ -815,9 +857,10 @@ $$;
 --   a WHEN clause would cost more, as PostgreSQL reads it anew for every
 --   statement). A new machine takes two calls: its state row can only be
 --   written AFTER the machine exists, because of the foreign key.
--- * The function runs as machine_sync_mirror (00_schema.sql): that is how
---   the guard on machine_state (60_guard.sql) knows the mirror's own
---   writes, and why they work when the writer may not write machine_state.
+-- * The function runs as the database's mirror role (00_schema.sql,
+--   machine_sync.mirror_role()): that is how the guard on machine_state
+--   (60_guard.sql) knows the mirror's own writes, and why they work when
+--   the writer may not write machine_state.
 --   Its search_path puts pg_catalog before pg_temp, so no temporary type or
 --   table can stand in for one it uses; every other name is qualified.
 --
@@ -1179,10 +1222,15 @@ $$;
 COMMENT ON FUNCTION machine_sync.machines_sync() IS
 'Checks and completes a write to machines, and writes its machine_state row.';
 
--- The new owner needs CREATE on the schema only while it is handed over.
-GRANT CREATE ON SCHEMA machine_sync TO machine_sync_mirror;
-ALTER FUNCTION machine_sync.machines_sync() OWNER TO machine_sync_mirror;
-REVOKE CREATE ON SCHEMA machine_sync FROM machine_sync_mirror;
+-- The function is the mirror role's (00_schema.sql), which needs CREATE on
+-- the schema only while it is handed over.
+DO $$
+BEGIN
+    EXECUTE format('GRANT CREATE ON SCHEMA machine_sync TO %I', machine_sync.mirror_role());
+    EXECUTE format('ALTER FUNCTION machine_sync.machines_sync() OWNER TO %I', machine_sync.mirror_role());
+    EXECUTE format('REVOKE CREATE ON SCHEMA machine_sync FROM %I', machine_sync.mirror_role());
+END
+$$;
 
 CREATE OR REPLACE TRIGGER zz_machine_sync
 BEFORE UPDATE OF
@@ -1227,10 +1275,11 @@ $$;
 
 -- The guard: writes to machine_state that the mirror did not make.
 --
--- A write is the mirror's exactly when it runs as machine_sync_mirror
--- (00_schema.sql); every other write to machine_state is "direct", whoever
--- makes it: a client, a function, an application's trigger, a foreign-key
--- action. The two triggers the mirror's UPDATE meets have no WHEN clause:
+-- A write is the mirror's exactly when it runs as the database's mirror
+-- role (machine_sync.mirror_role(), 00_schema.sql); every other write to
+-- machine_state is "direct", whoever makes it: a client, a function, an
+-- application's trigger, a foreign-key action, the mirror role of another
+-- database of the cluster. The two triggers the mirror's UPDATE meets have no WHEN clause:
 -- PostgreSQL reads a WHEN clause anew for every statement, and the mirror's
 -- write is a statement per machine, where a function that returns at once
 -- costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
@@ -1277,7 +1326,7 @@ DECLARE
     canonical boolean;
     caller_lock_timeout text;
 BEGIN
-    IF current_user = 'machine_sync_mirror' THEN
+    IF current_user = 'machine_sync_mirror' THEN  -- (the mirror role: named below)
         RETURN NEW;  -- the mirror's own write
     END IF;
     -- One query for the mode and the spelling. (The setting itself, not
@@ -1436,7 +1485,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF current_user = 'machine_sync_mirror' THEN
+    IF current_user = 'machine_sync_mirror' THEN  -- (the mirror role: named below)
         RETURN NULL;  -- the mirror's own write
     END IF;
     IF TG_OP = 'UPDATE' THEN
@@ -1508,17 +1557,44 @@ AFTER UPDATE ON public.machine_state
 FOR EACH ROW
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
 
-CREATE OR REPLACE TRIGGER machine_state_carry_insert
-AFTER INSERT ON public.machine_state
-FOR EACH ROW
-WHEN (current_user <> 'machine_sync_mirror')
-EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
-
-CREATE OR REPLACE TRIGGER machine_state_direct_delete
-BEFORE DELETE ON public.machine_state
-FOR EACH ROW
-WHEN (current_user <> 'machine_sync_mirror')
-EXECUTE FUNCTION machine_sync.machine_state_direct_delete();
+-- The mirror's own writes are told by the name of the database's mirror
+-- role (machine_sync.mirror_role(), 00_schema.sql), written into the two
+-- functions above as a constant where they say 'machine_sync_mirror' (any
+-- lookup of it would cost every write of machines), and into the WHEN
+-- clauses of the triggers on rarer writes.
+DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
+    placeholder constant text := $p$current_user = 'machine_sync_mirror'$p$;
+    guard regprocedure;
+    definition text;
+BEGIN
+    FOREACH guard IN ARRAY ARRAY[
+        'machine_sync.machine_state_direct_write()'::regprocedure,
+        'machine_sync.machine_state_carry_to_machines()'::regprocedure
+    ] LOOP
+        definition := pg_get_functiondef(guard);
+        IF array_length(string_to_array(definition, placeholder), 1) <> 2 THEN
+            RAISE EXCEPTION 'cannot name the mirror role in %: "%" is not in it exactly once', guard, placeholder;
+        END IF;
+        EXECUTE replace(definition, placeholder, format('current_user = %L', mirror));
+    END LOOP;
+    EXECUTE format(
+        'CREATE OR REPLACE TRIGGER machine_state_carry_insert
+        AFTER INSERT ON public.machine_state
+        FOR EACH ROW
+        WHEN (current_user <> %L)
+        EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines()', mirror
+    );
+    EXECUTE format(
+        'CREATE OR REPLACE TRIGGER machine_state_direct_delete
+        BEFORE DELETE ON public.machine_state
+        FOR EACH ROW
+        WHEN (current_user <> %L)
+        EXECUTE FUNCTION machine_sync.machine_state_direct_delete()', mirror
+    );
+END
+$$;
 
 CREATE OR REPLACE TRIGGER machine_state_truncate_alone
 AFTER TRUNCATE ON public.machine_state
@@ -1802,9 +1878,10 @@ $$;
 --   privileges. Trigger functions are executable by their owners only:
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
--- * machine_sync_mirror may read and write machine_state (a row-level
---   policy lets it see every row) and call stored_machine(), its one read
---   of machines: its one function is the mirror.
+-- * The database's mirror role (machine_sync.mirror_role()) may read and
+--   write machine_state (a row-level policy lets it see every row) and call
+--   stored_machine(), its one read of machines: its one function is the
+--   mirror. It has nothing in any other database.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
 --   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
@@ -1835,6 +1912,7 @@ machine_sync.quote_bounded(text),
 machine_sync.canonical_status(text),
 machine_sync.normalize_status(text),
 machine_sync.mode_v1(),
+machine_sync.mirror_role(),
 machine_sync.lock_machine(uuid, text)
 TO public;
 
@@ -1845,23 +1923,27 @@ public.atomic_error_machine_state(uuid, text),
 public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
-GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO machine_sync_mirror;
--- DELETE: only for a delete a logical replication subscriber applies
--- (zz_machine_sync_applied); the guard keeps refusing everyone else's.
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
-
+-- DELETE on machine_state: only for a delete a logical replication
+-- subscriber applies (zz_machine_sync_applied); the guard keeps refusing
+-- everyone else's.
 DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
 BEGIN
+    EXECUTE format(
+        'GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO %I', mirror
+    );
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO %I', mirror);
     IF NOT EXISTS (
         SELECT FROM pg_catalog.pg_policy AS p
         WHERE
             p.polrelid = 'public.machine_state'::pg_catalog.regclass
             AND p.polname = 'machine_sync_mirror'
     ) THEN
-        CREATE POLICY machine_sync_mirror ON public.machine_state
-        TO machine_sync_mirror
-        USING (TRUE)
-        WITH CHECK (TRUE);
+        EXECUTE format(
+            'CREATE POLICY machine_sync_mirror ON public.machine_state TO %I USING (TRUE) WITH CHECK (TRUE)',
+            mirror
+        );
     END IF;
 END
 $$;
@@ -2054,13 +2136,13 @@ AS $$
     SELECT
         'function' AS kind,
         p.oid::regprocedure::text AS object_name,
-        -- Who owns it too: the mirror works only as machine_sync_mirror's,
-        -- and a restore by a non-superuser (or with --no-owner) leaves it
-        -- the restorer's.
+        -- Who owns it too: the mirror works only as the mirror role's, and
+        -- a restore by a non-superuser (or with --no-owner) leaves it the
+        -- restorer's.
         md5(concat_ws(
             '|',
             pg_catalog.pg_get_functiondef(p.oid),
-            (p.proowner = to_regrole('machine_sync_mirror'))::text
+            (p.proowner = to_regrole(machine_sync.mirror_role()))::text
         )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_proc AS p

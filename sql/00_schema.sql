@@ -5,20 +5,26 @@
 -- * Nothing internal lives in `public`, which PostgREST exposes. The two
 --   legacy tables and the legacy RPC functions stay in `public` because
 --   deployed clients name them.
--- * The mirror (50_mirror.sql) runs as `machine_sync_mirror`, a role nobody
---   logs in as and no client role is granted. A write to machine_state is
---   the mirror's exactly when it runs as that role (`current_user`), which
---   no setting, foreign-key action or trigger of a client's can fake. The
---   role is created once per cluster (it needs CREATEROLE, which Supabase's
---   `postgres` has) and granted to the migrating role, so that it can hand
---   the mirror's function to it.
+-- * The mirror (50_mirror.sql) runs as the database's own mirror role,
+--   `machine_sync_mirror_<database>` (machine_sync.mirror_role() names
+--   it), a role nobody logs in as and no client role is granted. A write to
+--   machine_state is the mirror's exactly when it runs as that role
+--   (`current_user`), which no setting, foreign-key action or trigger of a
+--   client's can fake. It is made by the first migration of the database
+--   (it needs CREATEROLE, which Supabase's `postgres` has) and granted to
+--   the migrating role, so that it can hand the mirror's function to it.
+--   The role of one database has no privilege in another, so the owner of
+--   another database of the cluster, a member of its own mirror role, is
+--   an ordinary caller here. (On PostgreSQL 15 a CREATEROLE role may grant
+--   itself any role that is not a superuser: there, owners that do not
+--   trust each other must not have CREATEROLE.)
 -- * Its schemas (machine_sync, machine_sync_revert, machine_sync_installed)
 --   are its own: one that exists already and belongs to another role is
 --   refused before anything is made. Its owner could drop and replace what
 --   the migration puts in it (functions the mirror and the SECURITY DEFINER
 --   functions call) or, in machine_sync_revert, read and rewrite the record
 --   of the grants the down migration puts back.
--- * machine_sync_mirror, made beforehand (it is the cluster's), must be a
+-- * The mirror role, if made beforehand (by an administrator), must be a
 --   role nobody else can be: not one that can log in, not a superuser, not
 --   granted to an API role. Otherwise it is refused, before anything is made.
 -- * It is applied by the role that owns the two tables (Supabase's
@@ -189,59 +195,95 @@ BEGIN
 END
 $$;
 
--- Two databases of one cluster migrated at once may both try: whichever
--- loses the race finds the role made and granted by the other.
+-- The database's own mirror role. A database migrated before keeps the one
+-- it has (a copy restored from a dump keeps its source's: see MIGRATING.md);
+-- else it is named after the database (a name too long for a role: after
+-- its md5). Two migrations of one database at once may both try to make it:
+-- whichever loses the race finds it made and granted by the other.
+-- machine_sync.mirror_role() names it for the migrations, the down
+-- migration and the tools; the guard's triggers on machine_state are given
+-- the name as they are created (60_guard.sql), so that a write meets no
+-- function call to learn it.
 DO $$
 DECLARE
+    mirror name;
     exposed text;
 BEGIN
+    IF pg_catalog.to_regprocedure('machine_sync.mirror_role()') IS NOT NULL THEN
+        EXECUTE 'SELECT machine_sync.mirror_role()' INTO mirror;
+    ELSIF pg_catalog.octet_length(pg_catalog.current_database()) <= 43 THEN
+        mirror := 'machine_sync_mirror_' || pg_catalog.current_database();
+    ELSE
+        mirror := 'machine_sync_mirror_' || pg_catalog.md5(pg_catalog.current_database());
+    END IF;
     IF NOT EXISTS (
-        SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror'
+        SELECT FROM pg_catalog.pg_roles AS r WHERE r.rolname = mirror
     ) THEN
         BEGIN
-            CREATE ROLE machine_sync_mirror NOLOGIN NOINHERIT;
+            EXECUTE format('CREATE ROLE %I NOLOGIN NOINHERIT', mirror);
             -- Only its maker may: a role another one made and granted
             -- without ADMIN OPTION cannot be commented on (PostgreSQL 16+).
-            COMMENT ON ROLE machine_sync_mirror IS
-            'machine-sync: the role its mirror trigger runs as. Nobody logs in as it.';
+            EXECUTE format(
+                'COMMENT ON ROLE %I IS %L', mirror,
+                format(
+                    'machine-sync: the role the mirror trigger of database %s runs as. Nobody logs in as it.',
+                    pg_catalog.current_database()
+                )
+            );
         EXCEPTION WHEN duplicate_object OR unique_violation THEN
             NULL;
         END;
     END IF;
-    IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
+    IF NOT pg_catalog.pg_has_role(mirror, 'USAGE') THEN
         BEGIN
-            GRANT machine_sync_mirror TO CURRENT_USER;
+            EXECUTE format('GRANT %I TO CURRENT_USER', mirror);
         EXCEPTION WHEN insufficient_privilege THEN
-            IF NOT pg_catalog.pg_has_role('machine_sync_mirror', 'USAGE') THEN
-                RAISE EXCEPTION 'role machine_sync_mirror exists, but % may not take it (it was made by another role)',
-                    current_user
+            IF NOT pg_catalog.pg_has_role(mirror, 'USAGE') THEN
+                RAISE EXCEPTION 'role % exists, but % may not take it (it was made by another role)',
+                    quote_ident(mirror), current_user
                 USING ERRCODE = 'insufficient_privilege',
-                      HINT = format('As a superuser: GRANT machine_sync_mirror TO %I; then migrate again.', current_user);
+                      HINT = format('As a superuser: GRANT %I TO %I; then migrate again.', mirror, current_user);
             END IF;
         END;
     END IF;
     SELECT
-        string_agg(problem, ', ' ORDER BY problem COLLATE "C")
+        string_agg(found.problem, ', ' ORDER BY found.problem COLLATE "C")
     INTO exposed
     FROM (
         SELECT 'it can log in' AS problem
         FROM pg_catalog.pg_roles AS r
-        WHERE r.rolname = 'machine_sync_mirror' AND r.rolcanlogin
+        WHERE r.rolname = mirror AND r.rolcanlogin
         UNION ALL
         SELECT 'it is a superuser'
         FROM pg_catalog.pg_roles AS r
-        WHERE r.rolname = 'machine_sync_mirror' AND r.rolsuper
+        WHERE r.rolname = mirror AND r.rolsuper
         UNION ALL
         SELECT format('%I is a member of it', r.rolname)
         FROM pg_catalog.pg_roles AS r
         WHERE
             r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
-            AND pg_catalog.pg_has_role(r.oid, 'machine_sync_mirror', 'MEMBER')
+            AND pg_catalog.pg_has_role(r.oid, mirror, 'MEMBER')
     ) AS found;
     IF exposed IS NOT NULL THEN
-        RAISE EXCEPTION 'role machine_sync_mirror must be one nobody else can be, and it is not: %', exposed
+        RAISE EXCEPTION 'role % must be one nobody else can be, and it is not: %', quote_ident(mirror), exposed
         USING ERRCODE = 'insufficient_privilege',
-              HINT = 'As a superuser: ALTER ROLE machine_sync_mirror NOLOGIN NOSUPERUSER, and REVOKE it from the roles named; then migrate again.';
+              HINT = format(
+                  'As a superuser: ALTER ROLE %I NOLOGIN NOSUPERUSER, and REVOKE it from the roles named; then migrate again.',
+                  mirror
+              );
     END IF;
+    EXECUTE format(
+        $f$CREATE OR REPLACE FUNCTION machine_sync.mirror_role()
+        RETURNS pg_catalog.name
+        LANGUAGE sql
+        IMMUTABLE
+        PARALLEL SAFE
+        SET search_path = pg_catalog, pg_temp
+        RETURN %L::pg_catalog.name$f$,
+        mirror
+    );
 END
 $$;
+
+COMMENT ON FUNCTION machine_sync.mirror_role() IS
+'The role this database''s mirror runs as (made by the migration for this database).';

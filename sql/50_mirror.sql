@@ -28,9 +28,10 @@
 --   a WHEN clause would cost more, as PostgreSQL reads it anew for every
 --   statement). A new machine takes two calls: its state row can only be
 --   written AFTER the machine exists, because of the foreign key.
--- * The function runs as machine_sync_mirror (00_schema.sql): that is how
---   the guard on machine_state (60_guard.sql) knows the mirror's own
---   writes, and why they work when the writer may not write machine_state.
+-- * The function runs as the database's mirror role (00_schema.sql,
+--   machine_sync.mirror_role()): that is how the guard on machine_state
+--   (60_guard.sql) knows the mirror's own writes, and why they work when
+--   the writer may not write machine_state.
 --   Its search_path puts pg_catalog before pg_temp, so no temporary type or
 --   table can stand in for one it uses; every other name is qualified.
 --
@@ -392,10 +393,15 @@ $$;
 COMMENT ON FUNCTION machine_sync.machines_sync() IS
 'Checks and completes a write to machines, and writes its machine_state row.';
 
--- The new owner needs CREATE on the schema only while it is handed over.
-GRANT CREATE ON SCHEMA machine_sync TO machine_sync_mirror;
-ALTER FUNCTION machine_sync.machines_sync() OWNER TO machine_sync_mirror;
-REVOKE CREATE ON SCHEMA machine_sync FROM machine_sync_mirror;
+-- The function is the mirror role's (00_schema.sql), which needs CREATE on
+-- the schema only while it is handed over.
+DO $$
+BEGIN
+    EXECUTE format('GRANT CREATE ON SCHEMA machine_sync TO %I', machine_sync.mirror_role());
+    EXECUTE format('ALTER FUNCTION machine_sync.machines_sync() OWNER TO %I', machine_sync.mirror_role());
+    EXECUTE format('REVOKE CREATE ON SCHEMA machine_sync FROM %I', machine_sync.mirror_role());
+END
+$$;
 
 CREATE OR REPLACE TRIGGER zz_machine_sync
 BEFORE UPDATE OF

@@ -1,9 +1,10 @@
 -- The guard: writes to machine_state that the mirror did not make.
 --
--- A write is the mirror's exactly when it runs as machine_sync_mirror
--- (00_schema.sql); every other write to machine_state is "direct", whoever
--- makes it: a client, a function, an application's trigger, a foreign-key
--- action. The two triggers the mirror's UPDATE meets have no WHEN clause:
+-- A write is the mirror's exactly when it runs as the database's mirror
+-- role (machine_sync.mirror_role(), 00_schema.sql); every other write to
+-- machine_state is "direct", whoever makes it: a client, a function, an
+-- application's trigger, a foreign-key action, the mirror role of another
+-- database of the cluster. The two triggers the mirror's UPDATE meets have no WHEN clause:
 -- PostgreSQL reads a WHEN clause anew for every statement, and the mirror's
 -- write is a statement per machine, where a function that returns at once
 -- costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
@@ -50,7 +51,7 @@ DECLARE
     canonical boolean;
     caller_lock_timeout text;
 BEGIN
-    IF current_user = 'machine_sync_mirror' THEN
+    IF current_user = 'machine_sync_mirror' THEN  -- (the mirror role: named below)
         RETURN NEW;  -- the mirror's own write
     END IF;
     -- One query for the mode and the spelling. (The setting itself, not
@@ -209,7 +210,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF current_user = 'machine_sync_mirror' THEN
+    IF current_user = 'machine_sync_mirror' THEN  -- (the mirror role: named below)
         RETURN NULL;  -- the mirror's own write
     END IF;
     IF TG_OP = 'UPDATE' THEN
@@ -281,17 +282,44 @@ AFTER UPDATE ON public.machine_state
 FOR EACH ROW
 EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
 
-CREATE OR REPLACE TRIGGER machine_state_carry_insert
-AFTER INSERT ON public.machine_state
-FOR EACH ROW
-WHEN (current_user <> 'machine_sync_mirror')
-EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines();
-
-CREATE OR REPLACE TRIGGER machine_state_direct_delete
-BEFORE DELETE ON public.machine_state
-FOR EACH ROW
-WHEN (current_user <> 'machine_sync_mirror')
-EXECUTE FUNCTION machine_sync.machine_state_direct_delete();
+-- The mirror's own writes are told by the name of the database's mirror
+-- role (machine_sync.mirror_role(), 00_schema.sql), written into the two
+-- functions above as a constant where they say 'machine_sync_mirror' (any
+-- lookup of it would cost every write of machines), and into the WHEN
+-- clauses of the triggers on rarer writes.
+DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
+    placeholder constant text := $p$current_user = 'machine_sync_mirror'$p$;
+    guard regprocedure;
+    definition text;
+BEGIN
+    FOREACH guard IN ARRAY ARRAY[
+        'machine_sync.machine_state_direct_write()'::regprocedure,
+        'machine_sync.machine_state_carry_to_machines()'::regprocedure
+    ] LOOP
+        definition := pg_get_functiondef(guard);
+        IF array_length(string_to_array(definition, placeholder), 1) <> 2 THEN
+            RAISE EXCEPTION 'cannot name the mirror role in %: "%" is not in it exactly once', guard, placeholder;
+        END IF;
+        EXECUTE replace(definition, placeholder, format('current_user = %L', mirror));
+    END LOOP;
+    EXECUTE format(
+        'CREATE OR REPLACE TRIGGER machine_state_carry_insert
+        AFTER INSERT ON public.machine_state
+        FOR EACH ROW
+        WHEN (current_user <> %L)
+        EXECUTE FUNCTION machine_sync.machine_state_carry_to_machines()', mirror
+    );
+    EXECUTE format(
+        'CREATE OR REPLACE TRIGGER machine_state_direct_delete
+        BEFORE DELETE ON public.machine_state
+        FOR EACH ROW
+        WHEN (current_user <> %L)
+        EXECUTE FUNCTION machine_sync.machine_state_direct_delete()', mirror
+    );
+END
+$$;
 
 CREATE OR REPLACE TRIGGER machine_state_truncate_alone
 AFTER TRUNCATE ON public.machine_state

@@ -7,9 +7,10 @@
 --   privileges. Trigger functions are executable by their owners only:
 --   triggers fire regardless, and nobody can attach ours to a table of
 --   their own.
--- * machine_sync_mirror may read and write machine_state (a row-level
---   policy lets it see every row) and call stored_machine(), its one read
---   of machines: its one function is the mirror.
+-- * The database's mirror role (machine_sync.mirror_role()) may read and
+--   write machine_state (a row-level policy lets it see every row) and call
+--   stored_machine(), its one read of machines: its one function is the
+--   mirror. It has nothing in any other database.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
 --   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
@@ -40,6 +41,7 @@ machine_sync.quote_bounded(text),
 machine_sync.canonical_status(text),
 machine_sync.normalize_status(text),
 machine_sync.mode_v1(),
+machine_sync.mirror_role(),
 machine_sync.lock_machine(uuid, text)
 TO public;
 
@@ -50,23 +52,27 @@ public.atomic_error_machine_state(uuid, text),
 public.atomic_processing_machine_state(uuid, uuid)
 FROM public;
 
-GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO machine_sync_mirror;
--- DELETE: only for a delete a logical replication subscriber applies
--- (zz_machine_sync_applied); the guard keeps refusing everyone else's.
-GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO machine_sync_mirror;
-
+-- DELETE on machine_state: only for a delete a logical replication
+-- subscriber applies (zz_machine_sync_applied); the guard keeps refusing
+-- everyone else's.
 DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
 BEGIN
+    EXECUTE format(
+        'GRANT EXECUTE ON FUNCTION machine_sync.stored_machine(pg_catalog.uuid) TO %I', mirror
+    );
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON public.machine_state TO %I', mirror);
     IF NOT EXISTS (
         SELECT FROM pg_catalog.pg_policy AS p
         WHERE
             p.polrelid = 'public.machine_state'::pg_catalog.regclass
             AND p.polname = 'machine_sync_mirror'
     ) THEN
-        CREATE POLICY machine_sync_mirror ON public.machine_state
-        TO machine_sync_mirror
-        USING (TRUE)
-        WITH CHECK (TRUE);
+        EXECUTE format(
+            'CREATE POLICY machine_sync_mirror ON public.machine_state TO %I USING (TRUE) WITH CHECK (TRUE)',
+            mirror
+        );
     END IF;
 END
 $$;

@@ -86,11 +86,25 @@ SNAPSHOT_QUERIES = {
 
 
 def snapshot(conn: psycopg.Connection[Any]) -> dict[str, list[tuple[Any, ...]]]:
-    """Each part sorted, so two databases compare equal exactly when they match."""
+    """Each part sorted, so two databases compare equal exactly when they match
+    (the mirror role, one per database, written as MIRROR_ROLE)."""
     if conn.execute("SELECT to_regnamespace('machine_sync') IS NULL").fetchone() == (True,):
         raise AssertionError("machine-sync is not installed in this database")
+    found = conn.execute("SELECT machine_sync.mirror_role()").fetchone()
+    assert found is not None
+    mirror = found[0]
+
+    def general(value: Any) -> Any:
+        if isinstance(value, str):
+            return value.replace(mirror, "MIRROR_ROLE")
+        if isinstance(value, list):
+            return [general(item) for item in value]
+        return value
+
     return {
-        name: sorted(conn.execute(query).fetchall(), key=repr)
+        name: sorted(
+            (tuple(general(v) for v in row) for row in conn.execute(query).fetchall()), key=repr
+        )
         for name, query in SNAPSHOT_QUERIES.items()
     }
 

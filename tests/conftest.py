@@ -29,6 +29,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from machine_sync import server as pgserver
+from machine_sync.benchmark.scratch import drop_database
 from machine_sync.resources import fixture, migrations_dir, sql_dir
 
 TESTS = Path(__file__).resolve().parent
@@ -232,9 +233,7 @@ class Cluster:
 
     def drop(self, db: Database) -> None:
         with self._admin() as conn:
-            conn.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db.name))
-            )
+            drop_database(conn, db.name)
 
     @contextmanager
     def database(self, template: str) -> Iterator[Database]:

@@ -2,7 +2,7 @@
 
 pg_temp shadowing: an API role creates temporary types and tables named like
 the ones our functions use, hoping one of our functions (the mirror runs as
-machine_sync_mirror) resolves a name to them and runs the attacker's code
+the database's mirror role) resolves a name to them and runs the attacker's code
 with its privileges. Forged markers: settings, foreign-key actions and
 application triggers must not pass for the mirror's own writes.
 """

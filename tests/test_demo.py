@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 from machine_sync import workload as wl
-from machine_sync.benchmark.queries import DROP_DATABASE, naming
+from machine_sync.benchmark.scratch import drop_database
 from machine_sync.demo.session import _headline
 from machine_sync.errors import DatabaseUnreachable, MachineSyncError
 
@@ -64,7 +64,7 @@ def kept(cluster: Cluster) -> Iterator[list[str]]:
     yield names
     with psycopg.connect(cluster.server.dsn, autocommit=True) as conn:
         for name in names:
-            conn.execute(naming(DROP_DATABASE, name))
+            drop_database(conn, name)
 
 
 def test_demo_end_to_end(cluster: Cluster, kept: list[str]) -> None:

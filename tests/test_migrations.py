@@ -13,7 +13,7 @@ import pytest
 from psycopg.conninfo import make_conninfo
 
 from catalog import data, snapshot
-from conftest import down_file, migration_files, sql_files
+from conftest import Database, down_file, migration_files, sql_files
 from machines import add_machine, assert_consistent, wait_for
 
 LEGACY_MACHINE = "00000000-0000-4000-8000-{:012d}"
@@ -544,15 +544,18 @@ def test_a_function_planted_on_the_search_path_never_runs_while_migrating(legacy
 
 
 def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_and_revert_it(cluster):
-    """Where another role made machine_sync_mirror (once per cluster) and a
-    superuser granted it plainly, as the refusal's hint says, the migrations
-    go through: nothing in them needs ADMIN OPTION on the role. The revert
-    goes through too, keeping the role, which only its maker may drop."""
+    """Where an administrator made the database's mirror role beforehand
+    (the owner may not create roles) and granted it plainly, as the
+    refusal's hint says, the migrations go through: nothing in them needs
+    ADMIN OPTION on the role. The revert goes through too, keeping the role,
+    which only its maker may drop."""
     owner = f"t_lab_{uuid.uuid4().hex[:8]}"
     target = cluster.create()
+    mirror = f"machine_sync_mirror_{target.name}"
     with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
         admin.execute(f'CREATE ROLE "{owner}" LOGIN')
-        admin.execute(f'GRANT machine_sync_mirror TO "{owner}"')
+        admin.execute(f'CREATE ROLE "{mirror}" NOLOGIN NOINHERIT')
+        admin.execute(f'GRANT "{mirror}" TO "{owner}"')
         admin.execute(f'ALTER DATABASE "{target.name}" OWNER TO "{owner}"')
     try:
         dsn = make_conninfo(target.admin_dsn, user=owner)
@@ -560,6 +563,7 @@ def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_and_rever
             for path in migration_files():
                 conn.execute(path.read_text())
             assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
+            assert conn.execute("SELECT machine_sync.mirror_role()").fetchone() == (mirror,)
             add_machine(conn, status="idle")
             assert_consistent(conn)
             notices: list[str] = []
@@ -567,16 +571,60 @@ def test_an_owner_given_the_mirror_role_without_admin_option_can_apply_and_rever
             conn.execute(down_file(migration_files()[-1]).read_text())
             assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
             assert conn.execute("SELECT count(*) FROM public.machines").fetchone() == (1,)
-            assert any(
-                f"role machine_sync_mirror is kept: {owner} may not drop it" in n for n in notices
-            ), notices
+            assert any(f"role {mirror} is kept: {owner} may not drop it" in n for n in notices), (
+                notices
+            )
             assert conn.execute(
-                "SELECT count(*) FROM pg_roles WHERE rolname = 'machine_sync_mirror'"
+                "SELECT count(*) FROM pg_roles WHERE rolname = %s", [mirror]
             ).fetchone() == (1,)
     finally:
         cluster.drop(target)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{mirror}"')
             admin.execute(f'DROP ROLE "{owner}"')
+
+
+@pytest.mark.parametrize("length", ["short", "long"])
+def test_each_database_gets_its_own_mirror_role_and_takes_it_along(cluster, length):
+    """The first migration of a database makes its mirror role, named after
+    it (after its md5 when the name would not fit in a role's); reverting
+    drops the role, and so does dropping the database the way the demo, the
+    benchmark and these tests do."""
+    name = f"t_{uuid.uuid4().hex[:16]}" + ("_" + "x" * 40 if length == "long" else "")
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        admin.execute(
+            f'CREATE DATABASE "{name}" TEMPLATE "{cluster.template("legacy")}"'
+            f' OWNER "{cluster.owner}"'
+        )
+    db = Database(cluster, name)
+    try:
+        db.migrate()
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            (expected,) = admin.execute(
+                "SELECT 'machine_sync_mirror_' || CASE WHEN octet_length(%s) <= 43 THEN %s"
+                " ELSE md5(%s) END",
+                [name, name, name],
+            ).fetchone()
+        assert (length == "long") == (expected != f"machine_sync_mirror_{name}")
+        with db.connect() as conn:
+            assert conn.execute("SELECT machine_sync.mirror_role()").fetchone() == (expected,)
+            assert conn.execute(
+                "SELECT pg_get_userbyid(proowner) FROM pg_proc"
+                " WHERE oid = 'machine_sync.machines_sync()'::regprocedure"
+            ).fetchone() == (expected,)
+            machine_id = add_machine(conn, status="idle")
+            conn.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [machine_id])
+            assert_consistent(conn)
+            conn.execute(down_file(migration_files()[-1]).read_text())
+            gone = conn.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", [expected])
+            assert gone.fetchone() == (0,)
+        db.migrate()
+        cluster.drop(db)
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            left = admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", [expected])
+            assert left.fetchone() == (0,)
+    finally:
+        cluster.drop(db)
 
 
 @pytest.mark.parametrize(
@@ -632,37 +680,33 @@ def test_a_schema_of_machine_sync_made_beforehand_by_another_role_is_refused(leg
 
 @pytest.mark.parametrize("made_as", ["LOGIN", "granted to authenticated", "SUPERUSER"])
 def test_a_mirror_role_made_beforehand_that_others_can_be_is_refused(cluster, made_as):
-    """machine_sync_mirror passes the guard, sees every machine_state row and
+    """The mirror role passes the guard, sees every machine_state row and
     may call stored_machine() (any machine, past row-level security). Made
-    beforehand (it is the cluster's) so that someone can log in as it,
+    beforehand, by an administrator, so that someone can log in as it,
     granted to an API role (whose members would inherit all that), or a
     superuser (the mirror would run as one), it was taken as it was; now it
     is refused before anything is made."""
     target = cluster.create("legacy")
+    mirror = f"machine_sync_mirror_{target.name}"
     with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
-        (existed,) = admin.execute(
-            "SELECT count(*) FROM pg_roles WHERE rolname = 'machine_sync_mirror'"
-        ).fetchone()
-        assert existed == 1  # the migrated template made it
+        admin.execute(f'CREATE ROLE "{mirror}" NOLOGIN NOINHERIT')
+        admin.execute(f'GRANT "{mirror}" TO "{cluster.owner}"')
         if made_as == "LOGIN":
-            admin.execute("ALTER ROLE machine_sync_mirror LOGIN")
+            admin.execute(f'ALTER ROLE "{mirror}" LOGIN')
         elif made_as == "SUPERUSER":
-            admin.execute("ALTER ROLE machine_sync_mirror SUPERUSER")
+            admin.execute(f'ALTER ROLE "{mirror}" SUPERUSER')
         else:
-            admin.execute("GRANT machine_sync_mirror TO authenticated")
+            admin.execute(f'GRANT "{mirror}" TO authenticated')
     try:
         result = target.psql(*migration_files(), check=False)
         assert result.returncode != 0
-        assert "role machine_sync_mirror must be one nobody else can be" in result.stderr, (
-            result.stderr
-        )
+        assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
         with target.connect() as conn:
             assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
     finally:
-        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
-            admin.execute("ALTER ROLE machine_sync_mirror NOLOGIN NOSUPERUSER")
-            admin.execute("REVOKE machine_sync_mirror FROM authenticated")
         cluster.drop(target)
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{mirror}"')
 
 
 def test_the_down_migration_runs_nothing_from_a_schema_another_role_made(legacy_db):

@@ -73,7 +73,10 @@ def test_the_mirror_runs_as_its_own_role_and_the_client_paths_as_the_caller(conn
                                       OR p.proname LIKE 'atomic\\_%')"""
         ).fetchall()
     )
-    assert definers.pop("machines_sync") == "machine_sync_mirror"
+    (mirror,) = conn.execute("SELECT machine_sync.mirror_role()").fetchone()
+    # (This database is a copy of a migrated one, whose mirror role it keeps.)
+    assert mirror.startswith("machine_sync_mirror_t_")
+    assert definers.pop("machines_sync") == mirror
     assert set(definers) == {
         "reconcile_v1",
         "machine_state_direct_delete",
@@ -82,12 +85,12 @@ def test_the_mirror_runs_as_its_own_role_and_the_client_paths_as_the_caller(conn
     }
     # Nobody logs in as the mirror and no API role can become it.
     assert conn.execute(
-        "SELECT rolcanlogin, rolinherit FROM pg_roles WHERE rolname = 'machine_sync_mirror'"
+        "SELECT rolcanlogin, rolinherit FROM pg_roles WHERE rolname = %s", [mirror]
     ).fetchone() == (False, False)
     for role in ("anon", "authenticated", "service_role"):
-        assert conn.execute(
-            "SELECT pg_has_role(%s, 'machine_sync_mirror', 'MEMBER')", [role]
-        ).fetchone() == (False,), role
+        assert conn.execute("SELECT pg_has_role(%s, %s, 'MEMBER')", [role, mirror]).fetchone() == (
+            False,
+        ), role
 
 
 @pytest.mark.parametrize(
@@ -232,12 +235,14 @@ def test_migrating_leaves_rls_on_an_existing_machines_table_as_it_was(legacy_db,
 
 
 @pytest.mark.parametrize(
-    "role", ["anon", "authenticated", "service_role", "machine_sync_mirror", "PUBLIC"]
+    "role", ["anon", "authenticated", "service_role", "the mirror role", "PUBLIC"]
 )
 def test_only_the_owner_may_call_lock_tables(db, conn, role):
     """lock_tables() takes ACCESS EXCLUSIVE on machines and every table of
     machine_sync: the migrations' alone. PostgreSQL grants EXECUTE on a new
     function to PUBLIC; 90_grants.sql takes it back."""
+    if role == "the mirror role":
+        (role,) = conn.execute("SELECT machine_sync.mirror_role()").fetchone()
     (acl,) = conn.execute(
         "SELECT proacl::text[] FROM pg_proc WHERE oid = 'machine_sync.lock_tables()'::regprocedure"
     ).fetchone()
@@ -274,32 +279,52 @@ def test_lock_tables_takes_any_lock_timeout_and_gives_it_back(conn, lock_timeout
         assert locked == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known, not fixed: machine_sync_mirror is one role per cluster, granted to every"
-    " role that migrated a database of it; each may SET ROLE to it in the others",
-)
 def test_the_owner_of_another_database_cannot_act_as_this_databases_mirror(db, cluster):
-    """Another database of the cluster, with another owner, migrated too:
-    that owner is a member of machine_sync_mirror (cluster-wide; here granted
-    as migrating it grants it). Connected
-    here (PUBLIC may CONNECT to a database by default), it must not read
-    machines past row-level security, write machine_state past the guard or
-    drop this database's mirror."""
+    """Another database of the cluster, with another owner, migrated by it:
+    that owner is a member of that database's mirror role, as migrating made
+    it. Connected here (PUBLIC may CONNECT to a database by default), it can
+    neither become this database's mirror nor, as its own, read machines
+    past row-level security, write machine_state past the guard or change
+    this database's mirror. (With one mirror role for the whole cluster, it
+    could do all of that.)"""
     other_owner = f"t_other_{uuid.uuid4().hex[:8]}"
     other = cluster.create()
     with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
         admin.execute(f'CREATE ROLE "{other_owner}" LOGIN CREATEROLE')
-        admin.execute(f'GRANT machine_sync_mirror TO "{other_owner}"')
         admin.execute(f'ALTER DATABASE "{other.name}" OWNER TO "{other_owner}"')
     with db.connect() as conn:
         machine_id = add_machine(conn, status="idle")
+        (mirror,) = conn.execute("SELECT machine_sync.mirror_role()").fetchone()
+        conn.execute("SELECT machine_sync.set_mode_v1('strict')")
     try:
+        other_dsn = make_conninfo(other.admin_dsn, user=other_owner)
+        with psycopg.connect(other_dsn, autocommit=True) as owner_there:
+            for path in migration_files():
+                owner_there.execute(path.read_text())
+            (other_mirror,) = owner_there.execute("SELECT machine_sync.mirror_role()").fetchone()
+        assert other_mirror == f"machine_sync_mirror_{other.name}" != mirror
         dsn = make_conninfo(db.admin_dsn, user=other_owner)
         with psycopg.connect(dsn, autocommit=True) as intruder:
-            intruder.execute("SET ROLE machine_sync_mirror")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                intruder.execute(f'SET ROLE "{mirror}"')
+            if intruder.info.server_version >= 160000:
+                # (On PostgreSQL 15 a CREATEROLE role may grant itself any
+                # role that is not a superuser, this database's owner too.)
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    intruder.execute(f'GRANT "{mirror}" TO "{other_owner}"')
+            intruder.execute(f'SET ROLE "{other_mirror}"')
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 intruder.execute("SELECT * FROM machine_sync.stored_machine(%s)", [machine_id])
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                intruder.execute(
+                    "UPDATE machine_state SET current_state = 'error' WHERE machine_id = %s",
+                    [machine_id],
+                )
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                intruder.execute("ALTER FUNCTION machine_sync.machines_sync() SET work_mem = '1MB'")
+        with db.connect() as conn:
+            assert (state(conn, machine_id) or {}).get("current_state") == "idle"
+            assert_consistent(conn)
     finally:
         cluster.drop(other)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:

@@ -52,6 +52,10 @@ BEGIN
     IF to_regprocedure('machine_sync.lock_tables()') IS NOT NULL THEN
         PERFORM machine_sync.lock_tables();
     END IF;
+    -- The mirror role, for the end (its name goes with the schema).
+    IF to_regprocedure('machine_sync.mirror_role()') IS NOT NULL THEN
+        PERFORM set_config('machine_sync.reverted_mirror_role', machine_sync.mirror_role(), true);
+    END IF;
 END
 $$;
 
@@ -176,20 +180,24 @@ $$;
 
 DROP SCHEMA IF EXISTS machine_sync_revert CASCADE;
 
--- The role is the cluster's: another database may still use it. One that
--- another role made (an administrator, beforehand) and granted without ADMIN
--- OPTION is its maker's to drop (PostgreSQL 16+).
+-- The database's mirror role. A copy of this database restored from a dump
+-- into another database of the cluster uses it too; then it is kept. One
+-- that another role made (an administrator, beforehand) and granted without
+-- ADMIN OPTION is its maker's to drop (PostgreSQL 16+).
 DO $$
+DECLARE
+    mirror constant text := current_setting('machine_sync.reverted_mirror_role', true);
 BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'machine_sync_mirror') THEN
-        DROP OWNED BY machine_sync_mirror;
+    IF mirror <> '' AND EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = mirror) THEN
+        EXECUTE format('DROP OWNED BY %I', mirror);
         BEGIN
-            DROP ROLE machine_sync_mirror;
+            EXECUTE format('DROP ROLE %I', mirror);
         EXCEPTION
             WHEN dependent_objects_still_exist THEN
-                RAISE NOTICE 'role machine_sync_mirror is kept: another database still uses it';
+                RAISE NOTICE 'role % is kept: another database still uses it', quote_ident(mirror);
             WHEN insufficient_privilege THEN
-                RAISE NOTICE 'role machine_sync_mirror is kept: % may not drop it (another role made it); its maker can', current_user;
+                RAISE NOTICE 'role % is kept: % may not drop it (another role made it); its maker can',
+                    quote_ident(mirror), current_user;
         END;
     END IF;
 END

@@ -60,13 +60,13 @@ AS $$
     SELECT
         'function' AS kind,
         p.oid::regprocedure::text AS object_name,
-        -- Who owns it too: the mirror works only as machine_sync_mirror's,
-        -- and a restore by a non-superuser (or with --no-owner) leaves it
-        -- the restorer's.
+        -- Who owns it too: the mirror works only as the mirror role's, and
+        -- a restore by a non-superuser (or with --no-owner) leaves it the
+        -- restorer's.
         md5(concat_ws(
             '|',
             pg_catalog.pg_get_functiondef(p.oid),
-            (p.proowner = to_regrole('machine_sync_mirror'))::text
+            (p.proowner = to_regrole(machine_sync.mirror_role()))::text
         )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_proc AS p

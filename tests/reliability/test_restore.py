@@ -163,7 +163,7 @@ def rows(conn: Conn) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
 
 def assert_installed(target: Database, source: Database) -> None:
     """The product is there as in the source: triggers enabled, the mirror run
-    as machine_sync_mirror, the same catalog, and `migrate status` clean."""
+    as the source's mirror role, the same catalog, and `migrate status` clean."""
     with target.connect() as conn, source.connect() as original:
         triggers = conn.execute(PRODUCT_TRIGGERS).fetchall()
         assert triggers == original.execute(PRODUCT_TRIGGERS).fetchall()
@@ -175,7 +175,8 @@ def assert_installed(target: Database, source: Database) -> None:
             "SELECT proowner::regrole::text FROM pg_proc"
             " WHERE oid = 'machine_sync.machines_sync()'::regprocedure"
         ).fetchone()
-        assert owner == ("machine_sync_mirror",)
+        mirror = original.execute("SELECT machine_sync.mirror_role()::regrole::text").fetchone()
+        assert owner == mirror  # the source's: a restored copy keeps its mirror role
         assert catalog_snapshot(conn) == catalog_snapshot(original)
     status = cli(target, "migrate", "status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -306,7 +307,7 @@ def test_restore_as_the_owner_fails_whole_then_works_without_owners(
     source, target, tmp_path, owner_sets_replica
 ):
     """As Supabase's non-superuser postgres: the plain dump cannot hand the
-    mirror's function to machine_sync_mirror (that needs the role to have
+    mirror's function to its mirror role (that needs the role to have
     CREATE on machine_sync, which a restore grants only at its end), so the
     one-transaction restore stops there and leaves nothing behind. Restored
     without owners and followed by `migrate apply --force`, it works; until

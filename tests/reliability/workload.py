@@ -130,7 +130,7 @@ CREATE TABLE reliability.audit (
     process_id uuid,
     failure_description text
 );
--- SECURITY DEFINER: the mirror writes machine_state as machine_sync_mirror,
+-- SECURITY DEFINER: the mirror writes machine_state as its mirror role,
 -- which may not write this schema.
 CREATE FUNCTION reliability.audit_row() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = '' AS $$

@@ -126,11 +126,13 @@ def setup_script(schemas: Schemas) -> str:
 # composed with psycopg.sql.Identifier, never with string formatting.
 CREATE_DATABASE: Final = "CREATE DATABASE {}"
 DROP_DATABASE: Final = "DROP DATABASE IF EXISTS {} WITH (FORCE)"
+DROP_ROLE: Final = "DROP ROLE IF EXISTS {}"
 CREATE_SCHEMA: Final = "CREATE SCHEMA {}"
 DROP_SCHEMA: Final = "DROP SCHEMA IF EXISTS {} CASCADE"
-GRANT_MIRROR_USAGE: Final = "GRANT USAGE ON SCHEMA {} TO machine_sync_mirror"
+MIRROR_ROLE: Final = "SELECT {}.mirror_role()"
+GRANT_MIRROR_USAGE: Final = "GRANT USAGE ON SCHEMA {} TO {}"
 
 
-def naming(template: LiteralString, name: str) -> sql.Composed:
-    """``template`` with ``name`` in its ``{}``, quoted as an identifier."""
-    return sql.SQL(template).format(sql.Identifier(name))
+def naming(template: LiteralString, *names: str) -> sql.Composed:
+    """``template`` with ``names`` in its ``{}``, in order, quoted as identifiers."""
+    return sql.SQL(template).format(*(sql.Identifier(name) for name in names))

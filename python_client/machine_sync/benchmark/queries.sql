@@ -408,6 +408,19 @@ SELECT pg_catalog.set_config('search_path', $1, TRUE);
 -- The database the connection landed in.
 SELECT pg_catalog.current_database();
 
+-- name: mirror_roles_of_database
+-- The mirror roles that own objects in database $1 (the migrations make one
+-- per database; DROP DATABASE leaves roles, which are the cluster's).
+SELECT DISTINCT r.rolname
+FROM pg_catalog.pg_shdepend AS d
+INNER JOIN pg_catalog.pg_database AS db ON d.dbid = db.oid
+INNER JOIN pg_catalog.pg_roles AS r ON d.refobjid = r.oid
+WHERE
+    db.datname = $1
+    AND d.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+    AND d.deptype = 'o'
+    AND r.rolname LIKE 'machine\_sync\_mirror\_%';
+
 -- name: ping
 -- The cheapest round trip, to measure what the proxy adds.
 SELECT 1 AS one;

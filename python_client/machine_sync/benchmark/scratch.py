@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +76,7 @@ def scratch_place(dsn: str, mode: ScratchMode = "auto", *, keep: bool = False) -
                     yield place
                 finally:
                     if not keep:
-                        admin.execute(q.naming(q.DROP_DATABASE, name))
+                        drop_database(admin, name)
                 return
         schemas = Schemas.scratch(f"msbench_{suffix}")
         place = Scratch(
@@ -92,6 +92,20 @@ def scratch_place(dsn: str, mode: ScratchMode = "auto", *, keep: bool = False) -
             if not keep:
                 for schema in reversed(schemas.all()):
                     admin.execute(q.naming(q.DROP_SCHEMA, schema))
+
+
+def drop_database(admin: psycopg.Connection[Any], name: str) -> None:
+    """Drop a throwaway database and the mirror role its migration made for
+    it (a role is the cluster's: DROP DATABASE leaves it). A role another
+    database uses too, or that this role may not drop, stays."""
+    found = psycopg.RawCursor(admin).execute(query("mirror_roles_of_database", Schemas()), [name])
+    roles = [row[0] for row in found.fetchall()]
+    admin.execute(q.naming(q.DROP_DATABASE, name))
+    for role in roles:
+        with suppress(
+            psycopg.errors.DependentObjectsStillExist, psycopg.errors.InsufficientPrivilege
+        ):
+            admin.execute(q.naming(q.DROP_ROLE, role))
 
 
 def _migrations() -> list[Path]:
@@ -132,10 +146,12 @@ def install(place: Scratch) -> None:
                         "public or machine_sync; rolled back"
                     )
         if schemas.relocated:
-            # The mirror runs as machine_sync_mirror (created by the
+            # The mirror runs as the database's mirror role (made by the
             # migrations): it must reach the relocated tables' schema.
             with conn.transaction():
-                conn.execute(q.naming(q.GRANT_MIRROR_USAGE, schemas.tables))
+                found = conn.execute(q.naming(q.MIRROR_ROLE, schemas.sync)).fetchone()
+                assert found is not None
+                conn.execute(q.naming(q.GRANT_MIRROR_USAGE, schemas.tables, found[0]))
         with conn.transaction():
             conn.execute(q.setup_script(schemas))
 

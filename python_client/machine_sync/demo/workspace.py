@@ -15,7 +15,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from machine_sync import workload as wl
-from machine_sync.benchmark.queries import CREATE_DATABASE, DROP_DATABASE, naming
+from machine_sync.benchmark.queries import CREATE_DATABASE, naming
+from machine_sync.benchmark.scratch import drop_database
 from machine_sync.cli import ExitCode
 from machine_sync.dsn import parse_dsn, shown
 from machine_sync.errors import InvalidArgument, one_line
@@ -59,7 +60,7 @@ class Workspace:
         """Drop every database the demo created."""
         with psycopg.connect(self.server.dsn, autocommit=True, connect_timeout=10) as conn:
             for name in reversed(self.databases):
-                conn.execute(naming(DROP_DATABASE, name))
+                drop_database(conn, name)
 
     def run_psql(self, dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
         """Run psql as a user would: no psqlrc, stop at the first error."""
