@@ -170,6 +170,20 @@ def test_a_password_in_a_bad_dsn_is_never_printed(dsn):
         assert part not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgresql://u:s3cr3t%ffpw0rd@localhost/db", "postgresql://localhost/%ffdb"],
+    ids=["password", "database"],
+)
+def test_a_dsn_that_is_not_utf8_once_decoded_is_bad_input(dsn):
+    """A percent-encoded byte that is not UTF-8 is the DSN's fault (exit 2),
+    and the message shows no byte of it."""
+    result = run("drift", "--dsn", dsn)
+    assert_one_error_line(result, ExitCode.BAD_INPUT, "invalid --dsn/DATABASE_URL", "UTF-8")
+    for part in ("s3cr3t", "pw0rd", "0xff", "UnicodeDecodeError"):
+        assert part not in result.stderr
+
+
 def test_errors_that_need_the_database(db, empty_db, tmp_path):
     missing_db = db.cluster.server.dsn_for("no_such_database")
     assert_one_error_line(run("drift", dsn=missing_db), ExitCode.UNREACHABLE, "no_such_database")

@@ -47,6 +47,12 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
                 _QUOTED.sub('"..."', message) + " (quoted text left out: it may hold the password)"
             )
         raise InvalidArgument(f"invalid --dsn/DATABASE_URL: {message}") from None
+    except UnicodeDecodeError:
+        # A percent-encoded byte that is not UTF-8 (psycopg decodes what libpq
+        # parsed); the decoder's message would show the byte.
+        raise InvalidArgument(
+            "invalid --dsn/DATABASE_URL: a percent-encoded value is not UTF-8 once decoded"
+        ) from None
     # libpq parses any port text and fails later with a resolver message.
     ports = str(params.get("port") or "").split(",")
     if not all(port.strip().isdigit() for port in ports if port.strip()):
