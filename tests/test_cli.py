@@ -402,6 +402,24 @@ def test_a_revert_with_psql_is_reported_and_reinstalled(db):
     assert run("migrate", "status", dsn=db.dsn).exit_code == 0
 
 
+@pytest.mark.parametrize("kind", ["not-utf8", "directory", "dangling-link"])
+def test_an_unreadable_migration_file_is_named_as_bad_input(db, tmp_path, kind):
+    """A file of the migrations folder that cannot be read as text is the
+    folder's fault: one line naming it, exit 2, for every command that reads it."""
+    folder = tmp_path / "migrations"
+    shutil.copytree(migrations_dir(), folder)
+    bad = folder / "20991231000000_bad.sql"
+    if kind == "not-utf8":
+        bad.write_bytes(b"SELECT '\xff';\n")
+    elif kind == "directory":
+        bad.mkdir()
+    else:
+        bad.symlink_to(tmp_path / "nowhere.sql")
+    for command in ("plan", "apply", "status", "verify"):
+        result = run("migrate", command, "--migrations-dir", str(folder), dsn=db.dsn)
+        assert_one_error_line(result, ExitCode.BAD_INPUT, str(bad))
+
+
 def test_edited_file_is_refused_and_named(empty_db, tmp_path):
     folder = tmp_path / "migrations"
     shutil.copytree(migrations_dir(), folder)

@@ -245,7 +245,8 @@ class MigrationError(MachineSyncError):
 
 
 class MigrationsNotFound(MigrationError):
-    """The migrations folder, or a down file needed to revert, does not exist."""
+    """The migrations folder, or a down file needed to revert, does not exist,
+    or one of its files cannot be read as text."""
 
 
 class MigrationLocked(MigrationError):

@@ -136,6 +136,17 @@ def _checksum(text: str) -> str:
     return hashlib.sha256(text.replace("\r\n", "\n").encode("utf-8")).hexdigest()
 
 
+def _read(path: Path) -> str:
+    """A migration, revert or verify file's text; MigrationsNotFound naming it
+    when it cannot be read as UTF-8 text (a directory, a dangling link)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MigrationsNotFound(f"cannot read {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise MigrationsNotFound(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def discover(directory: Path) -> list[Migration]:
     """The migrations in ``directory``, in the order they apply (by name)."""
     if not directory.is_dir():
@@ -145,7 +156,7 @@ def discover(directory: Path) -> list[Migration]:
         raise MigrationsNotFound(
             f"no migrations in {directory} (expected files named <timestamp>_<name>.sql)"
         )
-    texts = {p: p.read_text(encoding="utf-8") for p in found}
+    texts = {p: _read(p) for p in found}
     return [
         Migration(p.name, p, _checksum(text), bool(_RECORDS.search(text)))
         for p, text in texts.items()
@@ -438,7 +449,7 @@ class Runner:
                 if not script.is_file():
                     results.append(Verification(m.name, True, "no verify file"))
                     continue
-                text = script.read_text(encoding="utf-8")
+                text = _read(script)
                 try:
                     with self._looking():
                         # One simple query, like a migration: a file shipped with them.
@@ -602,7 +613,7 @@ class Runner:
         self._conn.execute(named.text, named.bind(**params) or None)
 
     def _body(self, migration_name: str, path: Path) -> str:
-        return transaction_body(migration_name, path.read_text(encoding="utf-8"))
+        return transaction_body(migration_name, _read(path))
 
     def _run_file(self, name: str, path: Path, label: str, record: Callable[[], None]) -> None:
         body = self._body(name, path)
