@@ -571,6 +571,21 @@ def test_reconcile_names_what_it_could_not_repair_and_exits_4(db, conn):
     assert "cannot be repaired: set it" in " ".join(drift.stdout.split())
 
 
+def test_reconcile_shows_what_a_terminal_would_act_on_escaped(db, conn):
+    """A stored status is anyone's text: the reason reconcile prints for it
+    escapes control and invisible characters as a table cell does."""
+    stuck = add_machine(conn, status="idle")
+    hostile = "\x1b[2J\x1b]0;owned\x07\u202emelted"
+    bypassing_triggers(db, ("UPDATE machines SET status = %s WHERE id = %s", [hostile, stuck]))
+    result = run("reconcile", dsn=db.dsn)
+    assert result.exit_code == ExitCode.FAILED
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in result.stdout
+        assert raw not in result.stderr
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("not repaired")]
+    assert "\\x1b[2J\\x1b]0;owned\\x07\\u202emelted" in line
+
+
 def test_mode_show_and_set(db):
     assert run("mode", dsn=db.dsn).stdout == "compat\n"
     changed = run("mode", " Strict ", dsn=db.dsn)

@@ -166,7 +166,7 @@ class _NotInstalled(TyperCommand):
 
 
 def _error_line(message: str) -> None:
-    typer.echo(f"{PROGRAM}: error: {one_line(message)}", err=True)
+    typer.echo(f"{PROGRAM}: error: {_escaped(one_line(message))}", err=True)
 
 
 def _exit_code(exc: BaseException) -> tuple[ExitCode, str]:
@@ -389,6 +389,11 @@ CELL_LIMIT = 100
 _UNSHOWABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
 
 
+def _escaped(text: str) -> str:
+    """``text`` with what a terminal would act on, or would not show, escaped (``\\x1b``)."""
+    return _UNSHOWABLE.sub(lambda found: found[0].encode("unicode_escape").decode("ascii"), text)
+
+
 def _cell(value: object) -> Text:
     """A table cell: a value as plain text (Text, not markup: a failure message
     may contain [brackets]), with what a terminal would act on escaped
@@ -398,9 +403,7 @@ def _cell(value: object) -> Text:
     if isinstance(value, datetime):
         return Text(f"{value:%Y-%m-%d %H:%M:%S%z}")
     text = str(value)
-    shown = _UNSHOWABLE.sub(
-        lambda found: found[0].encode("unicode_escape").decode("ascii"), text[:CELL_LIMIT]
-    )
+    shown = _escaped(text[:CELL_LIMIT])
     if len(text) > CELL_LIMIT:
         shown += f"... ({len(text)} characters)"
     return Text(shown)
@@ -542,7 +545,9 @@ def migrate_verify(dsn: Dsn = None, migrations_dir: MigrationsDir = None) -> Non
     with _reported(), _connect(dsn, "migrate") as conn:
         results = _runner(conn, migrations_dir).verify()
     for result in results:
-        typer.echo(f"{'ok' if result.ok else 'FAILED'} {result.name}: {one_line(result.message)}")
+        typer.echo(
+            f"{'ok' if result.ok else 'FAILED'} {result.name}: {_escaped(one_line(result.message))}"
+        )
     if not all(result.ok for result in results):
         raise typer.Exit(int(ExitCode.FINDING))
 
@@ -663,7 +668,10 @@ def reconcile(dsn: Dsn = None, as_json: AsJson = False) -> None:
     else:
         typer.echo(f"repaired {repaired} drifted machine(s)")
         for row in left:
-            typer.echo(f"not repaired: machine {row.machine_id} ({row.problem}): {row.reason}")
+            typer.echo(
+                f"not repaired: machine {row.machine_id} ({row.problem}):"
+                f" {_escaped(row.reason or '')}"
+            )
     if left:
         _fail(
             f"{len(left)} machine(s) could not be repaired: fix them, then reconcile again",
