@@ -213,3 +213,20 @@ def test_starting_a_server_sweeps_a_killed_runs_cluster(
         assert not base.exists()
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    ["postgresql://u:s3cr3t-pw0rd@[::1/db", "host=localhost user=u password=s3cr3t pw0rd"],
+    ids=["uri", "keyword"],
+)
+def test_a_password_in_a_malformed_test_dsn_is_never_shown(
+    monkeypatch: pytest.MonkeyPatch, dsn: str
+) -> None:
+    monkeypatch.setenv("MACHINE_SYNC_TEST_DSN", dsn)
+    with pytest.raises(pgserver.ServerUnavailable) as raised, pgserver.provide_server():
+        pass
+    message = str(raised.value)
+    assert message.startswith("invalid MACHINE_SYNC_TEST_DSN: ")
+    for part in ("s3cr3t", "pw0rd"):
+        assert part not in message

@@ -32,8 +32,9 @@ def _may_hold_password(dsn: str) -> bool:
     return "password" in dsn.lower() or (_URI.match(dsn) is not None and "@" in dsn)
 
 
-def parse_dsn(dsn: str) -> dict[str, Any]:
-    """The DSN's parameters; :class:`InvalidArgument` names what is wrong with it.
+def parse_dsn(dsn: str, what: str = "--dsn/DATABASE_URL") -> dict[str, Any]:
+    """The DSN's parameters; :class:`InvalidArgument` names what is wrong with it
+    (and ``what`` gave it).
 
     No message quotes text that may be part of a password.
     """
@@ -46,19 +47,19 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
             message = (
                 _QUOTED.sub('"..."', message) + " (quoted text left out: it may hold the password)"
             )
-        raise InvalidArgument(f"invalid --dsn/DATABASE_URL: {message}") from None
+        raise InvalidArgument(f"invalid {what}: {message}") from None
     except UnicodeDecodeError:
         # A percent-encoded byte that is not UTF-8 (psycopg decodes what libpq
         # parsed); the decoder's message would show the byte.
         raise InvalidArgument(
-            "invalid --dsn/DATABASE_URL: a percent-encoded value is not UTF-8 once decoded"
+            f"invalid {what}: a percent-encoded value is not UTF-8 once decoded"
         ) from None
     # libpq parses any port text and fails later with a resolver message.
     ports = str(params.get("port") or "").split(",")
     if not all(port.strip().isdigit() for port in ports if port.strip()):
         shown = "" if secret else f" {params['port']!r}"
         raise InvalidArgument(
-            f"invalid --dsn/DATABASE_URL: port{shown} is not a number"
+            f"invalid {what}: port{shown} is not a number"
             + (" (is a ':' or '/' of the password not percent-encoded?)" if secret else "")
         )
     # An '@' of a password that is not percent-encoded: libpq splits user
@@ -66,7 +67,7 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
     # which the connection's error would print.
     if _URI.match(dsn) and "@" in str(params.get("host") or ""):
         raise InvalidArgument(
-            "invalid --dsn/DATABASE_URL: its host contains '@': percent-encode an '@' in the"
+            f"invalid {what}: its host contains '@': percent-encode an '@' in the"
             " user name or password as %40"
         )
     return params

