@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from machine_sync._queries import query
 from machine_sync.errors import (
     ChecksumMismatch,
     InvalidArgument,
@@ -66,6 +67,39 @@ def write_migrations(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 # -- apply, record, adopt ---------------------------------------------------
+
+
+def test_apply_runs_the_text_it_checked_and_records(empty_db, tmp_path):
+    """A file edited while apply waits for the lock (a checkout of another
+    version): what runs is the text whose checksum is recorded, the one read
+    and checked before the wait."""
+    folder = write_migrations(tmp_path, {"1_a.sql": "CREATE TABLE planned ();\n"})
+    read = sha256(folder / "1_a.sql")
+    lines: list[str] = []
+    failures: list[BaseException] = []
+    with empty_db.connect() as holder, empty_db.connect() as conn:
+        assert holder.execute(query("try_migration_lock").text).fetchone() == (True,)
+
+        def deploy() -> None:
+            try:
+                runner(conn, folder, echo=lines.append, lock_wait=60).apply()
+            except BaseException as exc:  # reported by the main thread
+                failures.append(exc)
+
+        worker = threading.Thread(target=deploy)
+        worker.start()
+        try:
+            wait_for("apply to wait for the lock", lambda: any("waiting" in x for x in lines))
+            (folder / "1_a.sql").write_text("CREATE TABLE edited ();\n")
+        finally:
+            holder.execute(query("release_migration_lock").text)
+            worker.join(60)
+        assert not failures, failures
+        assert history(conn) == [("1_a.sql", read)]
+        tables = conn.execute(
+            "SELECT relname FROM pg_class WHERE relname IN ('planned', 'edited')"
+        ).fetchall()
+        assert tables == [("planned",)]
 
 
 def test_apply_on_an_empty_database_records_every_file(empty_db):

@@ -128,6 +128,9 @@ class Migration:
     path: Path
     sha256: str
     installs: bool = False  # installs machine-sync (writes the catalog's record)
+    # The text read, which sha256 is of: apply runs this, not the file read
+    # again after waiting for the lock (it may have been edited meanwhile).
+    text: str = field(default="", repr=False, compare=False)
 
 
 def _checksum(text: str) -> str:
@@ -158,7 +161,7 @@ def discover(directory: Path) -> list[Migration]:
         )
     texts = {p: _read(p) for p in found}
     return [
-        Migration(p.name, p, _checksum(text), bool(_RECORDS.search(text)))
+        Migration(p.name, p, _checksum(text), bool(_RECORDS.search(text)), text)
         for p, text in texts.items()
     ]
 
@@ -526,7 +529,7 @@ class Runner:
                 for index, step in enumerate(plan.steps, 1):
                     self._run_file(
                         step.migration.name,
-                        step.migration.path,
+                        step.migration.text,
                         f"[{index}/{len(plan.steps)}] {step.action}",
                         record=partial(
                             self._exec,
@@ -575,7 +578,7 @@ class Runner:
                 for index, name in enumerate(targets, 1):
                     self._run_file(
                         name,
-                        self.directory / "down" / name,
+                        _read(self.directory / "down" / name),
                         f"[{index}/{len(targets)}] revert",
                         record=partial(self._exec, "forget_migration", migration=name),
                     )
@@ -612,11 +615,8 @@ class Runner:
         named = query(name)
         self._conn.execute(named.text, named.bind(**params) or None)
 
-    def _body(self, migration_name: str, path: Path) -> str:
-        return transaction_body(migration_name, _read(path))
-
-    def _run_file(self, name: str, path: Path, label: str, record: Callable[[], None]) -> None:
-        body = self._body(name, path)
+    def _run_file(self, name: str, text: str, label: str, record: Callable[[], None]) -> None:
+        body = transaction_body(name, text)
         # What the file says it did: its own RAISE NOTICEs (SQLSTATE 00000),
         # not PostgreSQL's (such as 42P07, "already exists, skipping").
         said: list[str] = []
