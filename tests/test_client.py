@@ -44,6 +44,7 @@ from machines import (
     bypassing_triggers,
     machine,
     state,
+    wait_for,
     wait_until_lock_waiting,
 )
 
@@ -731,6 +732,28 @@ def test_closed_connection_is_unreachable(db):
     conn.close()
     with pytest.raises(DatabaseUnreachable, match="cannot reach the database"):
         Client(conn).list()
+
+
+@pytest.mark.parametrize("setting", ["idle_session_timeout", "idle_in_transaction_session_timeout"])
+def test_a_session_the_server_ended_is_unreachable(db, conn, setting):
+    """A timeout that ends the session (57P05, 25P03) leaves no connection:
+    DatabaseUnreachable, as for one that was closed, not a DatabaseError."""
+    ended = db.connect(autocommit=setting == "idle_session_timeout")
+    pid = ended.info.backend_pid
+    ended.execute(f"SET {setting} = '100ms'")
+    ended.execute("SELECT 1")  # in a transaction, unless autocommit
+    wait_for(
+        "the server to end the session",
+        lambda: (
+            conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()[
+                0
+            ]
+            == 0
+        ),
+    )
+    with pytest.raises(DatabaseUnreachable, match="cannot reach the database"):
+        Client(ended).mode()
+    ended.close()
 
 
 def test_pool_without_server_is_unreachable():

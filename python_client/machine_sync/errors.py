@@ -29,7 +29,9 @@ class                          SQLSTATE  raised when
                                3F000,    column is missing: run the migrations
                                42883,
                                42703
-:class:`DatabaseUnreachable`   08xxx     no connection (refused, closed, pool timeout)
+:class:`DatabaseUnreachable`   08xxx,    no connection (refused, closed, pool timeout,
+                               57P0x,    a session the server ended)
+                               25P03
 :class:`DatabaseError`         other     any other PostgreSQL error
 :class:`MigrationError`        (none)    the migration runner refused or failed
 =============================  ========  =========================================
@@ -93,7 +95,8 @@ class MachineSyncError(Exception):
 
 class DatabaseUnreachable(MachineSyncError):
     """Raised when the database cannot be reached: connection refused or lost,
-    the server shutting down, too many clients, a pool that timed out."""
+    the server shutting down, too many clients, a pool that timed out, a
+    session the server ended (an idle timeout, its database dropped)."""
 
 
 class InvalidArgument(MachineSyncError, ValueError):
@@ -269,7 +272,9 @@ class MigrationFailed(MigrationError):
         self.migration = migration
 
 
-_UNREACHABLE_STATES = {"57P01", "57P02", "57P03", "53300"}  # shutdown, too many clients
+# Shutdown, too many clients, and what ends the session: its database dropped
+# (57P04) or a timeout (57P05 idle session, 25P03 idle in a transaction).
+_UNREACHABLE_STATES = {"57P01", "57P02", "57P03", "53300", "57P04", "57P05", "25P03"}
 
 #: The class for each SQLSTATE PostgreSQL (or machine-sync's SQL) raises.
 BY_SQLSTATE: dict[str, type[MachineSyncError]] = {
@@ -400,9 +405,10 @@ def translate(
     message = describe(exc)
     if isinstance(exc, psycopg.errors.PipelineAborted):
         return earlier_statement_failed(exc)
-    if isinstance(exc, psycopg.InterfaceError) or (
-        isinstance(exc, psycopg.OperationalError)
-        and (state is None or state.startswith("08") or state in _UNREACHABLE_STATES)
+    if (
+        isinstance(exc, psycopg.InterfaceError)
+        or state in _UNREACHABLE_STATES
+        or (isinstance(exc, psycopg.OperationalError) and (state is None or state.startswith("08")))
     ):
         # libpq's connection messages span lines and name host and port only
         # (never the password), so they are safe and useful to show.
