@@ -646,7 +646,9 @@ INSERT INTO machine_sync.status_alias (alias, status) VALUES
 ON CONFLICT (alias) DO NOTHING;
 
 -- A value for an error message: quoted, at most 40 characters of it, and
--- its length when it is longer.
+-- its length when it is longer. Control characters (ESC, BEL, newline, ...)
+-- are shown as ?, and said to be: a message goes to terminals and logs,
+-- where they would act (a terminal's escape sequences) or forge lines.
 CREATE OR REPLACE FUNCTION machine_sync.quote_bounded(value text)
 RETURNS text
 LANGUAGE sql
@@ -656,8 +658,19 @@ SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT CASE
         WHEN value IS NULL THEN 'NULL'
-        WHEN length(value) <= 40 THEN quote_literal(value)
-        ELSE quote_literal(left(value, 40)) || '... (' || length(value) || ' characters)'
+        ELSE
+            quote_literal(regexp_replace(left(value, 40) COLLATE "C", '[[:cntrl:]]', '?', 'g'))
+            || CASE WHEN length(value) > 40 THEN '...' ELSE '' END
+            || CASE
+                WHEN length(value) > 40 OR left(value, 40) COLLATE "C" ~ '[[:cntrl:]]' THEN
+                    ' (' || length(value) || ' characters'
+                    || CASE
+                        WHEN left(value, 40) COLLATE "C" ~ '[[:cntrl:]]' THEN ', control characters shown as ?'
+                        ELSE ''
+                    END
+                    || ')'
+                ELSE ''
+            END
     END
 $$;
 

@@ -239,6 +239,24 @@ def test_a_1mb_unknown_status_gives_a_short_message_quoting_a_prefix_and_the_len
     assert_consistent(conn)
 
 
+def test_an_unknown_status_with_control_characters_is_quoted_without_them(conn):
+    """A refusal quotes the bad value; its control characters (a terminal's
+    escape sequences, a newline that forges a log line) are shown as ?."""
+    machine_id = add_machine(conn)
+    hostile = "\x1b[2J\x1b]0;owned\x07\nLOG:  forged"
+    for statement, params in (
+        ("UPDATE machines SET status = %s WHERE id = %s", [hostile, machine_id]),
+        ("SELECT machine_sync.set_mode_v1(%s)", [hostile]),
+    ):
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(statement, params)
+        message = str(caught.value.diag.message_primary)
+        assert not any(ord(c) < 32 or ord(c) == 127 for c in message), repr(message)
+        assert "'?[2J?]0;owned??LOG:  forged'" in message, message
+        assert f"({len(hostile)} characters, control characters shown as ?)" in message
+    assert machine(conn, machine_id)["status"] == "idle"
+
+
 # --- h. the v1 down migration refuses while drift exists -------------------
 
 
