@@ -30,8 +30,9 @@ class                          SQLSTATE  raised when
                                42883,
                                42703
 :class:`DatabaseUnreachable`   08xxx,    no connection (refused, closed, pool timeout,
-                               57P0x,    a session the server ended)
-                               25P03
+                               57P0x,    a session the server ended, the server's
+                               25P03,    connection slots all taken)
+                               53300
 :class:`DatabaseError`         other     any other PostgreSQL error
 :class:`MigrationError`        (none)    the migration runner refused or failed
 =============================  ========  =========================================
