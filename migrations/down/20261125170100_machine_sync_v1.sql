@@ -76,6 +76,11 @@ BEGIN
 END
 $$;
 
+-- The drops below say nothing: PostgreSQL's notices of what a schema's
+-- drop cascades to, or of what is gone already when this runs again, would
+-- bury the ones this file raises itself (after them).
+SET LOCAL client_min_messages = warning;
+
 DROP TRIGGER IF EXISTS zz_machine_sync ON public.machines;
 DROP TRIGGER IF EXISTS zz_machine_sync_insert ON public.machines;
 DROP TRIGGER IF EXISTS zz_machine_sync_insert_state ON public.machines;
@@ -106,6 +111,8 @@ DROP COLUMN IF EXISTS status_since;
 COMMENT ON TABLE public.machines IS NULL;
 COMMENT ON COLUMN public.machines.status IS NULL;
 COMMENT ON TABLE public.machine_state IS NULL;
+
+SET LOCAL client_min_messages = notice;
 
 DO $$
 DECLARE
@@ -178,7 +185,9 @@ BEGIN
 END
 $$;
 
+SET LOCAL client_min_messages = warning;
 DROP SCHEMA IF EXISTS machine_sync_revert CASCADE;
+SET LOCAL client_min_messages = notice;
 
 -- The database's mirror role. A copy of this database restored from a dump
 -- into another database of the cluster uses it too; then it is kept. One
