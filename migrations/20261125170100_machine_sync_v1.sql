@@ -52,7 +52,9 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 --   of the grants the down migration puts back.
 -- * The mirror role, if made beforehand (by an administrator), must be a
 --   role nobody else can be: not one that can log in, not a superuser, not
---   granted to an API role. Otherwise it is refused, before anything is made.
+--   granted to an API role or to any role but the migrating one (nor held
+--   with ADMIN OPTION by the CREATEROLE role that made it). Otherwise it is
+--   refused, before anything is made.
 -- * It is applied by the role that owns the two tables (Supabase's
 --   `postgres`). Its SECURITY DEFINER functions run as the role that
 --   creates them and must run as that owner: not as a superuser, which
@@ -289,6 +291,21 @@ BEGIN
         WHERE
             r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
             AND pg_catalog.pg_has_role(r.oid, mirror, 'MEMBER')
+        UNION ALL
+        -- Any other role it is granted to may SET ROLE to it, and one with
+        -- ADMIN OPTION (as the CREATEROLE role that made it has, PostgreSQL
+        -- 16+) may grant it to itself when it likes: either could act as
+        -- the mirror. (Members of the migrating role are that role already.)
+        SELECT DISTINCT format(
+            '%I is a member of it%s', r.rolname,
+            CASE WHEN m.admin_option THEN ' (with ADMIN OPTION)' ELSE '' END
+        )
+        FROM pg_catalog.pg_auth_members AS m
+        INNER JOIN pg_catalog.pg_roles AS r ON m.member = r.oid
+        WHERE
+            m.roleid = (SELECT o.oid FROM pg_catalog.pg_roles AS o WHERE o.rolname = mirror)
+            AND r.rolname <> current_user
+            AND r.rolname NOT IN ('anon', 'authenticated', 'service_role', 'authenticator')
     ) AS found;
     IF exposed IS NOT NULL THEN
         RAISE EXCEPTION 'role % must be one nobody else can be, and it is not: %', quote_ident(mirror), exposed

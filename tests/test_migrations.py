@@ -715,6 +715,47 @@ def test_a_mirror_role_made_beforehand_that_others_can_be_is_refused(cluster, ma
             admin.execute(f'DROP ROLE "{mirror}"')
 
 
+@pytest.mark.parametrize("made_as", ["granted to another role", "made by another role"])
+def test_a_mirror_role_made_beforehand_that_another_role_holds_is_refused(cluster, made_as):
+    """Whoever is a member of the mirror role (or holds ADMIN OPTION on it,
+    as the CREATEROLE role that made it does on PostgreSQL 16+, and may then
+    grant it to itself) can SET ROLE to it and write machine_state past the
+    guard. A role made beforehand and granted to someone besides the
+    migrating owner, or made by another CREATEROLE role that granted it to
+    the owner, was taken as it was; now it is refused before anything is
+    made, naming the member."""
+    target = cluster.create("legacy")
+    mirror = f"machine_sync_mirror_{target.name}"
+    other = f"t_other_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        server_version = admin.info.server_version
+        if made_as == "made by another role":
+            if server_version < 160000:
+                pytest.skip("PostgreSQL 15: any CREATEROLE role may take any role (README)")
+            admin.execute(f'CREATE ROLE "{other}" NOLOGIN CREATEROLE')
+            admin.execute(f'SET ROLE "{other}"')
+            admin.execute(f'CREATE ROLE "{mirror}" NOLOGIN NOINHERIT')
+            admin.execute(f'GRANT "{mirror}" TO "{cluster.owner}"')
+            admin.execute("RESET ROLE")
+        else:
+            admin.execute(f'CREATE ROLE "{other}" NOLOGIN')
+            admin.execute(f'CREATE ROLE "{mirror}" NOLOGIN NOINHERIT')
+            admin.execute(f'GRANT "{mirror}" TO "{cluster.owner}"')
+            admin.execute(f'GRANT "{mirror}" TO "{other}"')
+    try:
+        result = target.psql(*migration_files(), check=False)
+        assert result.returncode != 0
+        assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
+        assert f"{other} is a member of it" in result.stderr, result.stderr
+        with target.connect() as conn:
+            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+    finally:
+        cluster.drop(target)
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{mirror}"')
+            admin.execute(f'DROP ROLE "{other}"')
+
+
 def test_the_down_migration_runs_nothing_from_a_schema_another_role_made(legacy_db):
     """After a revert, a role that may create schemas can make machine_sync
     again with a lock_tables() of its own. The down migration, run again by
