@@ -756,6 +756,40 @@ def test_a_mirror_role_made_beforehand_that_another_role_holds_is_refused(cluste
             admin.execute(f'DROP ROLE "{other}"')
 
 
+def test_the_down_migration_drops_no_role_a_setting_names(legacy_db):
+    """The down migration learns the mirror role to drop at its end from a
+    setting it makes at its start, and made it only where machine_sync
+    names a mirror role. Run where it does not (again, after a revert), it
+    took the setting as the session had it: a value set for the database or
+    for the role (ALTER DATABASE/ROLE ... SET, by whoever may) made it DROP
+    OWNED BY, and DROP ROLE, any role the reverting role could."""
+    team = f"t_team_{uuid.uuid4().hex[:8]}"
+    with legacy_db.connect(admin=True) as admin:
+        admin.execute(f'CREATE ROLE "{team}" NOLOGIN')
+        admin.execute(f'GRANT "{team}" TO "{legacy_db.cluster.owner}"')
+        admin.execute("CREATE TABLE public.team_notes (note text)")
+        admin.execute(f'ALTER TABLE public.team_notes OWNER TO "{team}"')
+    try:
+        legacy_db.migrate()
+        legacy_db.psql(down_file(migration_files()[-1]))
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(
+                f'ALTER DATABASE "{legacy_db.name}"'
+                f' SET machine_sync.reverted_mirror_role = "{team}"'
+            )
+        legacy_db.psql(down_file(migration_files()[-1]))
+        with legacy_db.connect() as conn:
+            assert conn.execute("SELECT to_regclass('public.team_notes')").fetchone() == (
+                "team_notes",
+            )
+    finally:
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f'ALTER DATABASE "{legacy_db.name}" RESET ALL')
+            if admin.execute("SELECT to_regrole(%s)", [team]).fetchone() != (None,):
+                admin.execute(f'DROP OWNED BY "{team}"')
+                admin.execute(f'DROP ROLE "{team}"')
+
+
 def test_the_down_migration_runs_nothing_from_a_schema_another_role_made(legacy_db):
     """After a revert, a role that may create schemas can make machine_sync
     again with a lock_tables() of its own. The down migration, run again by

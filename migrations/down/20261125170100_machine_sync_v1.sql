@@ -52,9 +52,14 @@ BEGIN
     IF to_regprocedure('machine_sync.lock_tables()') IS NOT NULL THEN
         PERFORM machine_sync.lock_tables();
     END IF;
-    -- The mirror role, for the end (its name goes with the schema).
+    -- The mirror role, for the end (its name goes with the schema). Set
+    -- here in any case, empty where there is none: a value the session
+    -- brought (set for the database or the role) must not name the role the
+    -- end drops.
     IF to_regprocedure('machine_sync.mirror_role()') IS NOT NULL THEN
         PERFORM set_config('machine_sync.reverted_mirror_role', machine_sync.mirror_role(), true);
+    ELSE
+        PERFORM set_config('machine_sync.reverted_mirror_role', '', true);
     END IF;
 END
 $$;
