@@ -53,7 +53,8 @@ SET LOCAL search_path = pg_catalog, pg_temp;
 -- * The mirror role, if made beforehand (by an administrator), must be a
 --   role nobody else can be: not one that can log in, not a superuser, not
 --   granted to an API role or to any role but the migrating one (nor held
---   with ADMIN OPTION by the CREATEROLE role that made it). Otherwise it is
+--   with ADMIN OPTION by the CREATEROLE role that made it), and owning
+--   nothing in the database but the mirror's function. Otherwise it is
 --   refused, before anything is made.
 -- * It is applied by the role that owns the two tables (Supabase's
 --   `postgres`). Its SECURITY DEFINER functions run as the role that
@@ -306,12 +307,32 @@ BEGIN
             m.roleid = (SELECT o.oid FROM pg_catalog.pg_roles AS o WHERE o.rolname = mirror)
             AND r.rolname <> current_user
             AND r.rolname NOT IN ('anon', 'authenticated', 'service_role', 'authenticator')
+        UNION ALL
+        -- What it owns here, but for the mirror's function (a migration
+        -- before this one handed it over): whoever could be the role before
+        -- could have left, say, a SECURITY DEFINER function open to PUBLIC,
+        -- which would write machine_state past the guard once the role may.
+        SELECT format('it owns %s', pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid))
+        FROM pg_catalog.pg_shdepend AS d
+        INNER JOIN pg_catalog.pg_roles AS r ON d.refobjid = r.oid
+        WHERE
+            d.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+            AND d.deptype = 'o'
+            AND r.rolname = mirror
+            AND d.dbid IN (
+                0,
+                (SELECT db.oid FROM pg_catalog.pg_database AS db WHERE db.datname = pg_catalog.current_database())
+            )
+            AND NOT (
+                d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+                AND d.objid = coalesce(pg_catalog.to_regprocedure('machine_sync.machines_sync()')::pg_catalog.oid, 0)
+            )
     ) AS found;
     IF exposed IS NOT NULL THEN
         RAISE EXCEPTION 'role % must be one nobody else can be, and it is not: %', quote_ident(mirror), exposed
         USING ERRCODE = 'insufficient_privilege',
               HINT = format(
-                  'As a superuser: ALTER ROLE %I NOLOGIN NOSUPERUSER, and REVOKE it from the roles named; then migrate again.',
+                  'As a superuser: ALTER ROLE %I NOLOGIN NOSUPERUSER, REVOKE it from the roles named, and drop (or give away) what it owns; then migrate again.',
                   mirror
               );
     END IF;

@@ -756,6 +756,43 @@ def test_a_mirror_role_made_beforehand_that_another_role_holds_is_refused(cluste
             admin.execute(f'DROP ROLE "{other}"')
 
 
+def test_a_mirror_role_made_beforehand_that_owns_objects_here_is_refused(cluster):
+    """Whoever could act as the mirror role before the migration (its maker,
+    and on PostgreSQL 15 any CREATEROLE role) could leave objects of its in
+    the database: a SECURITY DEFINER function open to PUBLIC, once the
+    migration grants the role machine_state and its policy, writes
+    machine_state past the guard for anyone who calls it, long after the
+    role it was granted to is gone. A role made beforehand that owns anything
+    here but the mirror's own function is refused before anything is made,
+    naming what it owns."""
+    target = cluster.create("legacy")
+    mirror = f"machine_sync_mirror_{target.name}"
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{mirror}" NOLOGIN NOINHERIT')
+        admin.execute(f'GRANT "{mirror}" TO "{cluster.owner}"')
+    with target.connect(admin=True) as admin:
+        admin.execute(f'CREATE SCHEMA t_planted AUTHORIZATION "{mirror}"')
+        admin.execute(f'SET ROLE "{mirror}"')
+        admin.execute(
+            "CREATE FUNCTION t_planted.write_state(machine uuid) RETURNS void"
+            " LANGUAGE sql SECURITY DEFINER"
+            " RETURN (SELECT NULL::void FROM public.machine_state WHERE machine_id = machine)"
+        )
+        admin.execute("RESET ROLE")
+    try:
+        result = target.psql(*migration_files(), check=False)
+        assert result.returncode != 0
+        assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
+        assert "it owns function t_planted.write_state(uuid)" in result.stderr, result.stderr
+        assert "it owns schema t_planted" in result.stderr, result.stderr
+        with target.connect() as conn:
+            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+    finally:
+        cluster.drop(target)
+        with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE IF EXISTS "{mirror}"')
+
+
 def test_the_down_migration_drops_no_role_a_setting_names(legacy_db):
     """The down migration learns the mirror role to drop at its end from a
     setting it makes at its start, and made it only where machine_sync
