@@ -2189,11 +2189,13 @@ AS $$
         p.oid::regprocedure::text AS object_name,
         -- Who owns it too: the mirror works only as the mirror role's, and
         -- a restore by a non-superuser (or with --no-owner) leaves it the
-        -- restorer's.
+        -- restorer's. By name as it is: to_regrole() would read it as SQL
+        -- spells one (a capital folded, a dot or a quote refused), and a
+        -- role is named after its database, which may hold any of them.
         md5(concat_ws(
             '|',
             pg_catalog.pg_get_functiondef(p.oid),
-            (p.proowner = to_regrole(machine_sync.mirror_role()))::text
+            (pg_catalog.pg_get_userbyid(p.proowner) = machine_sync.mirror_role())::text
         )) AS digest,
         NULL::boolean AS enabled
     FROM pg_catalog.pg_proc AS p

@@ -10,6 +10,7 @@ from contextlib import ExitStack
 
 import psycopg
 import pytest
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from catalog import data, snapshot
@@ -629,6 +630,43 @@ def test_each_database_gets_its_own_mirror_role_and_takes_it_along(cluster, leng
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
             left = admin.execute("SELECT count(*) FROM pg_roles WHERE rolname = %s", [expected])
             assert left.fetchone() == (0,)
+    finally:
+        cluster.drop(db)
+
+
+@pytest.mark.parametrize("spelling", ["Upper", 'quo\'te "dot.ted" back\\slash é'])
+def test_a_database_of_any_name_gets_its_mirror_role_and_its_record(cluster, spelling):
+    """A database's name may hold capitals, quotes, dots, backslashes and
+    any letter, and so may its mirror role's. The record of the mirror's
+    function took the role by to_regrole(), which reads its argument as SQL
+    spells a name: a dot or a quote made the migration fail (invalid name
+    syntax), a capital made it look up another name, so the record held no
+    owner and `migrate status` missed a mirror's function given away."""
+    name = f"t_{uuid.uuid4().hex[:8]}_{spelling}"
+    with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+                sql.Identifier(name),
+                sql.Identifier(cluster.template("legacy")),
+                sql.Identifier(cluster.owner),
+            )
+        )
+    db = Database(cluster, name)
+    try:
+        db.migrate()
+        with db.connect() as conn:
+            assert conn.execute("SELECT machine_sync.mirror_role()").fetchone() == (
+                f"machine_sync_mirror_{name}",
+            )
+            machine_id = add_machine(conn, status="idle")
+            conn.execute("UPDATE machines SET status = 'offline' WHERE id = %s", [machine_id])
+            assert_consistent(conn)
+            problems = "SELECT object_name, problem FROM machine_sync_installed.problems_v1()"
+            assert conn.execute(problems).fetchall() == []
+            conn.execute(f'ALTER FUNCTION machine_sync.machines_sync() OWNER TO "{cluster.owner}"')
+            assert [row[0] for row in conn.execute(problems).fetchall()] == [
+                "machine_sync.machines_sync()"
+            ]
     finally:
         cluster.drop(db)
 
