@@ -722,6 +722,18 @@ def test_a_schema_of_machine_sync_made_beforehand_by_another_role_is_refused(leg
             admin.execute(f'DROP ROLE "{squatter}"')
 
 
+def assert_mirror_role_refused(target: Database, mirror: str, *named: str) -> None:
+    """Migrating ``target`` stops before it makes anything, saying why the
+    mirror role made beforehand will not do (``named``: what it must say)."""
+    result = target.psql(*migration_files(), check=False)
+    assert result.returncode != 0
+    assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
+    for part in named:
+        assert part in result.stderr, result.stderr
+    with target.connect() as conn:
+        assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+
+
 @pytest.mark.parametrize("made_as", ["LOGIN", "granted to authenticated", "SUPERUSER"])
 def test_a_mirror_role_made_beforehand_that_others_can_be_is_refused(cluster, made_as):
     """The mirror role passes the guard, sees every machine_state row and
@@ -742,11 +754,7 @@ def test_a_mirror_role_made_beforehand_that_others_can_be_is_refused(cluster, ma
         else:
             admin.execute(f'GRANT "{mirror}" TO authenticated')
     try:
-        result = target.psql(*migration_files(), check=False)
-        assert result.returncode != 0
-        assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
-        with target.connect() as conn:
-            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+        assert_mirror_role_refused(target, mirror)
     finally:
         cluster.drop(target)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
@@ -781,12 +789,7 @@ def test_a_mirror_role_made_beforehand_that_another_role_holds_is_refused(cluste
             admin.execute(f'GRANT "{mirror}" TO "{cluster.owner}"')
             admin.execute(f'GRANT "{mirror}" TO "{other}"')
     try:
-        result = target.psql(*migration_files(), check=False)
-        assert result.returncode != 0
-        assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
-        assert f"{other} is a member of it" in result.stderr, result.stderr
-        with target.connect() as conn:
-            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+        assert_mirror_role_refused(target, mirror, f"{other} is a member of it")
     finally:
         cluster.drop(target)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
@@ -818,13 +821,12 @@ def test_a_mirror_role_made_beforehand_that_owns_objects_here_is_refused(cluster
         )
         admin.execute("RESET ROLE")
     try:
-        result = target.psql(*migration_files(), check=False)
-        assert result.returncode != 0
-        assert f"role {mirror} must be one nobody else can be" in result.stderr, result.stderr
-        assert "it owns function t_planted.write_state(uuid)" in result.stderr, result.stderr
-        assert "it owns schema t_planted" in result.stderr, result.stderr
-        with target.connect() as conn:
-            assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
+        assert_mirror_role_refused(
+            target,
+            mirror,
+            "it owns function t_planted.write_state(uuid)",
+            "it owns schema t_planted",
+        )
     finally:
         cluster.drop(target)
         with psycopg.connect(cluster.server.dsn, autocommit=True) as admin:
