@@ -198,6 +198,68 @@ BEGIN
 END
 $$;
 
+-- Why role `mirror` could be someone's other than `trusted` (the tables'
+-- owner): one line each, none when it is a role nobody else can be. The
+-- migration refuses such a role (below); `machine-sync migrate status`
+-- reports one that became so since (machine_sync_installed.problems_v1()).
+CREATE OR REPLACE FUNCTION machine_sync.mirror_role_exposure(
+    mirror pg_catalog.name, trusted pg_catalog.name
+)
+RETURNS SETOF text
+LANGUAGE sql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT 'it can log in' AS problem
+    FROM pg_catalog.pg_roles AS r
+    WHERE r.rolname = mirror_role_exposure.mirror AND r.rolcanlogin
+    UNION ALL
+    SELECT 'it is a superuser'
+    FROM pg_catalog.pg_roles AS r
+    WHERE r.rolname = mirror_role_exposure.mirror AND r.rolsuper
+    UNION ALL
+    SELECT format('%I is a member of it', r.rolname)
+    FROM pg_catalog.pg_roles AS r
+    WHERE
+        r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
+        AND pg_catalog.pg_has_role(r.oid, mirror_role_exposure.mirror, 'MEMBER')
+    UNION ALL
+    -- Any other role it is granted to may SET ROLE to it, and one with
+    -- ADMIN OPTION (as the CREATEROLE role that made it has, PostgreSQL
+    -- 16+) may grant it to itself when it likes: either could act as
+    -- the mirror. (Members of the trusted role are that role already.)
+    SELECT DISTINCT format(
+        '%I is a member of it%s', r.rolname,
+        CASE WHEN m.admin_option THEN ' (with ADMIN OPTION)' ELSE '' END
+    )
+    FROM pg_catalog.pg_auth_members AS m
+    INNER JOIN pg_catalog.pg_roles AS r ON m.member = r.oid
+    WHERE
+        m.roleid = (SELECT o.oid FROM pg_catalog.pg_roles AS o WHERE o.rolname = mirror_role_exposure.mirror)
+        AND r.rolname <> mirror_role_exposure.trusted
+        AND r.rolname NOT IN ('anon', 'authenticated', 'service_role', 'authenticator')
+    UNION ALL
+    -- What it owns here, but for the mirror's function (a migration
+    -- before this one handed it over): whoever could be the role before
+    -- could have left, say, a SECURITY DEFINER function open to PUBLIC,
+    -- which would write machine_state past the guard once the role may.
+    SELECT format('it owns %s', pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid))
+    FROM pg_catalog.pg_shdepend AS d
+    INNER JOIN pg_catalog.pg_roles AS r ON d.refobjid = r.oid
+    WHERE
+        d.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
+        AND d.deptype = 'o'
+        AND r.rolname = mirror_role_exposure.mirror
+        AND d.dbid IN (
+            0,
+            (SELECT db.oid FROM pg_catalog.pg_database AS db WHERE db.datname = pg_catalog.current_database())
+        )
+        AND NOT (
+            d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
+            AND d.objid = coalesce(pg_catalog.to_regprocedure('machine_sync.machines_sync()')::pg_catalog.oid, 0)
+        )
+$$;
+
 -- The database's own mirror role. A database migrated before keeps the one
 -- it has (a copy restored from a dump keeps its source's: see MIGRATING.md);
 -- else it is named after the database (a name too long for a role: after
@@ -249,59 +311,9 @@ BEGIN
             END IF;
         END;
     END IF;
-    SELECT
-        string_agg(found.problem, ', ' ORDER BY found.problem COLLATE "C")
+    SELECT string_agg(found.problem, ', ' ORDER BY found.problem COLLATE "C")
     INTO exposed
-    FROM (
-        SELECT 'it can log in' AS problem
-        FROM pg_catalog.pg_roles AS r
-        WHERE r.rolname = mirror AND r.rolcanlogin
-        UNION ALL
-        SELECT 'it is a superuser'
-        FROM pg_catalog.pg_roles AS r
-        WHERE r.rolname = mirror AND r.rolsuper
-        UNION ALL
-        SELECT format('%I is a member of it', r.rolname)
-        FROM pg_catalog.pg_roles AS r
-        WHERE
-            r.rolname IN ('anon', 'authenticated', 'service_role', 'authenticator')
-            AND pg_catalog.pg_has_role(r.oid, mirror, 'MEMBER')
-        UNION ALL
-        -- Any other role it is granted to may SET ROLE to it, and one with
-        -- ADMIN OPTION (as the CREATEROLE role that made it has, PostgreSQL
-        -- 16+) may grant it to itself when it likes: either could act as
-        -- the mirror. (Members of the migrating role are that role already.)
-        SELECT DISTINCT format(
-            '%I is a member of it%s', r.rolname,
-            CASE WHEN m.admin_option THEN ' (with ADMIN OPTION)' ELSE '' END
-        )
-        FROM pg_catalog.pg_auth_members AS m
-        INNER JOIN pg_catalog.pg_roles AS r ON m.member = r.oid
-        WHERE
-            m.roleid = (SELECT o.oid FROM pg_catalog.pg_roles AS o WHERE o.rolname = mirror)
-            AND r.rolname <> current_user
-            AND r.rolname NOT IN ('anon', 'authenticated', 'service_role', 'authenticator')
-        UNION ALL
-        -- What it owns here, but for the mirror's function (a migration
-        -- before this one handed it over): whoever could be the role before
-        -- could have left, say, a SECURITY DEFINER function open to PUBLIC,
-        -- which would write machine_state past the guard once the role may.
-        SELECT format('it owns %s', pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid))
-        FROM pg_catalog.pg_shdepend AS d
-        INNER JOIN pg_catalog.pg_roles AS r ON d.refobjid = r.oid
-        WHERE
-            d.refclassid = 'pg_catalog.pg_authid'::pg_catalog.regclass
-            AND d.deptype = 'o'
-            AND r.rolname = mirror
-            AND d.dbid IN (
-                0,
-                (SELECT db.oid FROM pg_catalog.pg_database AS db WHERE db.datname = pg_catalog.current_database())
-            )
-            AND NOT (
-                d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass
-                AND d.objid = coalesce(pg_catalog.to_regprocedure('machine_sync.machines_sync()')::pg_catalog.oid, 0)
-            )
-    ) AS found;
+    FROM machine_sync.mirror_role_exposure(mirror, current_user) AS found (problem);
     IF exposed IS NOT NULL THEN
         RAISE EXCEPTION 'role % must be one nobody else can be, and it is not: %', quote_ident(mirror), exposed
         USING ERRCODE = 'insufficient_privilege',

@@ -474,6 +474,45 @@ def test_status_reports_a_hand_edited_function(db, conn):
     assert run("migrate", "status", dsn=db.dsn).exit_code == 0
 
 
+def test_status_and_verify_report_a_mirror_role_granted_since(db, conn):
+    """The migration takes the mirror role only if nobody else can be it;
+    one granted to an API role (or made able to log in) afterwards would let
+    its members write machine_state past the guard: status and verify say
+    so, with what to do, which is not `apply --force`."""
+    assert run("migrate", "apply", dsn=db.dsn).exit_code == 0
+    (mirror,) = conn.execute("SELECT machine_sync.mirror_role()").fetchone()
+    with db.connect(admin=True) as admin:
+        admin.execute(f'GRANT "{mirror}" TO authenticated')
+        admin.execute(f'ALTER ROLE "{mirror}" LOGIN')
+    try:
+        status = run("migrate", "status", dsn=db.dsn)
+        assert status.exit_code == ExitCode.FINDING
+        [line] = [x for x in status.stdout.splitlines() if x.startswith("definitions: role")]
+        assert line.startswith(
+            f"definitions: role {mirror}, which the mirror runs as, is one others can be ("
+        ), line
+        for why in ("authenticated is a member of it", "it can log in"):
+            assert why in line
+        assert "REVOKE it from them" in status.stdout
+        assert RESTORE_COMMAND not in status.stdout
+        definitions = json.loads(run("migrate", "status", "--json", dsn=db.dsn).stdout)[
+            "definitions"
+        ]
+        [problem] = definitions["problems"]
+        assert (problem["kind"], problem["name"]) == ("role", mirror)
+        assert problem["problem"].startswith("exposed: ")
+        assert "authenticated is a member of it" in problem["problem"]
+        assert definitions["restore_command"] is None
+        verified = run("migrate", "verify", dsn=db.dsn)
+        assert verified.exit_code != 0
+        assert "authenticated is a member of it" in verified.stdout + verified.stderr
+    finally:
+        with db.connect(admin=True) as admin:
+            admin.execute(f'REVOKE "{mirror}" FROM authenticated')
+            admin.execute(f'ALTER ROLE "{mirror}" NOLOGIN')
+    assert run("migrate", "status", dsn=db.dsn).exit_code == 0
+
+
 def test_a_second_deployer_fails_cleanly_while_the_lock_is_held(db, conn):
     with db.connect(application_name="first deployer") as holder:
         assert holder.execute(query("try_migration_lock").text).fetchone() == (True,)

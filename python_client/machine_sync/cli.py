@@ -64,7 +64,7 @@ from machine_sync.errors import (
     ServerUnavailable,
     one_line,
 )
-from machine_sync.runner import RESTORE_COMMAND, FileState, Plan, Runner, Status
+from machine_sync.runner import RESTORE_COMMAND, FileState, Plan, Runner, Status, problems_text
 
 __all__ = ["DEMO_INSTALL", "ExitCode", "app", "demo_installed"]
 
@@ -433,11 +433,7 @@ def _print_plan(plan: Plan, *, dry_run: bool) -> None:
     # restores them; any other leaves them as they are, so it says so.
     rerun = {"reapply", "adopt", "reinstall"}
     if plan.definition_problems and not any(s.action in rerun for s in plan.steps):
-        typer.echo(
-            "warning: "
-            + "; ".join(str(p) for p in plan.definition_problems)
-            + f". `{RESTORE_COMMAND}` restores the shipped definitions"
-        )
+        typer.echo("warning: " + problems_text(plan.definition_problems))
 
 
 @migrate_app.command("apply")
@@ -514,7 +510,8 @@ def _print_status(status: Status) -> None:
     elif status.definition_problems:
         for problem in status.definition_problems:
             console.print(Text(f"definitions: {problem}"))
-        console.print(Text(f"restore the shipped definitions with: {RESTORE_COMMAND}"))
+        if any(p.restorable for p in status.definition_problems):
+            console.print(Text(f"restore the shipped definitions with: {RESTORE_COMMAND}"))
     else:
         console.print(Text("definitions: as the applied migrations create them"))
     console.print(Text("up to date" if status.up_to_date else "not up to date"))

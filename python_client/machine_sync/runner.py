@@ -93,6 +93,7 @@ __all__ = [
     "Step",
     "Verification",
     "discover",
+    "problems_text",
 ]
 
 #: What restores hand-edited functions and triggers to the shipped ones.
@@ -214,13 +215,25 @@ class FileStatus:
 
 @dataclass(frozen=True)
 class DefinitionProblem:
-    """A function, trigger or view that is not what the last apply installed."""
+    """A function, trigger or view that is not what the last apply installed;
+    or the mirror role (kind ``role``), when others can be it."""
 
     kind: str
     name: str
-    problem: str  # changed, disabled, missing, unexpected
+    problem: str  # changed, disabled, missing, unexpected; for the role: exposed: <why>
+
+    @property
+    def restorable(self) -> bool:
+        """Whether ``apply --force`` puts it right (a definition, not the role)."""
+        return self.kind != "role"
 
     def __str__(self) -> str:
+        if not self.restorable:
+            return (
+                f"role {self.name}, which the mirror runs as, is one others can be "
+                f"({self.problem.removeprefix('exposed: ')}): they could write machine_state "
+                "past the guard; REVOKE it from them, ALTER ROLE ... NOLOGIN NOSUPERUSER"
+            )
         words = {
             "changed": "was changed after it was installed",
             "disabled": "is disabled",
@@ -228,6 +241,14 @@ class DefinitionProblem:
             "unexpected": "is installed by no migration (created by hand?)",
         }[self.problem]
         return f"{self.kind} {self.name} {words}"
+
+
+def problems_text(problems: Sequence[DefinitionProblem]) -> str:
+    """The problems in one line, and what restores the definitions among them."""
+    text = "; ".join(str(p) for p in problems)
+    if any(p.restorable for p in problems):
+        text += f". `{RESTORE_COMMAND}` restores the shipped definitions"
+    return text
 
 
 @dataclass(frozen=True)
@@ -263,7 +284,9 @@ class Status:
             "definitions": {
                 "recorded": self.definitions_recorded,
                 "problems": [asdict(p) for p in self.definition_problems],
-                "restore_command": RESTORE_COMMAND if self.definition_problems else None,
+                "restore_command": RESTORE_COMMAND
+                if any(p.restorable for p in self.definition_problems)
+                else None,
             },
         }
 
@@ -540,11 +563,7 @@ class Runner:
                     )
                 problems = self._definition_problems()
                 if problems:
-                    self._echo(
-                        "warning: "
-                        + "; ".join(str(p) for p in problems)
-                        + f". `{RESTORE_COMMAND}` restores the shipped definitions"
-                    )
+                    self._echo("warning: " + problems_text(problems))
                 return plan
 
     def _refuse_another_owners_tables(self) -> None:

@@ -167,19 +167,35 @@ LANGUAGE sql
 STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT
-        coalesce(r.kind, l.kind) AS kind,
-        coalesce(r.object_name, l.object_name) AS object_name,
-        CASE
-            WHEN l.digest IS NULL THEN 'missing'
-            WHEN r.digest IS NULL THEN 'unexpected'
-            WHEN l.enabled IS FALSE THEN 'disabled'
-            ELSE 'changed'
-        END AS problem
-    FROM machine_sync_installed.definition AS r
-    FULL JOIN machine_sync_installed.live() AS l
-        ON r.kind = l.kind AND r.object_name = l.object_name
-    WHERE r.digest IS DISTINCT FROM l.digest
+    SELECT found.kind, found.object_name, found.problem
+    FROM (
+        SELECT
+            coalesce(r.kind, l.kind) AS kind,
+            coalesce(r.object_name, l.object_name) AS object_name,
+            CASE
+                WHEN l.digest IS NULL THEN 'missing'
+                WHEN r.digest IS NULL THEN 'unexpected'
+                WHEN l.enabled IS FALSE THEN 'disabled'
+                ELSE 'changed'
+            END AS problem
+        FROM machine_sync_installed.definition AS r
+        FULL JOIN machine_sync_installed.live() AS l
+            ON r.kind = l.kind AND r.object_name = l.object_name
+        WHERE r.digest IS DISTINCT FROM l.digest
+        UNION ALL
+        -- The mirror role, if it became one that others can be since the
+        -- migration checked it (granted to a role, made able to log in):
+        -- those others could write machine_state past the guard.
+        SELECT
+            'role' AS kind,
+            machine_sync.mirror_role()::text AS object_name,
+            'exposed: ' || string_agg(e.problem, ', ' ORDER BY e.problem COLLATE "C") AS problem
+        FROM machine_sync.mirror_role_exposure(
+            machine_sync.mirror_role(),
+            (SELECT pg_get_userbyid(c.relowner) FROM pg_class AS c WHERE c.oid = 'public.machines'::regclass)
+        ) AS e (problem)
+        HAVING count(*) > 0
+    ) AS found
     ORDER BY 1, 2
 $$;
 
