@@ -709,19 +709,23 @@ AS $$
     SELECT CASE
         WHEN value IS NULL THEN 'NULL'
         ELSE
-            quote_literal(regexp_replace(left(value, 40) COLLATE "C", '[[:cntrl:]]', '?', 'g'))
-            || CASE WHEN length(value) > 40 THEN '...' ELSE '' END
+            quote_literal(regexp_replace(p.shown, '[[:cntrl:]]', '?', 'g'))
+            || CASE WHEN p.cut THEN '...' ELSE '' END
             || CASE
-                WHEN length(value) > 40 OR left(value, 40) COLLATE "C" ~ '[[:cntrl:]]' THEN
+                WHEN p.cut OR p.controls THEN
                     ' (' || length(value) || ' characters'
-                    || CASE
-                        WHEN left(value, 40) COLLATE "C" ~ '[[:cntrl:]]' THEN ', control characters shown as ?'
-                        ELSE ''
-                    END
+                    || CASE WHEN p.controls THEN ', control characters shown as ?' ELSE '' END
                     || ')'
                 ELSE ''
             END
     END
+    FROM (
+        SELECT
+            s.shown,
+            length(value) > 40 AS cut,
+            s.shown ~ '[[:cntrl:]]' AS controls
+        FROM (SELECT left(value, 40) COLLATE "C" AS shown) AS s
+    ) AS p
 $$;
 
 -- The canonical spelling of a status, or NULL when it is not known.
@@ -1288,10 +1292,12 @@ COMMENT ON FUNCTION machine_sync.machines_sync() IS
 -- The function is the mirror role's (00_schema.sql), which needs CREATE on
 -- the schema only while it is handed over.
 DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
 BEGIN
-    EXECUTE format('GRANT CREATE ON SCHEMA machine_sync TO %I', machine_sync.mirror_role());
-    EXECUTE format('ALTER FUNCTION machine_sync.machines_sync() OWNER TO %I', machine_sync.mirror_role());
-    EXECUTE format('REVOKE CREATE ON SCHEMA machine_sync FROM %I', machine_sync.mirror_role());
+    EXECUTE format('GRANT CREATE ON SCHEMA machine_sync TO %I', mirror);
+    EXECUTE format('ALTER FUNCTION machine_sync.machines_sync() OWNER TO %I', mirror);
+    EXECUTE format('REVOKE CREATE ON SCHEMA machine_sync FROM %I', mirror);
 END
 $$;
 
@@ -1342,10 +1348,10 @@ $$;
 -- role (machine_sync.mirror_role(), 00_schema.sql); every other write to
 -- machine_state is "direct", whoever makes it: a client, a function, an
 -- application's trigger, a foreign-key action, the mirror role of another
--- database of the cluster. The two triggers the mirror's UPDATE meets have no WHEN clause:
--- PostgreSQL reads a WHEN clause anew for every statement, and the mirror's
--- write is a statement per machine, where a function that returns at once
--- costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
+-- database of the cluster. The two triggers the mirror's UPDATE meets have
+-- no WHEN clause: PostgreSQL reads a WHEN clause anew for every statement,
+-- and the mirror's write is a statement per machine, where a function that
+-- returns at once costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
 --
 -- Guarantees:
 -- * mode 'compat': a direct UPDATE or INSERT succeeds with the caller's own

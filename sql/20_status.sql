@@ -61,19 +61,23 @@ AS $$
     SELECT CASE
         WHEN value IS NULL THEN 'NULL'
         ELSE
-            quote_literal(regexp_replace(left(value, 40) COLLATE "C", '[[:cntrl:]]', '?', 'g'))
-            || CASE WHEN length(value) > 40 THEN '...' ELSE '' END
+            quote_literal(regexp_replace(p.shown, '[[:cntrl:]]', '?', 'g'))
+            || CASE WHEN p.cut THEN '...' ELSE '' END
             || CASE
-                WHEN length(value) > 40 OR left(value, 40) COLLATE "C" ~ '[[:cntrl:]]' THEN
+                WHEN p.cut OR p.controls THEN
                     ' (' || length(value) || ' characters'
-                    || CASE
-                        WHEN left(value, 40) COLLATE "C" ~ '[[:cntrl:]]' THEN ', control characters shown as ?'
-                        ELSE ''
-                    END
+                    || CASE WHEN p.controls THEN ', control characters shown as ?' ELSE '' END
                     || ')'
                 ELSE ''
             END
     END
+    FROM (
+        SELECT
+            s.shown,
+            length(value) > 40 AS cut,
+            s.shown ~ '[[:cntrl:]]' AS controls
+        FROM (SELECT left(value, 40) COLLATE "C" AS shown) AS s
+    ) AS p
 $$;
 
 -- The canonical spelling of a status, or NULL when it is not known.

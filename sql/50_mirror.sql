@@ -396,10 +396,12 @@ COMMENT ON FUNCTION machine_sync.machines_sync() IS
 -- The function is the mirror role's (00_schema.sql), which needs CREATE on
 -- the schema only while it is handed over.
 DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
 BEGIN
-    EXECUTE format('GRANT CREATE ON SCHEMA machine_sync TO %I', machine_sync.mirror_role());
-    EXECUTE format('ALTER FUNCTION machine_sync.machines_sync() OWNER TO %I', machine_sync.mirror_role());
-    EXECUTE format('REVOKE CREATE ON SCHEMA machine_sync FROM %I', machine_sync.mirror_role());
+    EXECUTE format('GRANT CREATE ON SCHEMA machine_sync TO %I', mirror);
+    EXECUTE format('ALTER FUNCTION machine_sync.machines_sync() OWNER TO %I', mirror);
+    EXECUTE format('REVOKE CREATE ON SCHEMA machine_sync FROM %I', mirror);
 END
 $$;
 

@@ -4,10 +4,10 @@
 -- role (machine_sync.mirror_role(), 00_schema.sql); every other write to
 -- machine_state is "direct", whoever makes it: a client, a function, an
 -- application's trigger, a foreign-key action, the mirror role of another
--- database of the cluster. The two triggers the mirror's UPDATE meets have no WHEN clause:
--- PostgreSQL reads a WHEN clause anew for every statement, and the mirror's
--- write is a statement per machine, where a function that returns at once
--- costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
+-- database of the cluster. The two triggers the mirror's UPDATE meets have
+-- no WHEN clause: PostgreSQL reads a WHEN clause anew for every statement,
+-- and the mirror's write is a statement per machine, where a function that
+-- returns at once costs less. The triggers on rarer writes (INSERT, DELETE) keep theirs.
 --
 -- Guarantees:
 -- * mode 'compat': a direct UPDATE or INSERT succeeds with the caller's own
