@@ -507,6 +507,8 @@ def test_status_and_verify_report_a_mirror_role_granted_since(db, conn):
         verified = run("migrate", "verify", dsn=db.dsn)
         assert verified.exit_code != 0
         assert "authenticated is a member of it" in verified.stdout + verified.stderr
+        assert "REVOKE it from them" in verified.stdout
+        assert RESTORE_COMMAND not in verified.stdout + verified.stderr
     finally:
         with db.connect(admin=True) as admin:
             admin.execute(f'REVOKE "{mirror}" FROM authenticated')

@@ -7,6 +7,7 @@
 DO $$
 DECLARE
     found text;
+    restorable boolean;
 BEGIN
     IF to_regprocedure('machine_sync_installed.problems_v1()') IS NULL THEN
         RAISE EXCEPTION 'machine-sync v1 is not installed: its record of definitions (schema machine_sync_installed) is missing'
@@ -24,13 +25,29 @@ BEGIN
         USING ERRCODE = 'undefined_object',
               HINT = 'Re-apply the migrations: machine-sync migrate apply --force.';
     END IF;
-    SELECT string_agg(p.kind || ' ' || p.object_name || ': ' || p.problem, '; ')
-    INTO found
+    -- A mirror role that others can be is not a definition: apply --force
+    -- would not change it, so it is not offered for it.
+    SELECT
+        string_agg(
+            CASE
+                WHEN p.kind = 'role' THEN
+                    'role ' || p.object_name || ', which the mirror runs as, is one others can be ('
+                    || substr(p.problem, length('exposed: ') + 1)
+                    || '): REVOKE it from them, ALTER ROLE ... NOLOGIN NOSUPERUSER'
+                ELSE p.kind || ' ' || p.object_name || ': ' || p.problem
+            END,
+            '; '
+        ),
+        bool_or(p.kind <> 'role')
+    INTO found, restorable
     FROM machine_sync_installed.problems_v1() AS p;
-    IF found IS NOT NULL THEN
+    IF restorable THEN
         RAISE EXCEPTION 'machine-sync v1 does not verify: %', found
         USING ERRCODE = 'object_not_in_prerequisite_state',
               HINT = 'Restore the shipped definitions: machine-sync migrate apply --force.';
+    ELSIF found IS NOT NULL THEN
+        RAISE EXCEPTION 'machine-sync v1 does not verify: %', found
+        USING ERRCODE = 'object_not_in_prerequisite_state';
     END IF;
 END
 $$;
