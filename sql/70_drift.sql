@@ -61,6 +61,12 @@ COMMENT ON VIEW machine_sync.drift IS
 'Machines whose machine_state row is missing, orphaned or disagrees. '
 'Empty in normal operation; repair with SELECT * FROM machine_sync.reconcile_v1().';
 
+-- It runs as the owner of the tables, whom their policies do not filter.
+-- Where they would (FORCE ROW LEVEL SECURITY and an owner without
+-- BYPASSRLS), a machine they hide would look missing and its state row
+-- orphaned, to be deleted: then it refuses (42501) and changes nothing.
+-- (Not row_security = off, which would hold for the mirror's own writes
+-- of machine_state, nested in its repairs, too.)
 CREATE OR REPLACE FUNCTION machine_sync.reconcile_v1()
 RETURNS TABLE (machine_id uuid, problem text, repaired boolean, reason text)
 LANGUAGE plpgsql
@@ -75,6 +81,12 @@ BEGIN
         RAISE EXCEPTION 'reconcile needs the machine-sync triggers, which do not fire while session_replication_role = replica'
         USING ERRCODE = 'object_not_in_prerequisite_state',
               HINT = 'SET session_replication_role = origin; then call it again.';
+    END IF;
+    IF row_security_active('public.machines') OR row_security_active('public.machine_state') THEN
+        RAISE EXCEPTION 'reconcile must see every machine and state row, and row-level security policies filter what % sees: a machine they hide would look missing, its state row orphaned',
+            current_user
+        USING ERRCODE = 'insufficient_privilege',
+              HINT = 'The tables force row-level security on their owner: give it BYPASSRLS (or ALTER TABLE ... NO FORCE ROW LEVEL SECURITY), then call it again.';
     END IF;
     FOR found IN
         SELECT d.machine_id, d.problem, d.status FROM machine_sync.drift AS d

@@ -11,6 +11,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from machines import (
     add_machine,
@@ -174,3 +175,27 @@ def test_drift_view_shows_only_what_the_caller_may_see(db, conn):
             api.execute("SELECT * FROM machine_sync.drift")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             api.execute("SELECT * FROM machine_sync.reconcile_v1()")
+
+
+def test_where_policies_bind_the_owner_reconcile_fails_rather_than_delete_state_rows(db):
+    """FORCE ROW LEVEL SECURITY with an owner lacking BYPASSRLS: reconcile_v1()
+    runs as the owner, from whom the policies on machines hide every machine,
+    while the state rows stay visible to it (as a member of the mirror role).
+    Every state row would look orphaned and be deleted as "repaired". It
+    refuses (42501) instead, and nothing is deleted. (Rolled back: the role
+    attribute is the cluster's.)"""
+    owner = sql.Identifier(db.cluster.owner)
+    with db.connect(admin=True, autocommit=False) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} NOBYPASSRLS").format(owner))
+        admin.execute(sql.SQL("SET ROLE {}").format(owner))
+        machine_id = add_machine(admin)
+        admin.execute("ALTER TABLE machines ENABLE ROW LEVEL SECURITY")
+        admin.execute("ALTER TABLE machines FORCE ROW LEVEL SECURITY")
+        admin.execute("SET ROLE service_role")
+        admin.execute("SAVEPOINT attempt")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            admin.execute("SELECT * FROM machine_sync.reconcile_v1()").fetchall()
+        admin.execute("ROLLBACK TO SAVEPOINT attempt")
+        admin.execute("RESET ROLE")
+        assert state(admin, machine_id) is not None
+        admin.rollback()

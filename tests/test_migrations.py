@@ -15,7 +15,7 @@ from psycopg.conninfo import make_conninfo
 
 from catalog import data, snapshot
 from conftest import Database, down_file, migration_files, sql_files
-from machines import add_machine, assert_consistent, wait_for
+from machines import add_machine, assert_consistent, bypassing_triggers, machine, wait_for
 
 LEGACY_MACHINE = "00000000-0000-4000-8000-{:012d}"
 
@@ -195,6 +195,37 @@ def test_the_baseline_down_refuses_to_drop_tables_with_rows(db):
     assert "hold rows" in result.stderr
     with db.connect() as conn:
         assert conn.execute("SELECT count(*) FROM machines").fetchone() == (1,)
+
+
+def test_down_refuses_where_policies_hide_drift_from_the_owner(db):
+    """FORCE ROW LEVEL SECURITY with an owner lacking BYPASSRLS, and policies
+    that hide every row from it: the drift check would find nothing and the
+    revert would drop the only copy of a machine's failure. It fails with
+    PostgreSQL's own error instead. (Run in one transaction, rolled back: the
+    role attribute is the cluster's.)"""
+    with db.connect() as conn:
+        machine_id = add_machine(conn)
+    bypassing_triggers(
+        db, ("UPDATE machines SET failure_description = 'only here' WHERE id = %s", [machine_id])
+    )
+    revert = "\n".join(
+        line
+        for line in down_file(migration_files()[-1]).read_text().splitlines()
+        if line not in ("BEGIN;", "COMMIT;")
+    )
+    owner = sql.Identifier(db.cluster.owner)
+    with db.connect(admin=True, autocommit=False) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} NOBYPASSRLS").format(owner))
+        admin.execute(sql.SQL("SET ROLE {}").format(owner))
+        for table in ("machines", "machine_state"):
+            admin.execute(f"ALTER TABLE {table} ENABLE ROW LEVEL SECURITY")
+            admin.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")
+            admin.execute(f"CREATE POLICY hidden ON {table} AS RESTRICTIVE USING (false)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            admin.execute(revert)
+        admin.rollback()
+    with db.connect() as conn:
+        assert machine(conn, machine_id)["failure_description"] == "only here"
 
 
 def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
