@@ -1965,7 +1965,8 @@ $$;
 --   mirror. It has nothing in any other database.
 -- * On both tables, only the owner may TRUNCATE, attach triggers
 --   (TRIGGER), reference them from foreign keys (REFERENCES) or VACUUM
---   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later);
+--   FULL, CLUSTER and REINDEX them (MAINTAIN, PostgreSQL 17 and later),
+--   whichever roles they were granted to before;
 --   only the owner deletes machine_state rows directly. (LOCK TABLE in the
 --   modes that stop writers comes with UPDATE and DELETE too: a writer of
 --   machines keeps it, anon, which writes neither table, has it not.)
@@ -2031,6 +2032,44 @@ $$;
 
 REVOKE TRUNCATE, TRIGGER, REFERENCES ON public.machines, public.machine_state FROM public;
 REVOKE DELETE ON public.machine_state FROM public;
+
+-- The same from every other role the tables are granted to (an
+-- application's own reporting role, say), not only from PUBLIC and the API
+-- roles (below): a trigger fires as the role that writes, so one attached
+-- to machine_state would run as the mirror for the mirror's writes and
+-- write machine_state past the guard, and one attached to machines would
+-- run as the owner when reconcile_v1() repairs a machine. (Revoking a
+-- privilege of a table revokes it on every column too.)
+DO $$
+DECLARE
+    mirror constant name := machine_sync.mirror_role();
+    owner_only text := 'TRUNCATE, TRIGGER, REFERENCES';
+    grantee text;
+BEGIN
+    IF current_setting('server_version_num')::integer >= 170000 THEN
+        owner_only := owner_only || ', MAINTAIN';
+    END IF;
+    FOR grantee IN
+        SELECT DISTINCT quote_ident(r.rolname)
+        FROM pg_catalog.pg_class AS c
+        LEFT JOIN pg_catalog.pg_attribute AS col
+            ON c.oid = col.attrelid AND col.attnum > 0 AND NOT col.attisdropped
+        CROSS JOIN LATERAL (
+            SELECT x.grantee FROM pg_catalog.aclexplode(c.relacl) AS x
+            UNION
+            SELECT x.grantee FROM pg_catalog.aclexplode(col.attacl) AS x
+        ) AS a
+        INNER JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
+        WHERE
+            c.oid IN ('public.machines'::pg_catalog.regclass, 'public.machine_state'::pg_catalog.regclass)
+            AND a.grantee <> c.relowner
+            AND r.rolname <> mirror
+    LOOP
+        EXECUTE format('REVOKE %s ON public.machines, public.machine_state FROM %s CASCADE', owner_only, grantee);
+        EXECUTE format('REVOKE DELETE ON public.machine_state FROM %s CASCADE', grantee);
+    END LOOP;
+END
+$$;
 
 DO $$
 DECLARE

@@ -294,3 +294,64 @@ def test_pg_temp_types_and_tables_never_run_hostile_code_in_any_write_path(
         if role == "authenticated":
             owner.execute("SELECT * FROM machine_sync.reconcile_v1()")
         assert_consistent(owner)
+
+
+# Every statement a role granted the tables before migrating could use to run
+# code as the mirror (a trigger on machine_state fires as the role that
+# writes it: for the mirror's writes, the mirror) or as the owner (a trigger
+# on machines, when reconcile_v1() repairs it), or to delete state rows.
+OWNER_ONLY_STATEMENTS = [
+    "CREATE TRIGGER a_forge AFTER UPDATE ON public.machine_state"
+    " FOR EACH ROW EXECUTE FUNCTION pg_temp.forge()",
+    "CREATE TRIGGER a_forge AFTER UPDATE ON public.machines"
+    " FOR EACH ROW EXECUTE FUNCTION pg_temp.forge()",
+    "DELETE FROM public.machine_state WHERE false",
+    "TRUNCATE public.machines, public.machine_state",
+]
+
+
+@pytest.mark.parametrize(
+    "statement",
+    OWNER_ONLY_STATEMENTS,
+    ids=["trigger_on_state", "trigger_on_machines", "delete_state", "truncate"],
+)
+def test_a_role_granted_the_tables_before_migrating_keeps_no_owner_only_privilege(
+    legacy_db, statement
+):
+    """The migration takes TRIGGER, TRUNCATE, REFERENCES (MAINTAIN) on both
+    tables and DELETE on machine_state from every role but the owner, not
+    from the API roles alone: a reporting role given ALL on them could attach
+    a trigger to machine_state that, firing for the mirror's write, updates
+    machine_state as the mirror, past the guard, in strict mode too."""
+    role = f"t_reporting_{uuid.uuid4().hex[:8]}"
+    with legacy_db.connect() as conn:
+        conn.execute(f'CREATE ROLE "{role}"')
+        conn.execute(f'GRANT ALL ON machines, machine_state TO "{role}"')
+        conn.execute(f'GRANT REFERENCES (id) ON machines TO "{role}"')
+    try:
+        legacy_db.migrate()
+        with legacy_db.connect(admin=True) as attacker:
+            attacker.execute(f'SET ROLE "{role}"')
+            attacker.execute(
+                """CREATE FUNCTION pg_temp.forge() RETURNS trigger LANGUAGE plpgsql AS $$
+                   BEGIN
+                       UPDATE public.machine_state SET current_state = 'maintenance'
+                       WHERE machine_id = NEW.machine_id AND current_state <> 'maintenance';
+                       RETURN NULL;
+                   END $$"""
+            )
+            attacker.execute("GRANT EXECUTE ON FUNCTION pg_temp.forge() TO PUBLIC")
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                attacker.execute(statement)
+            assert not attacker.execute(
+                "SELECT has_table_privilege('public.machines', 'REFERENCES')"
+                " OR has_column_privilege('public.machines', 'id', 'REFERENCES')"
+                " OR has_table_privilege('public.machine_state', 'REFERENCES')"
+            ).fetchone()[0]
+        with legacy_db.connect() as owner:
+            owner.execute("UPDATE machines SET status = 'maintenance' WHERE id = %s", [IDLE])
+            assert_consistent(owner)
+    finally:
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
