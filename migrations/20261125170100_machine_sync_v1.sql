@@ -1979,6 +1979,46 @@ $$;
 -- * On a plain PostgreSQL without those roles, the same statements apply to
 --   PUBLIC only; the owner grants the rest as the application needs.
 
+-- Default privileges the owner has for every schema (ALTER DEFAULT
+-- PRIVILEGES without IN SCHEMA) gave what the migration made to the roles
+-- they name: one could call stored_machine() (every machine, past row-level
+-- security) or the mirror's function, write the rules, create objects in
+-- these schemas, or rewrite the record of grants that the down migration
+-- replays as the owner. So everything granted on machine_sync and
+-- machine_sync_revert and what they hold, to anyone but its owner, is taken
+-- back first; the grants below are all there are.
+DO $$
+DECLARE
+    granted record;
+BEGIN
+    FOR granted IN
+        SELECT DISTINCT o.kind, o.name, a.grantee
+        FROM (
+            SELECT 'SCHEMA' AS kind, quote_ident(n.nspname) AS name, n.nspacl AS acl, n.nspowner AS owner
+            FROM pg_catalog.pg_namespace AS n
+            WHERE n.nspname = ANY (ARRAY['machine_sync', 'machine_sync_revert'])
+            UNION ALL
+            SELECT 'TABLE', c.oid::pg_catalog.regclass::text, c.relacl, c.relowner
+            FROM pg_catalog.pg_class AS c
+            INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
+            WHERE n.nspname = ANY (ARRAY['machine_sync', 'machine_sync_revert']) AND c.relkind IN ('r', 'v', 'p', 'S')
+            UNION ALL
+            SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proacl, p.proowner
+            FROM pg_catalog.pg_proc AS p
+            INNER JOIN pg_catalog.pg_namespace AS n ON p.pronamespace = n.oid
+            WHERE n.nspname = ANY (ARRAY['machine_sync', 'machine_sync_revert'])
+        ) AS o
+        CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) AS a
+        WHERE a.grantee <> o.owner
+    LOOP
+        EXECUTE format(
+            'REVOKE ALL ON %s %s FROM %s CASCADE', granted.kind, granted.name,
+            CASE WHEN granted.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_catalog.pg_get_userbyid(granted.grantee)) END
+        );
+    END LOOP;
+END
+$$;
+
 REVOKE ALL ON SCHEMA machine_sync FROM public;
 GRANT USAGE ON SCHEMA machine_sync TO public;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA machine_sync FROM public;
@@ -2415,6 +2455,40 @@ REVOKE ALL ON FUNCTION machine_sync_installed.depends_on(regclass, oid) FROM pub
 REVOKE ALL ON FUNCTION machine_sync_installed.live() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.problems_v1() FROM public;
 REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;
+
+-- What the owner's default privileges for every schema granted here to
+-- anyone (its record and functions are the owner's alone: 90_grants.sql).
+DO $$
+DECLARE
+    granted record;
+BEGIN
+    FOR granted IN
+        SELECT DISTINCT o.kind, o.name, a.grantee
+        FROM (
+            SELECT 'SCHEMA' AS kind, quote_ident(n.nspname) AS name, n.nspacl AS acl, n.nspowner AS owner
+            FROM pg_catalog.pg_namespace AS n
+            WHERE n.nspname = ANY (ARRAY['machine_sync_installed'])
+            UNION ALL
+            SELECT 'TABLE', c.oid::pg_catalog.regclass::text, c.relacl, c.relowner
+            FROM pg_catalog.pg_class AS c
+            INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
+            WHERE n.nspname = ANY (ARRAY['machine_sync_installed']) AND c.relkind IN ('r', 'v', 'p', 'S')
+            UNION ALL
+            SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proacl, p.proowner
+            FROM pg_catalog.pg_proc AS p
+            INNER JOIN pg_catalog.pg_namespace AS n ON p.pronamespace = n.oid
+            WHERE n.nspname = ANY (ARRAY['machine_sync_installed'])
+        ) AS o
+        CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) AS a
+        WHERE a.grantee <> o.owner
+    LOOP
+        EXECUTE format(
+            'REVOKE ALL ON %s %s FROM %s CASCADE', granted.kind, granted.name,
+            CASE WHEN granted.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_catalog.pg_get_userbyid(granted.grantee)) END
+        );
+    END LOOP;
+END
+$$;
 
 SELECT machine_sync_installed.record('20261125170100_machine_sync_v1.sql') AS recorded_definitions;
 

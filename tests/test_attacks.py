@@ -355,3 +355,57 @@ def test_a_role_granted_the_tables_before_migrating_keeps_no_owner_only_privileg
         with legacy_db.connect(admin=True) as admin:
             admin.execute(f'DROP OWNED BY "{role}"')
             admin.execute(f'DROP ROLE "{role}"')
+
+
+MACHINE_SYNC_GRANTS = r"""
+    SELECT o.kind, o.name, a.privilege_type
+    FROM (
+        SELECT 'schema' AS kind, n.nspname::text AS name, n.nspacl AS acl
+        FROM pg_namespace AS n WHERE n.nspname LIKE 'machine\_sync%%'
+        UNION ALL
+        SELECT 'relation', c.oid::regclass::text, c.relacl
+        FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE n.nspname LIKE 'machine\_sync%%'
+        UNION ALL
+        SELECT 'function', p.oid::regprocedure::text, p.proacl
+        FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+        WHERE n.nspname LIKE 'machine\_sync%%'
+    ) AS o
+    CROSS JOIN LATERAL aclexplode(o.acl) AS a
+    WHERE a.grantee = %s::regrole
+    ORDER BY 1, 2, 3
+"""
+
+
+def test_the_owners_default_privileges_give_no_role_anything_of_machine_syncs(legacy_db):
+    """Default privileges the owner has for every schema (ALTER DEFAULT
+    PRIVILEGES without IN SCHEMA) applied to what the migration makes: a role
+    they name could run stored_machine() (every machine, past row-level
+    security), the mirror's trigger function, write the transitions, create
+    objects in machine-sync's schemas, or rewrite the record of grants that
+    the down migration replays as the owner."""
+    role = f"t_defaults_{uuid.uuid4().hex[:8]}"
+    defaults = [
+        f'ALL ON TABLES TO "{role}"',
+        f'ALL ON FUNCTIONS TO "{role}"',
+        f'ALL ON SCHEMAS TO "{role}"',
+    ]
+    with legacy_db.connect() as conn:
+        conn.execute(f'CREATE ROLE "{role}"')
+        for default in defaults:
+            conn.execute(f"ALTER DEFAULT PRIVILEGES GRANT {default}")
+    try:
+        legacy_db.migrate()
+        with legacy_db.connect() as conn:
+            assert conn.execute(MACHINE_SYNC_GRANTS, [role]).fetchall() == []
+        with legacy_db.connect(admin=True) as attacker:
+            attacker.execute(f'SET ROLE "{role}"')
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                attacker.execute("SELECT * FROM machine_sync.stored_machine(%s)", [IDLE])
+    finally:
+        with legacy_db.connect() as conn:
+            for default in defaults:
+                conn.execute(f"ALTER DEFAULT PRIVILEGES REVOKE {default.replace(' TO ', ' FROM ')}")
+        with legacy_db.connect(admin=True) as admin:
+            admin.execute(f'DROP OWNED BY "{role}"')
+            admin.execute(f'DROP ROLE "{role}"')
