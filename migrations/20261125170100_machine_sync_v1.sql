@@ -2165,7 +2165,7 @@ $$;
 -- Guarantees:
 -- * A status outside the vocabulary stops the migration with an error that
 --   names the machines and values (add them to allowed_status, or fix
---   them); nothing is applied.
+--   them), the first ten of them and how many more; nothing is applied.
 -- * Every other machine ends with exactly one agreeing machine_state row,
 --   its status canonical ('IDLE' becomes 'idle'), under the rules, also
 --   where both tables agreed: a machine the legacy stop path left
@@ -2183,12 +2183,22 @@ DECLARE
     drifted text;
     corrected bigint;
 BEGIN
-    SELECT string_agg(
-        format('%s (%s)', m.id, machine_sync.quote_bounded(m.status)), ', ' ORDER BY m.id
-    )
+    -- The first ten by id, and how many more: the message stays short
+    -- however many there are.
+    SELECT
+        string_agg(format('%s (%s)', u.id, machine_sync.quote_bounded(u.status)), ', ' ORDER BY u.id)
+        || CASE WHEN max(u.total) > 10 THEN format(' and %s more', max(u.total) - 10) ELSE '' END
     INTO unknown
-    FROM public.machines AS m
-    WHERE machine_sync.canonical_status(m.status) IS NULL;
+    FROM (
+        SELECT
+            m.id,
+            m.status,
+            count(*) OVER () AS total
+        FROM public.machines AS m
+        WHERE machine_sync.canonical_status(m.status) IS NULL
+        ORDER BY m.id
+        LIMIT 10
+    ) AS u;
     IF unknown IS NOT NULL THEN
         RAISE EXCEPTION 'machines with a status machine-sync does not know: %', unknown
         USING ERRCODE = 'check_violation',
@@ -2216,10 +2226,20 @@ BEGIN
         IS DISTINCT FROM (m.current_process_id IS NOT NULL);
     GET DIAGNOSTICS corrected = ROW_COUNT;
 
-    SELECT string_agg(format('%s: %s', r.machine_id, r.reason), '; ' ORDER BY r.machine_id)
+    SELECT
+        string_agg(format('%s: %s', u.machine_id, u.reason), '; ' ORDER BY u.machine_id)
+        || CASE WHEN max(u.total) > 10 THEN format('; and %s more', max(u.total) - 10) ELSE '' END
     INTO unrepaired
-    FROM machine_sync.reconcile_v1() AS r
-    WHERE NOT r.repaired;
+    FROM (
+        SELECT
+            r.machine_id,
+            r.reason,
+            count(*) OVER () AS total
+        FROM machine_sync.reconcile_v1() AS r
+        WHERE NOT r.repaired
+        ORDER BY r.machine_id
+        LIMIT 10
+    ) AS u;
     IF unrepaired IS NOT NULL THEN
         RAISE EXCEPTION 'machines that could not be brought into agreement: %', unrepaired
         USING ERRCODE = 'check_violation';

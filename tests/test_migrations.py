@@ -228,6 +228,27 @@ def test_down_refuses_where_policies_hide_drift_from_the_owner(db):
         assert machine(conn, machine_id)["failure_description"] == "only here"
 
 
+def test_a_migration_refused_for_many_unknown_statuses_names_a_few(legacy_db):
+    """Every machine with a status outside the vocabulary was listed in the
+    one error message: thousands of them made a message (and log line) of
+    hundreds of kilobytes. It names the first ten and counts the rest."""
+    with legacy_db.connect() as conn:
+        conn.execute(
+            """INSERT INTO machines (id, serial_number, location, lab_name, lab_institution,
+                   model, machine_type, install_date, last_maintenance_date, status, admin_id)
+               SELECT gen_random_uuid(), 'SN-' || n, m.location, m.lab_name, m.lab_institution,
+                   m.model, m.machine_type, m.install_date, m.last_maintenance_date,
+                   'bogus-' || n, m.admin_id
+               FROM generate_series(1, 5000) AS n,
+                   (SELECT * FROM machines ORDER BY id LIMIT 1) AS m"""
+        )
+    result = legacy_db.psql(*migration_files(), check=False)
+    assert result.returncode != 0
+    assert "machines with a status machine-sync does not know" in result.stderr
+    assert "and 4990 more" in result.stderr
+    assert len(result.stderr) < 4000
+
+
 def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
     with legacy_db.connect(autocommit=False) as blocker:
         blocker.execute("LOCK TABLE machines IN ACCESS SHARE MODE")
