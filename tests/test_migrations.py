@@ -249,6 +249,37 @@ def test_a_migration_refused_for_many_unknown_statuses_names_a_few(legacy_db):
     assert len(result.stderr) < 4000
 
 
+def test_down_refuses_while_application_objects_depend_on_machine_sync(db):
+    """Dropping machine_sync with CASCADE (its notices silenced) also dropped,
+    without a word, whatever of the application's used it: a view of the
+    vocabulary, a foreign key to it, a column of one of its types (and its
+    data). The revert refuses, naming them, and changes nothing."""
+    with db.connect() as conn:
+        conn.execute(
+            "CREATE VIEW public.status_names AS SELECT status FROM machine_sync.allowed_status"
+        )
+        conn.execute(
+            "CREATE TABLE public.status_history (status text"
+            " CONSTRAINT status_history_status_fkey REFERENCES machine_sync.allowed_status)"
+        )
+        conn.execute(
+            "CREATE TABLE public.mode_log (id int, mode machine_sync.settings,"
+            " label text GENERATED ALWAYS AS (machine_sync.quote_bounded(id::text)) STORED)"
+        )
+        conn.execute("INSERT INTO public.mode_log (id, mode) VALUES (1, ROW(true, 'strict'))")
+    result = db.psql(down_file(migration_files()[-1]), check=False)
+    assert result.returncode != 0
+    assert "refusing to revert machine-sync" in result.stderr
+    for named in ("status_names", "status_history_status_fkey", "mode_log"):
+        assert named in result.stderr
+    with db.connect() as conn:
+        assert conn.execute("SELECT id, (mode).mode, label FROM public.mode_log").fetchall() == [
+            (1, "strict", "'1'")
+        ]
+        assert conn.execute("SELECT count(*) FROM public.status_names").fetchone()[0] > 0
+        assert conn.execute("SELECT machine_sync.mode_v1()").fetchone() == ("compat",)
+
+
 def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
     with legacy_db.connect(autocommit=False) as blocker:
         blocker.execute("LOCK TABLE machines IN ACCESS SHARE MODE")

@@ -108,6 +108,88 @@ DROP FUNCTION IF EXISTS public.atomic_update_machine_state(
     uuid, text, uuid, text, uuid, boolean, text
 );
 
+-- Nothing but machine-sync's own may use what is in its schemas: their
+-- drops cascade (silently, above), and would take along an application's
+-- view of them, a foreign key to the vocabulary, a column of one of their
+-- types with its data. Such objects are named, at most ten, and nothing is
+-- changed.
+DO $$
+DECLARE
+    schemas constant name[] := ARRAY['machine_sync', 'machine_sync_installed', 'machine_sync_revert'];
+    dependents text;
+BEGIN
+    WITH own AS (
+        SELECT
+            'pg_class'::regclass AS classid,
+            c.oid AS objid
+        FROM pg_class AS c
+        INNER JOIN pg_namespace AS n ON c.relnamespace = n.oid
+        WHERE n.nspname = ANY (schemas)
+        UNION ALL
+        SELECT
+            'pg_proc'::regclass,
+            p.oid
+        FROM pg_proc AS p
+        INNER JOIN pg_namespace AS n ON p.pronamespace = n.oid
+        WHERE n.nspname = ANY (schemas)
+        UNION ALL
+        SELECT
+            'pg_type'::regclass,
+            t.oid
+        FROM pg_type AS t
+        INNER JOIN pg_namespace AS n ON t.typnamespace = n.oid
+        WHERE n.nspname = ANY (schemas)
+    ),
+
+    outside AS (
+        SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid) AS object
+        FROM pg_depend AS d
+        WHERE
+            d.deptype = 'n'
+            AND (d.refclassid, d.refobjid) IN (SELECT o.classid, o.objid FROM own AS o)
+            AND (d.classid, d.objid) NOT IN (SELECT o.classid, o.objid FROM own AS o)
+            -- The parts of machine-sync's own tables and views.
+            AND NOT EXISTS (
+                SELECT FROM pg_rewrite AS r
+                WHERE
+                    d.classid = 'pg_rewrite'::regclass AND r.oid = d.objid
+                    AND r.ev_class IN (SELECT o.objid FROM own AS o)
+            )
+            AND NOT EXISTS (
+                SELECT FROM pg_constraint AS k
+                WHERE
+                    d.classid = 'pg_constraint'::regclass AND k.oid = d.objid
+                    AND (k.conrelid IN (SELECT o.objid FROM own AS o) OR k.contypid IN (SELECT o.objid FROM own AS o))
+            )
+            AND NOT EXISTS (
+                SELECT FROM pg_attrdef AS a
+                WHERE
+                    d.classid = 'pg_attrdef'::regclass AND a.oid = d.objid
+                    AND a.adrelid IN (SELECT o.objid FROM own AS o)
+            )
+    )
+
+    SELECT
+        string_agg(q.object, ', ' ORDER BY q.object COLLATE "C")
+        || CASE WHEN max(q.total) > 10 THEN format(' and %s more', max(q.total) - 10) ELSE '' END
+    INTO dependents
+    FROM (
+        SELECT
+            x.object,
+            count(*) OVER () AS total
+        FROM outside AS x
+        ORDER BY x.object COLLATE "C"
+        LIMIT 10
+    ) AS q;
+    IF dependents IS NOT NULL THEN
+        RAISE EXCEPTION 'refusing to revert machine-sync: objects of the application use it, and dropping it would drop them (and a column''s data): %',
+            dependents
+        USING ERRCODE = 'dependent_objects_still_exist',
+              HINT = 'Drop them, or change them not to use machine_sync, then revert again.';
+    END IF;
+END
+$$;
+
 DROP SCHEMA IF EXISTS machine_sync CASCADE;
 -- The record of what v1 installed (written at the end of v1).
 DROP SCHEMA IF EXISTS machine_sync_installed CASCADE;
