@@ -60,13 +60,18 @@ CREATE TABLE IF NOT EXISTS public.machine_state (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
-ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
-
 -- A table in an exposed schema without RLS is open to every API role
 -- (Supabase lint 0013): a fresh install starts closed. On an existing
--- database, whether machines has RLS is the application's choice.
+-- database, whether machines has RLS is the application's choice;
+-- machine_state gets it where it lacks it. ALTER TABLE takes ACCESS
+-- EXCLUSIVE even when RLS is on already, and would queue for it behind any
+-- open transaction on machine_state, every reader and writer queueing
+-- behind it: on production, which has RLS on, nothing here takes a lock.
 DO $$
 BEGIN
+    IF NOT (SELECT c.relrowsecurity FROM pg_class AS c WHERE c.oid = 'public.machine_state'::regclass) THEN
+        ALTER TABLE public.machine_state ENABLE ROW LEVEL SECURITY;
+    END IF;
     IF current_setting('machine_sync.creating_machines') = 'true' THEN
         ALTER TABLE public.machines ENABLE ROW LEVEL SECURITY;
     END IF;

@@ -292,6 +292,18 @@ def test_migrations_wait_at_most_their_lock_timeout(legacy_db):
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
 
 
+def test_the_baseline_takes_no_lock_on_the_legacy_tables(legacy_db):
+    """On production the baseline changes nothing, so it must not queue for
+    machine_state behind a transaction left open on it (every reader and
+    writer would queue behind the baseline for its whole lock_timeout)."""
+    baseline = migration_files()[0]
+    with legacy_db.connect(autocommit=False) as writer:
+        writer.execute(LEGACY_WRITES["machine_state"], [LEGACY_MACHINE.format(1)])
+        result = legacy_db.psql(baseline, check=False)
+        writer.rollback()
+    assert result.returncode == 0, result.stderr
+
+
 # Locks on the two tables held or wanted by a psql session (the migration).
 PSQL_LOCKS = """
     SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
@@ -350,11 +362,9 @@ def test_a_legacy_pair_in_one_transaction_meets_the_migration_queued_for_machine
     enough for a deadlock check: the transaction commits, then the migration
     does."""
     machine = LEGACY_MACHINE.format(1)
-    baseline, *rest = migration_files()  # the baseline would queue for machine_state itself
-    legacy_db.psql(baseline)
     with ThreadPoolExecutor(1) as pool, legacy_db.connect(autocommit=False) as writer:
         writer.execute(LEGACY_WRITES["machine_state"], [machine])
-        migration = pool.submit(legacy_db.psql, *rest, check=False)
+        migration = pool.submit(legacy_db.psql, *migration_files(), check=False)
         wait_for("the migration queues for machine_state", lambda: legacy_db.one(PSQL_QUEUED) > 0)
         writer.execute(LEGACY_WRITES["machines"], [machine])  # no 40P01
         writer.commit()
@@ -401,12 +411,10 @@ def test_migrating_is_not_starved_by_overlapping_readers_of_machine_state(legacy
                 turn[0] = 1 - me
             return reads
 
-        baseline, *rest = migration_files()  # the baseline would queue for machine_state itself
-        legacy_db.psql(baseline)
         pool = stack.enter_context(ThreadPoolExecutor(2))
         turns = [pool.submit(read_in_turn, me) for me in range(2)]
         try:
-            result = legacy_db.psql(*rest, check=False)
+            result = legacy_db.psql(*migration_files(), check=False)
         finally:
             done.set()
         reads = [turn.result(timeout=30) for turn in turns]
