@@ -271,6 +271,20 @@ def test_a_migration_the_data_refuses_is_named_with_its_hint(legacy_db):
         assert conn.execute("SELECT to_regnamespace('machine_sync')").fetchone() == (None,)
 
 
+def test_a_statement_timeout_names_itself_and_how_to_raise_it(empty_db, tmp_path):
+    """A role-level statement_timeout (as on Supabase) ending a long migration
+    is reported as such, with how to run it again, and nothing is recorded."""
+    folder = write_migrations(tmp_path, {"1_slow.sql": "SELECT pg_sleep(1);\n"})
+    with empty_db.connect() as conn:
+        conn.execute("SET statement_timeout = '100ms'")
+        with pytest.raises(MigrationFailed) as caught:
+            runner(conn, folder, retries=0).apply()
+        assert caught.value.sqlstate == "57014"
+        assert "statement_timeout ended it" in str(caught.value)
+        assert "PGOPTIONS='-c statement_timeout=0'" in str(caught.value)
+        assert history(conn) == []
+
+
 def test_a_nondeterministic_collation_on_a_status_column_is_refused_before_anything_changes(
     legacy_db,
 ):

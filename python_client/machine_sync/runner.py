@@ -174,6 +174,11 @@ _HINTS = {
     "2BP01": "change or remove the objects named above that depend on what the file drops "
     "(for a publication: ALTER PUBLICATION ... SET TABLE without that column), then run "
     "it again",
+    # A role-level statement_timeout (Supabase sets them) ends the repair of
+    # a large database's drift, whose time grows with the drifted machines.
+    "57014": "the session's statement_timeout ended it (an ALTER ROLE ... SET or the "
+    "database's setting); nothing was changed. Run it again with a longer one, e.g. "
+    "PGOPTIONS='-c statement_timeout=0' machine-sync migrate apply on a direct connection",
 }
 
 
