@@ -87,8 +87,9 @@ COMMENT ON SCHEMA machine_sync IS
 'machine-sync internals: status vocabulary, transitions, mode, triggers, drift view.';
 
 -- Locks the tables a migration changes before it changes any: machines
--- first, the order every writer takes them in, waiting for it as long as the
--- caller's lock_timeout allows; then machine_state and every table and view
+-- first, the order every writer takes them in, queueing for it at most half
+-- of deadlock_timeout at a time (those that come after wait behind it only
+-- so long), again 10 ms later, until lock_timeout; then machine_state and every table and view
 -- of machine_sync (the drift view, the status vocabulary, the mode). Were
 -- one busy, its holder may be a transaction that wrote it and will write
 -- machines next (the legacy code's two statements in one transaction; a
@@ -127,15 +128,22 @@ BEGIN
         RETURN;  -- a fresh install: nothing to wait for
     END IF;
     LOOP
-        IF patience > interval '0' THEN
-            PERFORM set_config(
-                'lock_timeout',
-                greatest(ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000), 1)::text || 'ms',
-                true
-            );
-        ELSE
-            PERFORM set_config('lock_timeout', caller_lock_timeout, true);
-        END IF;
+        -- machines too is queued for at most hold_bound at a time: a
+        -- transaction left open on it must not hold every reader and writer
+        -- in the queue behind this one for all of lock_timeout.
+        PERFORM set_config(
+            'lock_timeout',
+            CASE
+                WHEN patience > interval '0' AND hold_bound >= interval '1 ms' THEN
+                    greatest(ceil(extract(epoch FROM least(deadline - clock_timestamp(), hold_bound)) * 1000), 1)::text || 'ms'
+                WHEN patience > interval '0' THEN
+                    greatest(ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000), 1)::text || 'ms'
+                WHEN hold_bound >= interval '1 ms' THEN
+                    ceil(extract(epoch FROM hold_bound) * 1000)::text || 'ms'
+                ELSE caller_lock_timeout
+            END,
+            true
+        );
         queueing := hold_bound >= interval '1 ms'
             AND (patience <= interval '0' OR clock_timestamp() >= began + patience / 2);
         BEGIN

@@ -304,6 +304,25 @@ def test_the_baseline_takes_no_lock_on_the_legacy_tables(legacy_db):
     assert result.returncode == 0, result.stderr
 
 
+def test_a_transaction_left_open_on_machines_queues_others_behind_the_migration_briefly(
+    legacy_db,
+):
+    """A legacy write of machines left idle in its transaction: the migration
+    queues for machines at most half of deadlock_timeout at a time, so a
+    reader that comes after it waits no longer than that (not all of its
+    lock_timeout), and the migration completes once the write commits."""
+    with ThreadPoolExecutor(1) as pool, legacy_db.connect(autocommit=False) as writer:
+        writer.execute(LEGACY_WRITES["machines"], [LEGACY_MACHINE.format(1)])
+        migration = pool.submit(legacy_db.psql, *migration_files(), check=False)
+        wait_for("the migration queues for machines", lambda: legacy_db.one(PSQL_WAITS) > 0)
+        with legacy_db.connect() as reader:
+            reader.execute("SET statement_timeout = '1500ms'")
+            assert reader.execute("SELECT count(*) FROM machines").fetchone() == (18,)
+        writer.commit()
+        result = migration.result(timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 # Locks on the two tables held or wanted by a psql session (the migration).
 PSQL_LOCKS = """
     SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
