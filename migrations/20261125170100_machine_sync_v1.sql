@@ -1720,7 +1720,7 @@ SELECT
             AND machine_sync.canonical_status(m.status)
             = machine_sync.canonical_status(s.current_state::text)
             THEN 'status_case'
-        WHEN (m.status IS DISTINCT FROM machine_sync.canonical_status(m.status))
+        WHEN m.status NOT IN (SELECT a.status FROM machine_sync.allowed_status AS a)
             THEN 'noncanonical_status'
         ELSE 'value_mismatch'
     END AS problem
@@ -1728,11 +1728,15 @@ FROM public.machines AS m
 FULL OUTER JOIN public.machine_state AS s ON m.id = s.machine_id
 -- (Column by column, not a row comparison, and each cast written out, so
 -- that a restore reproduces the view exactly: see zz_machine_sync in
--- 50_mirror.sql.)
+-- 50_mirror.sql.) A status is canonical exactly when it is one of
+-- allowed_status (which holds only lower-case, trimmed spellings): the
+-- vocabulary is hashed once per query, rather than canonical_status() called
+-- for every machine, which on a large legacy database is most of what the
+-- migration's repair would cost.
 WHERE
     m.id IS NULL
     OR s.machine_id IS NULL
-    OR m.status IS DISTINCT FROM machine_sync.canonical_status(m.status)
+    OR m.status NOT IN (SELECT a.status FROM machine_sync.allowed_status AS a)
     OR m.status IS DISTINCT FROM s.current_state::text
     OR m.status_since IS DISTINCT FROM s.state_since
     OR m.current_process_id IS DISTINCT FROM s.process_id
@@ -1772,7 +1776,8 @@ BEGIN
               HINT = 'The tables force row-level security on their owner: give it BYPASSRLS (or ALTER TABLE ... NO FORCE ROW LEVEL SECURITY), then call it again.';
     END IF;
     FOR found IN
-        SELECT d.machine_id, d.problem, d.status FROM machine_sync.drift AS d
+        SELECT d.machine_id, d.problem, d.status, machine_sync.canonical_status(d.status) AS canonical
+        FROM machine_sync.drift AS d
         ORDER BY d.machine_id
     LOOP
         failure := NULL;
@@ -1781,7 +1786,7 @@ BEGIN
                 -- Foreign keys are not checked in replica mode. The delete
                 -- guard allows it: the machine does not exist.
                 DELETE FROM public.machine_state AS s WHERE s.machine_id = found.machine_id;
-            ELSIF machine_sync.canonical_status(found.status) IS NULL THEN
+            ELSIF found.canonical IS NULL THEN
                 failure := format(
                     'status %s is not in machine_sync.allowed_status: add it there '
                     '(or an alias to machine_sync.status_alias), or correct the machine',
@@ -1790,10 +1795,14 @@ BEGIN
             ELSE
                 -- Any write of a watched column re-runs the mirror, which
                 -- canonicalizes the status and rewrites the state row.
-                -- (updated_at must differ from the stored one to fire it.)
+                -- (updated_at must differ from the stored one to fire it.
+                -- The status as found unless a writer changed it since.)
                 UPDATE public.machines AS m
                 SET
-                    status = machine_sync.canonical_status(m.status),
+                    status = CASE
+                        WHEN m.status = found.status THEN found.canonical
+                        ELSE machine_sync.canonical_status(m.status)
+                    END,
                     updated_at = CASE
                         WHEN m.updated_at = now() THEN now() - interval '1 microsecond'
                         ELSE now()
@@ -2203,7 +2212,10 @@ BEGIN
             m.status,
             count(*) OVER () AS total
         FROM public.machines AS m
-        WHERE machine_sync.canonical_status(m.status) IS NULL
+        WHERE
+            -- (canonical_status() only for a status not canonical already)
+            (m.status IS NULL OR m.status NOT IN (SELECT a.status FROM machine_sync.allowed_status AS a))
+            AND machine_sync.canonical_status(m.status) IS NULL
         ORDER BY m.id
         LIMIT 10
     ) AS u;
@@ -2231,7 +2243,16 @@ BEGIN
         END
     WHERE
         (machine_sync.canonical_status(m.status) = 'processing')
-        IS DISTINCT FROM (m.current_process_id IS NOT NULL);
+        IS DISTINCT FROM (m.current_process_id IS NOT NULL)
+        -- (Only these can: a machine without a process whose status is a
+        -- canonical one other than processing is as the rules want it.)
+        AND (
+            m.current_process_id IS NOT NULL
+            OR m.status IS NULL
+            OR m.status NOT IN (
+                SELECT a.status FROM machine_sync.allowed_status AS a WHERE a.status <> 'processing'
+            )
+        );
     GET DIAGNOSTICS corrected = ROW_COUNT;
 
     SELECT

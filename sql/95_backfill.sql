@@ -33,7 +33,10 @@ BEGIN
             m.status,
             count(*) OVER () AS total
         FROM public.machines AS m
-        WHERE machine_sync.canonical_status(m.status) IS NULL
+        WHERE
+            -- (canonical_status() only for a status not canonical already)
+            (m.status IS NULL OR m.status NOT IN (SELECT a.status FROM machine_sync.allowed_status AS a))
+            AND machine_sync.canonical_status(m.status) IS NULL
         ORDER BY m.id
         LIMIT 10
     ) AS u;
@@ -61,7 +64,16 @@ BEGIN
         END
     WHERE
         (machine_sync.canonical_status(m.status) = 'processing')
-        IS DISTINCT FROM (m.current_process_id IS NOT NULL);
+        IS DISTINCT FROM (m.current_process_id IS NOT NULL)
+        -- (Only these can: a machine without a process whose status is a
+        -- canonical one other than processing is as the rules want it.)
+        AND (
+            m.current_process_id IS NOT NULL
+            OR m.status IS NULL
+            OR m.status NOT IN (
+                SELECT a.status FROM machine_sync.allowed_status AS a WHERE a.status <> 'processing'
+            )
+        );
     GET DIAGNOSTICS corrected = ROW_COUNT;
 
     SELECT
