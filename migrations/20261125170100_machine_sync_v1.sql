@@ -2001,38 +2001,58 @@ $$;
 -- they name: one could call stored_machine() (every machine, past row-level
 -- security) or the mirror's function, write the rules, create objects in
 -- these schemas, or rewrite the record of grants that the down migration
--- replays as the owner. So everything granted on machine_sync and
--- machine_sync_revert and what they hold, to anyone but its owner, is taken
--- back first; the grants below are all there are.
-DO $$
+-- replays as the owner. So everything granted on machine-sync's schemas and
+-- what they hold, to anyone but its owner, is taken back first; the grants
+-- below are all there are. (The record of definitions, made last, calls
+-- this for its own schema.)
+CREATE OR REPLACE FUNCTION machine_sync.revoke_all_but_owners(schemas text[])
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     granted record;
 BEGIN
+    -- (Each name of its own type, so that each is quoted as its kind is.
+    -- PUBLIC is the grantee 0, spelled public.)
     FOR granted IN
-        SELECT DISTINCT o.kind, o.name, a.grantee
+        SELECT DISTINCT
+            o.schema_name,
+            o.target,
+            o.routine,
+            coalesce(pg_catalog.pg_get_userbyid(nullif(a.grantee, 0)), 'public') AS grantee
         FROM (
-            SELECT 'SCHEMA' AS kind, quote_ident(n.nspname) AS name, n.nspacl AS acl, n.nspowner AS owner
+            SELECT n.nspname AS schema_name, NULL::regclass AS target, NULL::regprocedure AS routine, n.nspacl AS acl, n.nspowner AS owner
             FROM pg_catalog.pg_namespace AS n
-            WHERE n.nspname = ANY (ARRAY['machine_sync', 'machine_sync_revert'])
+            WHERE n.nspname = ANY (schemas)
             UNION ALL
-            SELECT 'TABLE', c.oid::pg_catalog.regclass::text, c.relacl, c.relowner
+            SELECT NULL, c.oid::regclass, NULL, c.relacl, c.relowner
             FROM pg_catalog.pg_class AS c
             INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
-            WHERE n.nspname = ANY (ARRAY['machine_sync', 'machine_sync_revert']) AND c.relkind IN ('r', 'v', 'p', 'S')
+            WHERE n.nspname = ANY (schemas) AND c.relkind IN ('r', 'v', 'p', 'S')
             UNION ALL
-            SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proacl, p.proowner
+            SELECT NULL, NULL, p.oid::regprocedure, p.proacl, p.proowner
             FROM pg_catalog.pg_proc AS p
             INNER JOIN pg_catalog.pg_namespace AS n ON p.pronamespace = n.oid
-            WHERE n.nspname = ANY (ARRAY['machine_sync', 'machine_sync_revert'])
+            WHERE n.nspname = ANY (schemas)
         ) AS o
         CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) AS a
         WHERE a.grantee <> o.owner
     LOOP
-        EXECUTE format(
-            'REVOKE ALL ON %s %s FROM %s CASCADE', granted.kind, granted.name,
-            CASE WHEN granted.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_catalog.pg_get_userbyid(granted.grantee)) END
-        );
+        IF granted.target IS NOT NULL THEN
+            EXECUTE format('REVOKE ALL ON TABLE %s FROM %I CASCADE', granted.target, granted.grantee);
+        ELSIF granted.routine IS NOT NULL THEN
+            EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %I CASCADE', granted.routine, granted.grantee);
+        ELSE
+            EXECUTE format('REVOKE ALL ON SCHEMA %I FROM %I CASCADE', granted.schema_name, granted.grantee);
+        END IF;
     END LOOP;
+END
+$$;
+
+DO $$
+BEGIN
+    PERFORM machine_sync.revoke_all_but_owners(ARRAY['machine_sync', 'machine_sync_revert']);
 END
 $$;
 
@@ -2508,34 +2528,8 @@ REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;
 -- What the owner's default privileges for every schema granted here to
 -- anyone (its record and functions are the owner's alone: 90_grants.sql).
 DO $$
-DECLARE
-    granted record;
 BEGIN
-    FOR granted IN
-        SELECT DISTINCT o.kind, o.name, a.grantee
-        FROM (
-            SELECT 'SCHEMA' AS kind, quote_ident(n.nspname) AS name, n.nspacl AS acl, n.nspowner AS owner
-            FROM pg_catalog.pg_namespace AS n
-            WHERE n.nspname = ANY (ARRAY['machine_sync_installed'])
-            UNION ALL
-            SELECT 'TABLE', c.oid::pg_catalog.regclass::text, c.relacl, c.relowner
-            FROM pg_catalog.pg_class AS c
-            INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
-            WHERE n.nspname = ANY (ARRAY['machine_sync_installed']) AND c.relkind IN ('r', 'v', 'p', 'S')
-            UNION ALL
-            SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proacl, p.proowner
-            FROM pg_catalog.pg_proc AS p
-            INNER JOIN pg_catalog.pg_namespace AS n ON p.pronamespace = n.oid
-            WHERE n.nspname = ANY (ARRAY['machine_sync_installed'])
-        ) AS o
-        CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) AS a
-        WHERE a.grantee <> o.owner
-    LOOP
-        EXECUTE format(
-            'REVOKE ALL ON %s %s FROM %s CASCADE', granted.kind, granted.name,
-            CASE WHEN granted.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_catalog.pg_get_userbyid(granted.grantee)) END
-        );
-    END LOOP;
+    PERFORM machine_sync.revoke_all_but_owners(ARRAY['machine_sync_installed']);
 END
 $$;
 

@@ -223,33 +223,7 @@ REVOKE ALL ON FUNCTION machine_sync_installed.record(text) FROM public;
 -- What the owner's default privileges for every schema granted here to
 -- anyone (its record and functions are the owner's alone: 90_grants.sql).
 DO $$
-DECLARE
-    granted record;
 BEGIN
-    FOR granted IN
-        SELECT DISTINCT o.kind, o.name, a.grantee
-        FROM (
-            SELECT 'SCHEMA' AS kind, quote_ident(n.nspname) AS name, n.nspacl AS acl, n.nspowner AS owner
-            FROM pg_catalog.pg_namespace AS n
-            WHERE n.nspname = ANY (ARRAY['machine_sync_installed'])
-            UNION ALL
-            SELECT 'TABLE', c.oid::pg_catalog.regclass::text, c.relacl, c.relowner
-            FROM pg_catalog.pg_class AS c
-            INNER JOIN pg_catalog.pg_namespace AS n ON c.relnamespace = n.oid
-            WHERE n.nspname = ANY (ARRAY['machine_sync_installed']) AND c.relkind IN ('r', 'v', 'p', 'S')
-            UNION ALL
-            SELECT 'FUNCTION', p.oid::pg_catalog.regprocedure::text, p.proacl, p.proowner
-            FROM pg_catalog.pg_proc AS p
-            INNER JOIN pg_catalog.pg_namespace AS n ON p.pronamespace = n.oid
-            WHERE n.nspname = ANY (ARRAY['machine_sync_installed'])
-        ) AS o
-        CROSS JOIN LATERAL pg_catalog.aclexplode(o.acl) AS a
-        WHERE a.grantee <> o.owner
-    LOOP
-        EXECUTE format(
-            'REVOKE ALL ON %s %s FROM %s CASCADE', granted.kind, granted.name,
-            CASE WHEN granted.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(pg_catalog.pg_get_userbyid(granted.grantee)) END
-        );
-    END LOOP;
+    PERFORM machine_sync.revoke_all_but_owners(ARRAY['machine_sync_installed']);
 END
 $$;
