@@ -172,6 +172,49 @@ def test_strict_refuses_every_direct_write(conn):
     run_legacy(conn, "complete", machine_id)
 
 
+def test_strict_holds_for_read_committed_at_once_and_for_an_older_snapshot_once_it_ends(db):
+    """The guard reads the mode with the writer's snapshot (MIGRATING.md): a
+    READ COMMITTED statement sees the switch once it commits; a REPEATABLE
+    READ transaction that began before it is still carried, consistently,
+    and the next one is refused."""
+    with db.connect() as switcher, db.connect(autocommit=False) as older:
+        machine_id = add_machine(switcher)
+        older.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        # Its snapshot is taken by its first query.
+        assert older.execute("SELECT current_setting('transaction_isolation')").fetchone() == (
+            "repeatable read",
+        )
+        switcher.execute("SELECT machine_sync.set_mode_v1('strict')")
+        try:
+            with db.connect() as current:
+                with pytest.raises(psycopg.errors.DatabaseError) as caught:
+                    current.execute(
+                        "UPDATE machine_state SET current_state = 'offline' WHERE machine_id = %s",
+                        [machine_id],
+                    )
+                assert caught.value.sqlstate == "MS001"
+            older.execute(
+                "UPDATE machine_state SET current_state = 'maintenance' WHERE machine_id = %s",
+                [machine_id],
+            )
+            older.commit()
+            assert machine(switcher, machine_id)["status"] == "maintenance"
+            assert_consistent(switcher)
+            older.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            assert older.execute("SELECT current_setting('transaction_isolation')").fetchone() == (
+                "repeatable read",
+            )
+            with pytest.raises(psycopg.errors.DatabaseError) as caught:
+                older.execute(
+                    "UPDATE machine_state SET current_state = 'offline' WHERE machine_id = %s",
+                    [machine_id],
+                )
+            assert caught.value.sqlstate == "MS001"
+            older.rollback()
+        finally:
+            switcher.execute("SELECT machine_sync.set_mode_v1('compat')")
+
+
 def test_set_mode_refuses_unknown_values(conn):
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="use 'compat' or 'strict'"):
         conn.execute("SELECT machine_sync.set_mode_v1('lenient')")
