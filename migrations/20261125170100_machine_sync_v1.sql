@@ -2107,27 +2107,25 @@ BEGIN
 END
 $$;
 
-REVOKE TRUNCATE, TRIGGER, REFERENCES ON public.machines, public.machine_state FROM public;
-REVOKE DELETE ON public.machine_state FROM public;
-
--- The same from every other role the tables are granted to (an
--- application's own reporting role, say), not only from PUBLIC and the API
--- roles (below): a trigger fires as the role that writes, so one attached
--- to machine_state would run as the mirror for the mirror's writes and
--- write machine_state past the guard, and one attached to machines would
--- run as the owner when reconcile_v1() repairs a machine. (Revoking a
--- privilege of a table revokes it on every column too.)
+-- The owner's alone on both tables, taken from every role they are granted
+-- to, PUBLIC, the API roles and any other (an application's own reporting
+-- role, say): a trigger fires as the role that writes, so one attached to
+-- machine_state would run as the mirror for the mirror's writes and write
+-- machine_state past the guard, and one attached to machines would run as
+-- the owner when reconcile_v1() repairs a machine. (Revoking a privilege of
+-- a table revokes it on every column too. PUBLIC is the grantee 0, spelled
+-- public.)
 DO $$
 DECLARE
     mirror constant name := machine_sync.mirror_role();
     owner_only text := 'TRUNCATE, TRIGGER, REFERENCES';
-    grantee text;
+    grantee name;
 BEGIN
     IF current_setting('server_version_num')::integer >= 170000 THEN
         owner_only := owner_only || ', MAINTAIN';
     END IF;
     FOR grantee IN
-        SELECT DISTINCT quote_ident(r.rolname)
+        SELECT DISTINCT coalesce(r.rolname, 'public')
         FROM pg_catalog.pg_class AS c
         LEFT JOIN pg_catalog.pg_attribute AS col
             ON c.oid = col.attrelid AND col.attnum > 0 AND NOT col.attisdropped
@@ -2136,14 +2134,14 @@ BEGIN
             UNION
             SELECT x.grantee FROM pg_catalog.aclexplode(col.attacl) AS x
         ) AS a
-        INNER JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
+        LEFT JOIN pg_catalog.pg_roles AS r ON a.grantee = r.oid
         WHERE
             c.oid IN ('public.machines'::pg_catalog.regclass, 'public.machine_state'::pg_catalog.regclass)
             AND a.grantee <> c.relowner
-            AND r.rolname <> mirror
+            AND r.rolname IS DISTINCT FROM mirror
     LOOP
-        EXECUTE format('REVOKE %s ON public.machines, public.machine_state FROM %s CASCADE', owner_only, grantee);
-        EXECUTE format('REVOKE DELETE ON public.machine_state FROM %s CASCADE', grantee);
+        EXECUTE format('REVOKE %s ON public.machines, public.machine_state FROM %I CASCADE', owner_only, grantee);
+        EXECUTE format('REVOKE DELETE ON public.machine_state FROM %I CASCADE', grantee);
     END LOOP;
 END
 $$;
@@ -2154,12 +2152,7 @@ DECLARE
     supabase boolean := (
         SELECT count(*) = 3 FROM pg_catalog.pg_roles AS r WHERE r.rolname = ANY (client_roles)
     );
-    owner_only text := 'TRUNCATE, TRIGGER, REFERENCES';
 BEGIN
-    IF current_setting('server_version_num')::integer >= 170000 THEN
-        owner_only := owner_only || ', MAINTAIN';
-        EXECUTE 'REVOKE MAINTAIN ON public.machines, public.machine_state FROM public';
-    END IF;
     IF NOT supabase THEN
         RETURN;  -- not a Supabase project: PUBLIC was handled above
     END IF;
@@ -2185,11 +2178,6 @@ BEGIN
     TO authenticated, service_role;
 
     REVOKE INSERT, UPDATE, DELETE ON public.machines, public.machine_state FROM anon;
-    REVOKE DELETE ON public.machine_state FROM authenticated, service_role;
-    EXECUTE format(
-        'REVOKE %s ON public.machines, public.machine_state FROM anon, authenticated, service_role',
-        owner_only
-    );
 END
 $$;
 
