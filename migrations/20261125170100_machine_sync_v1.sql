@@ -2157,8 +2157,8 @@ BEGIN
         RETURN;  -- not a Supabase project: PUBLIC was handled above
     END IF;
 
-    REVOKE ALL ON ALL FUNCTIONS IN SCHEMA machine_sync FROM anon, authenticated, service_role;
-    REVOKE ALL ON ALL TABLES IN SCHEMA machine_sync FROM anon, authenticated, service_role;
+    -- (What Supabase's default privileges gave them in machine_sync was
+    -- taken back with every other grant there, above.)
     GRANT SELECT ON machine_sync.drift TO service_role;
     GRANT UPDATE (mode) ON machine_sync.settings TO service_role;
     GRANT EXECUTE ON FUNCTION machine_sync.reconcile_v1(), machine_sync.set_mode_v1(text)
