@@ -64,7 +64,14 @@ from machine_sync.errors import (
     ServerUnavailable,
     one_line,
 )
-from machine_sync.runner import RESTORE_COMMAND, FileState, Plan, Runner, Status, problems_text
+from machine_sync.runner import (
+    FileState,
+    Plan,
+    Runner,
+    Status,
+    problems_text,
+    restore_command,
+)
 
 __all__ = ["DEMO_INSTALL", "ExitCode", "app", "demo_installed"]
 
@@ -510,8 +517,8 @@ def _print_status(status: Status) -> None:
     elif status.definition_problems:
         for problem in status.definition_problems:
             console.print(Text(f"definitions: {problem}"))
-        if any(p.restorable for p in status.definition_problems):
-            console.print(Text(f"restore the shipped definitions with: {RESTORE_COMMAND}"))
+        if command := restore_command(status.definition_problems):
+            console.print(Text(f"restore the shipped definitions with: {command}"))
     else:
         console.print(Text("definitions: as the applied migrations create them"))
     console.print(Text("up to date" if status.up_to_date else "not up to date"))

@@ -94,6 +94,7 @@ __all__ = [
     "Verification",
     "discover",
     "problems_text",
+    "restore_command",
 ]
 
 #: What restores hand-edited functions and triggers to the shipped ones.
@@ -248,11 +249,16 @@ class DefinitionProblem:
         return f"{self.kind} {self.name} {words}"
 
 
+def restore_command(problems: Sequence[DefinitionProblem]) -> str | None:
+    """:data:`RESTORE_COMMAND` when it puts one of ``problems`` right, else None."""
+    return RESTORE_COMMAND if any(p.restorable for p in problems) else None
+
+
 def problems_text(problems: Sequence[DefinitionProblem]) -> str:
     """The problems in one line, and what restores the definitions among them."""
     text = "; ".join(str(p) for p in problems)
-    if any(p.restorable for p in problems):
-        text += f". `{RESTORE_COMMAND}` restores the shipped definitions"
+    if command := restore_command(problems):
+        text += f". `{command}` restores the shipped definitions"
     return text
 
 
@@ -289,9 +295,7 @@ class Status:
             "definitions": {
                 "recorded": self.definitions_recorded,
                 "problems": [asdict(p) for p in self.definition_problems],
-                "restore_command": RESTORE_COMMAND
-                if any(p.restorable for p in self.definition_problems)
-                else None,
+                "restore_command": restore_command(self.definition_problems),
             },
         }
 
