@@ -120,6 +120,7 @@ DECLARE
     -- How long the tables after machines may be waited for, in all, once
     -- machines is held (the second half, above); under 1 ms: never.
     hold_bound interval := current_setting('deadlock_timeout')::interval / 2;
+    machines_wait interval;
     queueing boolean;
     hold_until timestamptz;
     busy text;
@@ -128,20 +129,21 @@ BEGIN
         RETURN;  -- a fresh install: nothing to wait for
     END IF;
     LOOP
-        -- machines too is queued for at most hold_bound at a time: a
+        -- machines too is queued for at most hold_bound at a time (a
         -- transaction left open on it must not hold every reader and writer
-        -- in the queue behind this one for all of lock_timeout.
+        -- in the queue behind this one for all of lock_timeout), and not
+        -- past the deadline; least() passes over the bound that does not
+        -- apply (NULL), and with neither the caller's lock_timeout holds.
+        machines_wait := least(
+            CASE WHEN patience > interval '0' THEN deadline - clock_timestamp() END,
+            CASE WHEN hold_bound >= interval '1 ms' THEN hold_bound END
+        );
         PERFORM set_config(
             'lock_timeout',
-            CASE
-                WHEN patience > interval '0' AND hold_bound >= interval '1 ms' THEN
-                    greatest(ceil(extract(epoch FROM least(deadline - clock_timestamp(), hold_bound)) * 1000), 1)::text || 'ms'
-                WHEN patience > interval '0' THEN
-                    greatest(ceil(extract(epoch FROM deadline - clock_timestamp()) * 1000), 1)::text || 'ms'
-                WHEN hold_bound >= interval '1 ms' THEN
-                    ceil(extract(epoch FROM hold_bound) * 1000)::text || 'ms'
-                ELSE caller_lock_timeout
-            END,
+            coalesce(
+                greatest(ceil(extract(epoch FROM machines_wait) * 1000), 1)::text || 'ms',
+                caller_lock_timeout
+            ),
             true
         );
         queueing := hold_bound >= interval '1 ms'
